@@ -1,0 +1,70 @@
+"""Multi-scale deformable attention: the sampling-and-weighting core of DINO's encoder and decoder.
+
+The model calls exactly one function, :func:`multi_scale_deformable_attention`. It dispatches to the
+compiled kernel (``hf_dino.kernels``) when that is available for the inputs' device, and otherwise runs
+:func:`multi_scale_deformable_attention_pytorch`, the pure-PyTorch reference (bilinear ``grid_sample``,
+zeros padding, ``align_corners=False``), which is the definition the kernel is tested against.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def multi_scale_deformable_attention_pytorch(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor | Sequence[Sequence[int]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Pure-PyTorch multi-scale deformable attention.
+
+    Args:
+        value: ``[batch, num_tokens, num_heads, head_dim]``, the flattened feature maps of all levels,
+            level after level (``num_tokens = sum(h_l * w_l)``).
+        spatial_shapes: ``[num_levels, 2]`` the ``(height, width)`` of every level.
+        sampling_locations: ``[batch, num_queries, num_heads, num_levels, num_points, 2]``, normalised
+            ``(x, y)`` in ``[0, 1]`` of the level (values outside sample zeros).
+        attention_weights: ``[batch, num_queries, num_heads, num_levels, num_points]``.
+
+    Returns:
+        ``[batch, num_queries, num_heads * head_dim]``.
+    """
+    batch, _, num_heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    shapes = [(int(h), int(w)) for h, w in (spatial_shapes.tolist() if torch.is_tensor(spatial_shapes) else spatial_shapes)]
+    value_per_level = value.split([h * w for h, w in shapes], dim=1)
+    # grid_sample wants coordinates in [-1, 1]
+    sampling_grids = 2 * sampling_locations - 1
+    sampled = []
+    for level, (height, width) in enumerate(shapes):
+        # [batch * heads, head_dim, h, w]
+        value_l = value_per_level[level].flatten(2).transpose(1, 2).reshape(batch * num_heads, head_dim, height, width)
+        # [batch * heads, queries, points, 2]
+        grid_l = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        # [batch * heads, head_dim, queries, points]
+        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
+    # [batch * heads, 1, queries, levels * points]
+    weights = attention_weights.transpose(1, 2).reshape(batch * num_heads, 1, num_queries, num_levels * num_points)
+    output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)
+    return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2).contiguous()
+
+
+def multi_scale_deformable_attention(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    use_custom_kernel: bool = True,
+) -> torch.Tensor:
+    """Multi-scale deformable attention, through the compiled kernel when possible.
+
+    Same arguments and result as :func:`multi_scale_deformable_attention_pytorch`, plus
+    ``level_start_index`` (``[num_levels]``, offset of every level in ``value``) that the kernel needs, and
+    ``use_custom_kernel`` (``False`` forces the pure-PyTorch path, e.g. ``config.disable_custom_kernels``).
+    """
+    return multi_scale_deformable_attention_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
