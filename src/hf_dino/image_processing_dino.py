@@ -38,6 +38,7 @@ from transformers.image_utils import (
     ChannelDimension,
     PILImageResampling,
     SizeDict,
+    make_flat_list_of_images,
 )
 from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import TensorType
@@ -83,8 +84,9 @@ def get_dino_resize_output_size(
     short side becomes `int(round(longest_edge * short / long))`; the long side is `int(size * long / short)`
     (truncated). An image whose short side already has the target size is kept as is.
 
-    Two guards only apply where the original would produce an empty image (aspect ratios beyond ~2666:1): the short
-    side is at least 1 pixel and the long side at most `longest_edge`.
+    As in the original, the long side can exceed `longest_edge` by a pixel or so through the rounding. Two guards only
+    apply where the original would produce an empty image (aspect ratios beyond ~2666:1): the short side becomes 1
+    pixel and the long side at most `longest_edge`.
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"Cannot resize an empty image of size {height}x{width} (HxW).")
@@ -95,20 +97,21 @@ def get_dino_resize_output_size(
         max_original_size = float(max((w, h)))
         if max_original_size / min_original_size * size > longest_edge:
             size = int(round(longest_edge * min_original_size / max_original_size))
+    degenerate = size < 1
     size = max(size, 1)
 
     if (w <= h and w == size) or (h <= w and h == size):
-        return (h, w)
-
-    if w < h:
+        oh, ow = h, w
+    elif w < h:
         ow = size
         oh = int(size * h / w)
     else:
         oh = size
         ow = int(size * w / h)
-    if longest_edge is not None:
+    if degenerate and longest_edge is not None:
+        # only where the original would have produced an empty image
         oh, ow = min(oh, max(longest_edge, 1)), min(ow, max(longest_edge, 1))
-    return (max(oh, 1), max(ow, 1))
+    return (oh, ow)
 
 
 def _output_size(height: int, width: int, size: SizeDict) -> tuple[int, int]:
@@ -189,13 +192,13 @@ def pil_to_rgb(image: PIL.Image.Image, apply_exif_orientation: bool = True) -> P
         return image
     if mode.startswith("I;16") or mode == "I":
         gray = _high_bit_depth_to_uint8(np.asarray(image), sixteen_bit=mode.startswith("I;16"))
-        return PIL.Image.fromarray(gray, mode="L").convert("RGB")
+        return PIL.Image.fromarray(gray).convert("RGB")
     if mode == "F":
         array = np.asarray(image, dtype=np.float64)
         if np.nanmax(array, initial=0) <= 1.0:
             array = array * 255.0
         gray = np.clip(np.round(np.nan_to_num(array)), 0, 255).astype(np.uint8)
-        return PIL.Image.fromarray(gray, mode="L").convert("RGB")
+        return PIL.Image.fromarray(gray).convert("RGB")
     if mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # avoids PIL's warning about byte transparency in palettes
     try:
@@ -237,10 +240,11 @@ def _tensor_to_chw_rgb(image: torch.Tensor, input_data_format: ChannelDimension 
     elif image.dtype == torch.bool:
         image = image.to(torch.uint8) * 255
     elif not image.is_floating_point():
-        if image.numel() and int(image.max()) > 255:
-            image = (image.to(torch.float64) / 257.0).round().clamp(0, 255).to(torch.uint8)
+        wide = image.to(torch.int64)  # (uint16 & co. have no max kernel)
+        if wide.numel() and int(wide.max()) > 255:  # 16-bit data: 0..65535 -> 0..255
+            image = (wide.to(torch.float64) / 257.0).round().clamp(0, 255).to(torch.uint8)
         else:
-            image = image.clamp(0, 255).to(torch.uint8)
+            image = wide.clamp(0, 255).to(torch.uint8)
     elif image.dtype != torch.float32:
         image = image.to(torch.float32)
     return image.contiguous()
@@ -428,6 +432,18 @@ class _DinoProcessorMixin:
         if isinstance(image_url_or_urls, (str, os.PathLike)):
             return load_image_file(image_url_or_urls)
         return image_url_or_urls
+
+    def _prepare_images_structure(self, images, expected_ndims: int = 3):
+        images = self.fetch_images(images)
+        # single images, including 2-D (grayscale) arrays, which transformers' helper would reject
+        if isinstance(images, PIL.Image.Image) or (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 2):
+            return [images]
+        if isinstance(images, (list, tuple)) and all(
+            isinstance(x, PIL.Image.Image) or (isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim in (2, 3))
+            for x in images
+        ):
+            return list(images)
+        return make_flat_list_of_images(images, expected_ndims=expected_ndims)
 
     def preprocess(self, images, annotations: dict | list[dict] | None = None, **kwargs: Unpack[DinoImageProcessorKwargs]):
         r"""
@@ -639,10 +655,10 @@ class DinoImageProcessorPil(_DinoProcessorMixin, PilBackend):
 
             resample = torch_pil_interpolation_mapping[resample]
         if image.dtype == np.uint8 and image.shape[0] == 3:
-            pil = PIL.Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0)), mode="RGB")
+            pil = PIL.Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0)))
             return np.asarray(pil.resize((new_w, new_h), resample)).transpose(2, 0, 1).copy()
         channels = [
-            np.asarray(PIL.Image.fromarray(np.ascontiguousarray(c, dtype=np.float32), mode="F").resize((new_w, new_h), resample))
+            np.asarray(PIL.Image.fromarray(np.ascontiguousarray(c, dtype=np.float32)).resize((new_w, new_h), resample))
             for c in image
         ]
         return np.stack(channels).astype(np.float32)
