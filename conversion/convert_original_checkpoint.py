@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""Convert an original IDEA-Research/DINO checkpoint (`checkpoint0011_4scale.pth`, ...) to hf_dino.
+
+    python conversion/convert_original_checkpoint.py --checkpoint FILE.pth --model-name dino-r50-4scale --output-dir DIR
+
+The checkpoint is read with `torch.load(..., map_location="cpu", weights_only=True)["model"]`. Every original key
+goes through the explicit rename table `RENAME_RULES` below; a key that no rule maps, or a model weight that no
+key fills, stops the conversion with the full list. The original stores the shared decoder heads under several
+aliases (`class_embed.{0-5}`, `transformer.decoder.class_embed.{0-5}`, and the same for `bbox_embed`); all
+aliases must hold the same values, which is checked. Swin's `relative_position_index` buffers are recomputed by
+the model and checked equal to the checkpoint's. The result is a `save_pretrained` folder (safetensors weights,
+config, and the image processor's `preprocessor_config.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+try:  # the package (src layout) when run from a checkout without installation
+    import hf_dino  # noqa: F401
+except ImportError:  # pragma: no cover
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from hf_dino import DinoConfig, DinoForObjectDetection, DinoImageProcessor
+
+# name -> DinoConfig arguments (everything else: DINO_4scale defaults)
+MODEL_CONFIGS: dict[str, dict] = {
+    "dino-r50-4scale": dict(backbone="resnet50", num_feature_levels=4),
+    "dino-r50-5scale": dict(backbone="resnet50", num_feature_levels=5),
+    "dino-swinl-4scale": dict(backbone="swin_large_patch4_window12_384", num_feature_levels=4),
+    "dino-swinl-5scale": dict(backbone="swin_large_patch4_window12_384", num_feature_levels=5),
+}
+
+# (original key pattern, hf_dino key template); first match wins. `None` = dropped on purpose (see below).
+RENAME_RULES: list[tuple[str, str | None]] = [
+    # transformer: encoder
+    (r"transformer\.level_embed", r"model.level_embed"),
+    (r"transformer\.encoder\.layers\.(\d+)\.(self_attn\.(?:sampling_offsets|attention_weights|value_proj|output_proj)\.(?:weight|bias))",
+     r"model.encoder.layers.\1.\2"),
+    (r"transformer\.encoder\.layers\.(\d+)\.((?:norm1|norm2|linear1|linear2)\.(?:weight|bias))", r"model.encoder.layers.\1.\2"),
+    # transformer: decoder layers (nn.MultiheadAttention self-attention keeps its q/k/v stacking)
+    (r"transformer\.decoder\.layers\.(\d+)\.(cross_attn\.(?:sampling_offsets|attention_weights|value_proj|output_proj)\.(?:weight|bias))",
+     r"model.decoder.layers.\1.\2"),
+    (r"transformer\.decoder\.layers\.(\d+)\.(self_attn\.(?:in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias))",
+     r"model.decoder.layers.\1.\2"),
+    (r"transformer\.decoder\.layers\.(\d+)\.((?:norm1|norm2|norm3|linear1|linear2)\.(?:weight|bias))", r"model.decoder.layers.\1.\2"),
+    (r"transformer\.decoder\.norm\.(weight|bias)", r"model.decoder.layer_norm.\1"),
+    (r"transformer\.decoder\.ref_point_head\.layers\.(\d+)\.(weight|bias)", r"model.decoder.reference_point_head.layers.\1.\2"),
+    # shared decoder heads: every per-layer alias maps to the one head
+    (r"(?:transformer\.decoder\.)?bbox_embed\.\d+\.layers\.(\d+)\.(weight|bias)", r"model.decoder.bbox_embed.layers.\1.\2"),
+    (r"(?:transformer\.decoder\.)?class_embed\.\d+\.(weight|bias)", r"class_embed.\1"),
+    # query selection and queries
+    (r"transformer\.tgt_embed\.weight", r"model.content_query_embed.weight"),
+    (r"transformer\.enc_output\.(weight|bias)", r"model.enc_output.\1"),
+    (r"transformer\.enc_output_norm\.(weight|bias)", r"model.enc_output_norm.\1"),
+    (r"transformer\.enc_out_bbox_embed\.layers\.(\d+)\.(weight|bias)", r"model.enc_out_bbox_embed.layers.\1.\2"),
+    (r"transformer\.enc_out_class_embed\.(weight|bias)", r"model.enc_out_class_embed.\1"),
+    (r"label_enc\.weight", r"model.denoising_class_embed.weight"),
+    # input projections (1x1 conv + GroupNorm per backbone level, 3x3 stride-2 conv + GroupNorm per extra level)
+    (r"input_proj\.(\d+)\.([01])\.(weight|bias)", r"model.input_projections.\1.\2.\3"),
+    # backbones: ResNet under `backbone.0.body.`, Swin directly under `backbone.0.`
+    (r"backbone\.0\.body\.(.+)", r"model.backbone.body.\1"),
+    (r"backbone\.0\.(.+\.relative_position_index)", None),  # recomputed by the model; checked equal
+    (r"backbone\.0\.((?:patch_embed|layers|norm\d).+)", r"model.backbone.body.\1"),
+]
+
+
+class ConversionError(RuntimeError):
+    pass
+
+
+def rename_key(key: str) -> str | None:
+    """The hf_dino name of an original key, `None` for keys dropped on purpose; raises KeyError if unmapped."""
+    for pattern, template in RENAME_RULES:
+        match = re.fullmatch(pattern, key)
+        if match:
+            return None if template is None else match.expand(template)
+    raise KeyError(key)
+
+
+def convert_state_dict(original: dict[str, torch.Tensor], model: DinoForObjectDetection) -> dict[str, torch.Tensor]:
+    """Map an original state dict onto `model`'s names; raise `ConversionError` listing every problem."""
+    converted: dict[str, torch.Tensor] = {}
+    sources: dict[str, str] = {}
+    unmapped, conflicts = [], []
+    for key, tensor in original.items():
+        try:
+            new_key = rename_key(key)
+        except KeyError:
+            unmapped.append(key)
+            continue
+        if new_key is None:
+            continue
+        if new_key in converted:
+            if not torch.equal(converted[new_key], tensor):
+                conflicts.append(f"{key} != {sources[new_key]} (both map to {new_key})")
+            continue
+        converted[new_key] = tensor
+        sources[new_key] = key
+
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(converted))
+    unexpected = sorted(set(converted) - set(expected))
+    shape_errors = [
+        f"{k}: checkpoint {tuple(converted[k].shape)} ({sources[k]}) vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(converted) & set(expected))
+        if converted[k].shape != expected[k].shape
+    ]
+    index_errors = []
+    for key, tensor in original.items():
+        if key.endswith("relative_position_index"):
+            own = model.get_buffer(key.replace("backbone.0.", "model.backbone.body.", 1))
+            if not torch.equal(own.to(tensor.dtype), tensor):
+                index_errors.append(key)
+    problems = []
+    for title, items in [
+        ("original keys no rename rule maps", unmapped),
+        ("aliases of a shared head with different values", conflicts),
+        ("model weights the checkpoint does not provide", missing),
+        ("renamed keys the model does not have", unexpected),
+        ("shape mismatches", shape_errors),
+        ("relative_position_index buffers that differ from the recomputed ones", index_errors),
+    ]:
+        if items:
+            problems.append(f"{len(items)} {title}:\n  " + "\n  ".join(items))
+    if problems:
+        raise ConversionError("Cannot convert the checkpoint:\n" + "\n".join(problems))
+    return {k: converted[k] for k in expected}
+
+
+def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise ConversionError(f"{path}: expected a dict with a 'model' state dict (the released DINO layout).")
+    return checkpoint["model"]
+
+
+def convert(checkpoint: str | Path, model_name: str, output_dir: str | Path | None = None) -> DinoForObjectDetection:
+    """Build the model for `model_name`, load the converted weights strictly, optionally save it with its processor."""
+    if model_name not in MODEL_CONFIGS:
+        raise ConversionError(f"Unknown --model-name {model_name!r}; choose one of {sorted(MODEL_CONFIGS)}.")
+    config = DinoConfig(**MODEL_CONFIGS[model_name])
+    model = DinoForObjectDetection(config).eval()
+    state_dict = convert_state_dict(load_original_state_dict(checkpoint), model)
+    result = model.load_state_dict(state_dict, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        model.save_pretrained(output_dir)
+        DinoImageProcessor().save_pretrained(output_dir)
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="original checkpoint (.pth with a 'model' state dict)")
+    parser.add_argument("--model-name", required=True, choices=sorted(MODEL_CONFIGS))
+    parser.add_argument("--output-dir", required=True, help="where to write the save_pretrained folder")
+    args = parser.parse_args(argv)
+    try:
+        convert(args.checkpoint, args.model_name, args.output_dir)
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"Converted {args.checkpoint} ({args.model_name}) -> {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

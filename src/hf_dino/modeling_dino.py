@@ -1,0 +1,994 @@
+"""PyTorch DINO: DETR with Improved deNoising anchOr boxes (Zhang et al., arXiv 2203.03605).
+
+The flow of one batch (each step is one named module or function below):
+
+    pixel_values, pixel_mask
+      -> DinoBackbone (timm ResNet with frozen batch norm, or DinoSwinTransformer)   multi-scale feature maps
+      -> DinoModel.input_projections + DinoSinePositionEmbedding + level_embed        flattened tokens
+      -> DinoEncoder (deformable self-attention)                                      memory
+      -> DinoModel.select_queries ("mixed query selection": top-K encoder proposals become the anchor boxes,
+         content queries stay learnable)
+      -> DinoDecoder (self-attention, deformable cross-attention, FFN; iterative anchor refinement with
+         "look forward twice")                                                        per-layer boxes
+      -> DinoForObjectDetection.class_embed (one head shared by all layers)          per-layer logits
+    training adds: build_contrastive_denoising_queries (denoising.py) -> extra decoder queries + attention mask,
+                   DinoLoss (loss_dino.py) -> focal / L1 / GIoU losses (final, auxiliary, encoder, denoising).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from .configuration_dino import SWIN_ARCHITECTURES, DinoConfig
+from .deformable_attention import multi_scale_deformable_attention
+from .denoising import build_contrastive_denoising_queries
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class DinoModelOutput(ModelOutput):
+    r"""
+    Outputs of [`DinoModel`]. `B` = batch, `Q` = `config.num_queries`, `L` = `config.decoder_layers`,
+    `S` = encoder tokens (sum of h*w over levels), `D` = `config.d_model`, `N` = denoising queries.
+
+    last_hidden_state (`[B, Q, D]`): last decoder layer output (after the decoder's final LayerNorm).
+    intermediate_hidden_states (`[B, L, Q, D]`): every decoder layer's output (after the final LayerNorm).
+    intermediate_pred_boxes (`[B, L, Q, 4]`): every decoder layer's box prediction, normalized (cx, cy, w, h).
+    intermediate_reference_points (`[B, L + 1, Q, 4]`): the anchor boxes: index 0 the initial ones (refined
+        encoder proposals), index l + 1 the anchors after decoder layer l (sigmoid space).
+    encoder_last_hidden_state (`[B, S, D]`): encoder memory.
+    encoder_logits (`[B, Q, C]`): class logits of the selected encoder proposals (the "interm" outputs).
+    encoder_pred_boxes (`[B, Q, 4]`): boxes of the selected encoder proposals, normalized (cx, cy, w, h).
+    encoder_topk_indices (`[B, Q]`): the encoder tokens chosen by query selection, best first.
+    denoising_hidden_states (`[B, L, N, D]`), denoising_pred_boxes (`[B, L, N, 4]`): the contrastive denoising
+        queries' outputs (training with labels only).
+    denoising_meta (`dict`): group layout of the denoising queries (see `denoising.py`).
+    encoder_hidden_states, decoder_hidden_states (`tuple`): per-layer states, when `output_hidden_states=True`.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    intermediate_hidden_states: torch.FloatTensor | None = None
+    intermediate_pred_boxes: torch.FloatTensor | None = None
+    intermediate_reference_points: torch.FloatTensor | None = None
+    encoder_last_hidden_state: torch.FloatTensor | None = None
+    encoder_logits: torch.FloatTensor | None = None
+    encoder_pred_boxes: torch.FloatTensor | None = None
+    encoder_topk_indices: torch.LongTensor | None = None
+    denoising_hidden_states: torch.FloatTensor | None = None
+    denoising_pred_boxes: torch.FloatTensor | None = None
+    denoising_meta: dict | None = None
+    encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class DinoObjectDetectionOutput(ModelOutput):
+    r"""
+    Outputs of [`DinoForObjectDetection`] (shapes as in [`DinoModelOutput`], `C` = `config.num_labels`).
+
+    loss (`[]`): weighted total loss, when `labels` are given.
+    loss_dict (`dict[str, Tensor]`): every raw loss term (original DINO names: `loss_ce`, `loss_bbox`,
+        `loss_giou`, suffixes `_0.._{L-2}` for decoder layers, `_interm` for the encoder, `_dn` for denoising).
+    logits (`[B, Q, C]`): class logits of the last decoder layer (sigmoid gives per-class probabilities).
+    pred_boxes (`[B, Q, 4]`): boxes of the last decoder layer, normalized (cx, cy, w, h) relative to the
+        unpadded image.
+    auxiliary_outputs (`list[dict]`): `{"logits", "pred_boxes"}` of decoder layers 0..L-2.
+    intermediate_logits (`[B, L, Q, C]`), intermediate_pred_boxes (`[B, L, Q, 4]`): every decoder layer.
+    denoising_logits (`[B, L, N, C]`): class logits of the denoising queries (training with labels only).
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_dict: dict | None = None
+    logits: torch.FloatTensor | None = None
+    pred_boxes: torch.FloatTensor | None = None
+    auxiliary_outputs: list[dict] | None = None
+    intermediate_logits: torch.FloatTensor | None = None
+    intermediate_pred_boxes: torch.FloatTensor | None = None
+    intermediate_reference_points: torch.FloatTensor | None = None
+    encoder_logits: torch.FloatTensor | None = None
+    encoder_pred_boxes: torch.FloatTensor | None = None
+    encoder_topk_indices: torch.LongTensor | None = None
+    denoising_logits: torch.FloatTensor | None = None
+    denoising_pred_boxes: torch.FloatTensor | None = None
+    denoising_meta: dict | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    encoder_last_hidden_state: torch.FloatTensor | None = None
+    encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Small shared pieces
+# ------------------------------------------------------------------------------------------------------------------
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """The original DINO's `inverse_sigmoid`: clamp to [0, 1], then log(max(x, eps) / max(1 - x, eps)).
+
+    eps is 1e-3 (not 1e-5): it is active on anchors near the image border and changes outputs if altered.
+    """
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def box_sine_embedding(boxes: torch.Tensor, num_features: int = 128, temperature: float = 10000.0) -> torch.Tensor:
+    """Sine embedding of boxes `[..., 4]` (cx, cy, w, h in [0, 1]) -> `[..., 4 * num_features]`, ordered (y, x, w, h).
+
+    This is how DINO turns an anchor box into the positional part of a decoder query.
+    """
+    scale = 2 * math.pi
+    dim_t = torch.arange(num_features, dtype=torch.float32, device=boxes.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_features)
+
+    def embed(coordinate: torch.Tensor) -> torch.Tensor:
+        pos = coordinate[..., None] * scale / dim_t
+        return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
+
+    x, y, w, h = boxes.unbind(-1)
+    return torch.cat((embed(y), embed(x), embed(w), embed(h)), dim=-1)
+
+
+class DinoMLPPredictionHead(nn.Module):
+    """A small MLP (ReLU between layers): the box heads and the reference-point head. Layers are `layers.{i}`."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Backbones
+# ------------------------------------------------------------------------------------------------------------------
+def _window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
+    """`[B, H, W, C]` -> `[B * num_windows, window * window, C]` (H, W multiples of `window`)."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // window, window, w // window, window, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, c)
+
+
+def _window_reverse(windows: torch.Tensor, window: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of `_window_partition`: `[B * num_windows, window * window, C]` -> `[B, H, W, C]`."""
+    c = windows.shape[-1]
+    x = windows.view(-1, h // window, w // window, window, window, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
+
+
+class DinoSwinWindowAttention(nn.Module):
+    """Window multi-head self-attention with a relative position bias (Swin)."""
+
+    def __init__(self, dim: int, window_size: int, num_heads: int):
+        super().__init__()
+        self.window_size = window_size
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing="ij"))
+        coords = coords.flatten(1)
+        relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window_size - 1)
+        index = relative[..., 0] * (2 * window_size - 1) + relative[..., 1]
+        # recomputed, not stored in checkpoints (the converter checks the original's copy equals it)
+        self.register_buffer("relative_position_index", index, persistent=False)
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x: `[B * windows, N, C]`; mask: `[windows, N, N]` (0 / -100) or None."""
+        bw, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
+        attn = attn + bias.permute(2, 0, 1).unsqueeze(0)
+        if mask is not None:
+            windows = mask.shape[0]
+            attn = attn.view(bw // windows, windows, self.num_heads, n, n) + mask[None, :, None]
+            attn = attn.view(-1, self.num_heads, n, n)
+        attn = attn.softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(bw, n, c))
+
+
+class DinoSwinMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class DinoSwinBlock(nn.Module):
+    """A Swin block. As in the original DINO, the map is padded to the window size first, then (for shifted
+    blocks) rolled; timm rolls before padding and transformers shrinks windows on small maps, which both give
+    different numbers whenever a map is not a multiple of the window."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int, drop_path: float):
+        super().__init__()
+        from timm.layers import DropPath
+
+        self.window_size, self.shift_size = window_size, shift_size
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = DinoSwinWindowAttention(dim, window_size, num_heads)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = DinoSwinMlp(dim, 4 * dim)
+
+    def forward(self, x: torch.Tensor, height: int, width: int, shift_mask: torch.Tensor) -> torch.Tensor:
+        b, _, c = x.shape
+        window = self.window_size
+        shortcut = x
+        x = self.norm1(x).view(b, height, width, c)
+        pad_b, pad_r = (window - height % window) % window, (window - width % window) % window
+        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        hp, wp = x.shape[1:3]
+        if self.shift_size > 0:
+            x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
+        x = self.attn(_window_partition(x, window), shift_mask if self.shift_size > 0 else None)
+        x = _window_reverse(x, window, hp, wp)
+        if self.shift_size > 0:
+            x = torch.roll(x, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
+        x = x[:, :height, :width].reshape(b, height * width, c)
+        x = shortcut + self.drop_path(x)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class DinoSwinPatchMerging(nn.Module):
+    """2x2 patch merging (pads odd maps), LayerNorm, then a linear reduction 4C -> 2C."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        b, _, c = x.shape
+        x = F.pad(x.view(b, height, width, c), (0, 0, 0, width % 2, 0, height % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x.view(b, -1, 4 * c)))
+
+
+class DinoSwinStage(nn.Module):
+    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, drop_paths: list[float], downsample: bool):
+        super().__init__()
+        self.window_size = window_size
+        self.blocks = nn.ModuleList(
+            DinoSwinBlock(dim, num_heads, window_size, 0 if i % 2 == 0 else window_size // 2, drop_paths[i])
+            for i in range(depth)
+        )
+        self.downsample = DinoSwinPatchMerging(dim) if downsample else None
+
+    def shift_mask(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """Attention mask `[windows, N, N]` (0 / -100) that keeps rolled-in regions apart."""
+        window, shift = self.window_size, self.window_size // 2
+        hp, wp = math.ceil(height / window) * window, math.ceil(width / window) * window
+        region = torch.zeros((1, hp, wp, 1), device=device)
+        count = 0
+        for hs in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+            for ws in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+                region[:, hs, ws, :] = count
+                count += 1
+        region = _window_partition(region, window).squeeze(-1)
+        mask = region[:, None, :] - region[:, :, None]
+        return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        mask = self.shift_mask(height, width, x.device)
+        for block in self.blocks:
+            x = block(x, height, width, mask)
+        return x
+
+
+class DinoSwinPatchEmbed(nn.Module):
+    def __init__(self, embed_dim: int, num_channels: int = 3, patch_size: int = 4):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(num_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        p = self.patch_size
+        h, w = pixel_values.shape[-2:]
+        x = self.proj(F.pad(pixel_values, (0, (p - w % p) % p, 0, (p - h % p) % p)))
+        return x
+
+
+class DinoSwinTransformer(nn.Module):
+    """Swin Transformer backbone as the original DINO uses it: per-stage output LayerNorms `norm{i}` for the
+    returned stages, windows never shrunk, padding before shifting. Returns `[B, C_i, H_i, W_i]` maps."""
+
+    def __init__(self, name: str, out_indices: list[int], drop_path_rate: float, num_channels: int = 3):
+        super().__init__()
+        arch = SWIN_ARCHITECTURES[name]
+        embed_dim, depths = arch["embed_dim"], arch["depths"]
+        self.out_indices = list(out_indices)
+        self.num_features = [embed_dim * 2**i for i in range(len(depths))]
+        self.patch_embed = DinoSwinPatchEmbed(embed_dim, num_channels)
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.layers = nn.ModuleList()
+        for i, depth in enumerate(depths):
+            self.layers.append(
+                DinoSwinStage(
+                    self.num_features[i], depth, arch["num_heads"][i], arch["window_size"],
+                    rates[sum(depths[:i]): sum(depths[: i + 1])], downsample=i < len(depths) - 1,
+                )
+            )
+        for i in self.out_indices:
+            self.add_module(f"norm{i}", nn.LayerNorm(self.num_features[i]))
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, DinoSwinWindowAttention):
+            nn.init.trunc_normal_(module.relative_position_bias_table, std=0.02)
+
+    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        x = self.patch_embed(pixel_values)
+        height, width = x.shape[-2:]
+        x = self.patch_embed.norm(x.flatten(2).transpose(1, 2))
+        outputs = []
+        for i, stage in enumerate(self.layers):
+            x = stage(x, height, width)
+            if i in self.out_indices:
+                out = getattr(self, f"norm{i}")(x)
+                outputs.append(out.view(-1, height, width, self.num_features[i]).permute(0, 3, 1, 2).contiguous())
+            if stage.downsample is not None:
+                x = stage.downsample(x, height, width)
+                height, width = (height + 1) // 2, (width + 1) // 2
+        return outputs
+
+
+class DinoBackbone(nn.Module):
+    """The convolutional (timm ResNet, frozen batch norm) or Swin backbone; `body` holds its weights.
+
+    Returns one `[B, C_l, H_l, W_l]` map per entry of `config.backbone_out_indices` and the matching padding
+    masks `[B, H_l, W_l]` (True = padding), resized from the image mask with nearest interpolation as the
+    original does.
+    """
+
+    def __init__(self, config: DinoConfig):
+        super().__init__()
+        if config.is_swin_backbone:
+            self.body = DinoSwinTransformer(
+                config.backbone, config.backbone_out_indices, config.backbone_drop_path_rate, config.num_channels
+            )
+        else:
+            import timm
+            from timm.layers import freeze_batch_norm_2d
+
+            body = timm.create_model(
+                config.backbone,
+                pretrained=config.use_pretrained_backbone,
+                features_only=True,
+                out_indices=[i + 1 for i in config.backbone_out_indices],
+                in_chans=config.num_channels,
+            )
+            self.body = freeze_batch_norm_2d(body)
+            # As the original: the stem and layer1 are never trained.
+            for name, parameter in self.body.named_parameters():
+                if not name.startswith(("layer2", "layer3", "layer4")):
+                    parameter.requires_grad_(False)
+        # the backbone keeps its own initialisation (timm's or Swin's); transformers must not redo it
+        for module in self.body.modules():
+            module._is_hf_initialized = True
+
+    def forward(self, pixel_values: torch.Tensor, padding_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        features = self.body(pixel_values)
+        return [(f, F.interpolate(padding_mask[None].float(), size=f.shape[-2:])[0].bool()) for f in features]
+
+
+class DinoSinePositionEmbedding(nn.Module):
+    """Normalized 2-D sine position embedding of a feature map (DETR's, with DINO's temperature 20).
+
+    `[B, H, W]` padding mask (True = padding) -> `[B, 2 * num_features, H, W]`, y features first.
+    """
+
+    def __init__(self, num_features: int, temperature: float):
+        super().__init__()
+        self.num_features = num_features
+        self.temperature = temperature
+
+    def forward(self, padding_mask: torch.Tensor) -> torch.Tensor:
+        not_mask = ~padding_mask
+        y_embed = not_mask.cumsum(1, dtype=torch.float32)
+        x_embed = not_mask.cumsum(2, dtype=torch.float32)
+        scale, eps = 2 * math.pi, 1e-6
+        y_embed = y_embed / (y_embed[:, -1:, :] + eps) * scale
+        x_embed = x_embed / (x_embed[:, :, -1:] + eps) * scale
+        dim_t = torch.arange(self.num_features, dtype=torch.float32, device=padding_mask.device)
+        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_features)
+        pos_x = x_embed[..., None] / dim_t
+        pos_y = y_embed[..., None] / dim_t
+        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
+        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Deformable attention, encoder, decoder
+# ------------------------------------------------------------------------------------------------------------------
+class DinoMultiscaleDeformableAttention(nn.Module):
+    """Multi-scale deformable attention (Deformable DETR): every query samples `n_points` locations per head and
+    level around its reference, and mixes them with softmax weights over levels x points."""
+
+    def __init__(self, config: DinoConfig, num_heads: int, n_points: int):
+        super().__init__()
+        self.d_model = config.d_model
+        self.n_levels = config.num_feature_levels
+        self.n_heads = num_heads
+        self.n_points = n_points
+        self.disable_custom_kernels = config.disable_custom_kernels
+        self.sampling_offsets = nn.Linear(self.d_model, num_heads * self.n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(self.d_model, num_heads * self.n_levels * n_points)
+        self.value_proj = nn.Linear(self.d_model, self.d_model)
+        self.output_proj = nn.Linear(self.d_model, self.d_model)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        value: torch.Tensor,
+        value_padding_mask: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """
+        Args:
+            query: `[B, Q, D]` (position already added).
+            reference_points: `[B, Q, L, 2]` points (x, y) or `[B, Q, L, 4]` boxes (cx, cy, w, h), normalized to
+                each level's padded map.
+            value: `[B, S, D]` flattened multi-scale memory; value_padding_mask: `[B, S]` (True = padding).
+            spatial_shapes: `[L, 2]` (h, w); level_start_index: `[L]`.
+        Returns: `[B, Q, D]`.
+        """
+        b, q, _ = query.shape
+        value = self.value_proj(value).masked_fill(value_padding_mask[..., None], 0.0)
+        value = value.view(b, value.shape[1], self.n_heads, self.d_model // self.n_heads)
+        offsets = self.sampling_offsets(query).view(b, q, self.n_heads, self.n_levels, self.n_points, 2)
+        weights = self.attention_weights(query).view(b, q, self.n_heads, self.n_levels * self.n_points)
+        weights = weights.softmax(-1).view(b, q, self.n_heads, self.n_levels, self.n_points)
+        if reference_points.shape[-1] == 2:
+            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
+            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        else:
+            locations = (
+                reference_points[:, :, None, :, None, :2]
+                + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5
+            )
+        output = multi_scale_deformable_attention(
+            value, spatial_shapes, level_start_index, locations, weights,
+            use_custom_kernel=not self.disable_custom_kernels,
+        )
+        return self.output_proj(output)
+
+
+class DinoEncoderLayer(GradientCheckpointingLayer):
+    """Deformable self-attention over all levels' tokens, then a feed-forward block (post-norm)."""
+
+    def __init__(self, config: DinoConfig):
+        super().__init__()
+        self.self_attn = DinoMultiscaleDeformableAttention(config, config.encoder_attention_heads, config.encoder_n_points)
+        self.norm1 = nn.LayerNorm(config.d_model)
+        self.linear1 = nn.Linear(config.d_model, config.encoder_ffn_dim)
+        self.linear2 = nn.Linear(config.encoder_ffn_dim, config.d_model)
+        self.norm2 = nn.LayerNorm(config.d_model)
+        self.activation = ACT2FN[config.activation_function]
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden_states, position_embeddings, reference_points, padding_mask, spatial_shapes, level_start_index):
+        """hidden_states, position_embeddings: `[B, S, D]`; reference_points `[B, S, L, 2]`; padding_mask `[B, S]`."""
+        attended = self.self_attn(
+            hidden_states + position_embeddings, reference_points, hidden_states, padding_mask, spatial_shapes, level_start_index
+        )
+        hidden_states = self.norm1(hidden_states + self.dropout(attended))
+        ffn = self.linear2(self.dropout(self.activation(self.linear1(hidden_states))))
+        return self.norm2(hidden_states + self.dropout(ffn))
+
+
+class DinoEncoder(nn.Module):
+    def __init__(self, config: DinoConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(DinoEncoderLayer(config) for _ in range(config.encoder_layers))
+
+    @staticmethod
+    def reference_points(spatial_shapes_list: list[tuple[int, int]], valid_ratios: torch.Tensor) -> torch.Tensor:
+        """Token centres of every level, normalized by the level's valid size, then scaled to every level:
+        `[B, S, L, 2]` (x, y)."""
+        points = []
+        for level, (h, w) in enumerate(spatial_shapes_list):
+            ref_y, ref_x = torch.meshgrid(
+                torch.linspace(0.5, h - 0.5, h, dtype=valid_ratios.dtype, device=valid_ratios.device),
+                torch.linspace(0.5, w - 0.5, w, dtype=valid_ratios.dtype, device=valid_ratios.device),
+                indexing="ij",
+            )
+            ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * h)
+            ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * w)
+            points.append(torch.stack((ref_x, ref_y), -1))
+        return torch.cat(points, 1)[:, :, None] * valid_ratios[:, None]
+
+    def forward(self, hidden_states, position_embeddings, padding_mask, spatial_shapes, spatial_shapes_list,
+                level_start_index, valid_ratios, output_hidden_states: bool = False):
+        reference_points = self.reference_points(spatial_shapes_list, valid_ratios)
+        all_states = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_embeddings, reference_points, padding_mask, spatial_shapes, level_start_index)
+            if output_hidden_states:
+                all_states += (hidden_states,)
+        return hidden_states, all_states
+
+
+class DinoDecoderLayer(GradientCheckpointingLayer):
+    """Self-attention among queries, deformable cross-attention into the memory, feed-forward (post-norm).
+
+    Names follow the original checkpoint: `norm2` after self-attention, `norm1` after cross-attention.
+    """
+
+    def __init__(self, config: DinoConfig):
+        super().__init__()
+        d = config.d_model
+        self.self_attn = nn.MultiheadAttention(d, config.decoder_attention_heads, dropout=config.dropout, batch_first=True)
+        self.norm2 = nn.LayerNorm(d)
+        self.cross_attn = DinoMultiscaleDeformableAttention(config, config.decoder_attention_heads, config.decoder_n_points)
+        self.norm1 = nn.LayerNorm(d)
+        self.linear1 = nn.Linear(d, config.decoder_ffn_dim)
+        self.linear2 = nn.Linear(config.decoder_ffn_dim, d)
+        self.norm3 = nn.LayerNorm(d)
+        self.activation = ACT2FN[config.activation_function]
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden_states, query_position, reference_points, self_attn_mask, memory, memory_padding_mask,
+                spatial_shapes, level_start_index):
+        """hidden_states, query_position: `[B, Q, D]`; reference_points `[B, Q, L, 4]`; self_attn_mask `[Q, Q]`
+        (True = blocked) or None; memory `[B, S, D]`; memory_padding_mask `[B, S]`."""
+        q = k = hidden_states + query_position
+        attended = self.self_attn(q, k, hidden_states, attn_mask=self_attn_mask, need_weights=False)[0]
+        hidden_states = self.norm2(hidden_states + self.dropout(attended))
+        attended = self.cross_attn(
+            hidden_states + query_position, reference_points, memory, memory_padding_mask, spatial_shapes, level_start_index
+        )
+        hidden_states = self.norm1(hidden_states + self.dropout(attended))
+        ffn = self.linear2(self.dropout(self.activation(self.linear1(hidden_states))))
+        return self.norm3(hidden_states + self.dropout(ffn))
+
+
+class DinoDecoder(nn.Module):
+    """Decoder with iterative anchor-box refinement and "look forward twice".
+
+    Layer l refines its anchor `a_l` to `b_l = sigmoid(bbox_embed(h_l) + inverse_sigmoid(a_l))`. The next layer
+    starts from `a_{l+1} = b_l.detach()`, but layer l+1's *prediction* is made on top of the undetached `b_l`, so
+    its box loss also trains layer l (the paper's "look forward twice", Sec. 3.5). Layer l's own prediction uses
+    the layer output after the final LayerNorm: `sigmoid(bbox_embed(norm(h_l)) + inverse_sigmoid(a_l))`.
+    """
+
+    def __init__(self, config: DinoConfig):
+        super().__init__()
+        d = config.d_model
+        self.layers = nn.ModuleList(DinoDecoderLayer(config) for _ in range(config.decoder_layers))
+        self.layer_norm = nn.LayerNorm(d)
+        self.reference_point_head = DinoMLPPredictionHead(2 * d, d, d, 2)
+        self.sine_features = d // 2  # per box coordinate: 4 * d / 2 = 2 * d inputs of reference_point_head
+        # one box head shared by all layers, as in the original
+        self.bbox_embed = DinoMLPPredictionHead(d, d, 4, 3)
+
+    def forward(self, hidden_states, reference_points_logit, self_attn_mask, memory, memory_padding_mask,
+                spatial_shapes, level_start_index, valid_ratios, output_hidden_states: bool = False):
+        """
+        Args:
+            hidden_states: `[B, Q, D]` content queries; reference_points_logit: `[B, Q, 4]` anchors before sigmoid.
+        Returns:
+            states `[B, L, Q, D]` (after the final LayerNorm), pred_boxes `[B, L, Q, 4]`,
+            references `[B, L + 1, Q, 4]` (anchors entering each layer, then the last refined ones),
+            all hidden states (tuple) if asked.
+        """
+        anchors = reference_points_logit.sigmoid()
+        scale = torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # [B, 1, L, 4]
+        states, boxes, references = [], [], [anchors]
+        all_states = (hidden_states,) if output_hidden_states else None
+        prediction_anchor = anchors  # undetached refined anchor of the previous layer (look forward twice)
+        for layer in self.layers:
+            anchors_per_level = anchors[:, :, None] * scale
+            query_position = self.reference_point_head(box_sine_embedding(anchors_per_level[:, :, 0], self.sine_features))
+            hidden_states = layer(
+                hidden_states, query_position, anchors_per_level, self_attn_mask, memory, memory_padding_mask,
+                spatial_shapes, level_start_index,
+            )
+            if output_hidden_states:
+                all_states += (hidden_states,)
+            normed = self.layer_norm(hidden_states)
+            states.append(normed)
+            boxes.append((self.bbox_embed(normed) + inverse_sigmoid(prediction_anchor)).sigmoid())
+            refined = (self.bbox_embed(hidden_states) + inverse_sigmoid(anchors)).sigmoid()
+            references.append(refined)
+            prediction_anchor = refined
+            anchors = refined.detach()
+        return torch.stack(states, 1), torch.stack(boxes, 1), torch.stack(references, 1), all_states
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Pretrained base, model, detection head
+# ------------------------------------------------------------------------------------------------------------------
+class DinoPreTrainedModel(PreTrainedModel):
+    config_class = DinoConfig
+    config: DinoConfig
+    base_model_prefix = "model"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = [r"DinoEncoderLayer", r"DinoDecoderLayer", r"DinoSwinBlock"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        prior_bias = -math.log((1 - 0.01) / 0.01)  # focal-loss prior p = 0.01
+        if isinstance(module, DinoMultiscaleDeformableAttention):
+            init.constant_(module.sampling_offsets.weight, 0.0)
+            thetas = torch.arange(module.n_heads, dtype=torch.float32) * (2.0 * math.pi / module.n_heads)
+            grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+            grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(module.n_heads, 1, 1, 2)
+            grid = grid.repeat(1, module.n_levels, module.n_points, 1)
+            grid = grid * torch.arange(1, module.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+            init.copy_(module.sampling_offsets.bias, grid.flatten())
+            init.constant_(module.attention_weights.weight, 0.0)
+            init.constant_(module.attention_weights.bias, 0.0)
+            for proj in (module.value_proj, module.output_proj):
+                init.xavier_uniform_(proj.weight)
+                init.constant_(proj.bias, 0.0)
+        elif isinstance(module, (DinoEncoderLayer, DinoDecoderLayer)):
+            for sub in (module.linear1, module.linear2):
+                init.xavier_uniform_(sub.weight)
+                init.constant_(sub.bias, 0.0)
+        elif isinstance(module, DinoModel):
+            init.normal_(module.level_embed)
+            init.normal_(module.content_query_embed.weight)
+            init.normal_(module.denoising_class_embed.weight)
+            for projection in module.input_projections:
+                init.xavier_uniform_(projection[0].weight)
+                init.constant_(projection[0].bias, 0.0)
+            init.constant_(module.enc_out_class_embed.bias, prior_bias)
+            init.constant_(module.enc_out_bbox_embed.layers[-1].weight, 0.0)
+            init.constant_(module.enc_out_bbox_embed.layers[-1].bias, 0.0)
+            init.constant_(module.decoder.bbox_embed.layers[-1].weight, 0.0)
+            init.constant_(module.decoder.bbox_embed.layers[-1].bias, 0.0)
+        elif isinstance(module, DinoForObjectDetection):
+            init.constant_(module.class_embed.bias, prior_bias)
+
+
+class DinoModel(DinoPreTrainedModel):
+    """DINO without the decoder class head: backbone, encoder, query selection, decoder (with the shared box
+    head it needs for anchor refinement)."""
+
+    def __init__(self, config: DinoConfig):
+        config.check_consistency()
+        super().__init__(config)
+        d = config.d_model
+        self.backbone = DinoBackbone(config)
+        self.position_embedding = DinoSinePositionEmbedding(d // 2, config.position_embedding_temperature)
+        projections = [
+            nn.Sequential(nn.Conv2d(c, d, kernel_size=1), nn.GroupNorm(32, d)) for c in config.backbone_channels
+        ]
+        in_channels = config.backbone_channels[-1]
+        for _ in range(config.num_feature_levels - len(config.backbone_channels)):
+            projections.append(nn.Sequential(nn.Conv2d(in_channels, d, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, d)))
+            in_channels = d
+        self.input_projections = nn.ModuleList(projections)
+        self.level_embed = nn.Parameter(torch.empty(config.num_feature_levels, d))
+        self.encoder = DinoEncoder(config)
+        # query selection ("two-stage"): every encoder token proposes a box; the top-K become the anchors
+        self.enc_output = nn.Linear(d, d)
+        self.enc_output_norm = nn.LayerNorm(d)
+        self.enc_out_class_embed = nn.Linear(d, config.num_labels)
+        self.enc_out_bbox_embed = DinoMLPPredictionHead(d, d, 4, 3)
+        # learnable content queries (mixed query selection keeps them static)
+        self.content_query_embed = nn.Embedding(config.num_queries, d)
+        # label embedding of the contrastive denoising queries (one extra row, as the original's label book)
+        self.denoising_class_embed = nn.Embedding(config.num_labels + 1, d)
+        self.decoder = DinoDecoder(config)
+        self.post_init()
+
+    def freeze_backbone(self) -> None:
+        for parameter in self.backbone.parameters():
+            parameter.requires_grad_(False)
+
+    # ---- pieces of the forward pass --------------------------------------------------------------------------
+    def multi_scale_features(self, pixel_values: torch.Tensor, padding_mask: torch.Tensor):
+        """Backbone maps -> projected levels `[B, D, H_l, W_l]`, their padding masks and position embeddings."""
+        features = self.backbone(pixel_values, padding_mask)
+        sources, masks = [], []
+        for level, (feature, mask) in enumerate(features):
+            sources.append(self.input_projections[level](feature))
+            masks.append(mask)
+        for level in range(len(features), self.config.num_feature_levels):
+            source = self.input_projections[level](features[-1][0] if level == len(features) else sources[-1])
+            sources.append(source)
+            masks.append(F.interpolate(padding_mask[None].float(), size=source.shape[-2:])[0].bool())
+        positions = [self.position_embedding(mask).to(source.dtype) for source, mask in zip(sources, masks)]
+        return sources, masks, positions
+
+    @staticmethod
+    def valid_ratios(mask: torch.Tensor) -> torch.Tensor:
+        """Fraction of a level's padded map that is image, `[B, 2]` as (w, h) (first column/row counted)."""
+        _, h, w = mask.shape
+        valid_h = torch.sum(~mask[:, :, 0], 1)
+        valid_w = torch.sum(~mask[:, 0, :], 1)
+        return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
+
+    @staticmethod
+    def encoder_proposals(memory: torch.Tensor, padding_mask: torch.Tensor, spatial_shapes_list):
+        """One proposal box per encoder token: centre = the token, size 0.05 * 2^level (normalized by the level's
+        valid size). Returns the memory with padded/invalid tokens zeroed `[B, S, D]` and the proposals in logit
+        space `[B, S, 4]` (+inf where padded or not strictly inside (0.01, 0.99))."""
+        b = memory.shape[0]
+        proposals, start = [], 0
+        for level, (h, w) in enumerate(spatial_shapes_list):
+            mask = padding_mask[:, start: start + h * w].view(b, h, w)
+            valid_h = torch.sum(~mask[:, :, 0], 1)
+            valid_w = torch.sum(~mask[:, 0, :], 1)
+            grid_y, grid_x = torch.meshgrid(
+                torch.linspace(0, h - 1, h, dtype=memory.dtype, device=memory.device),
+                torch.linspace(0, w - 1, w, dtype=memory.dtype, device=memory.device),
+                indexing="ij",
+            )
+            grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)
+            scale = torch.cat([valid_w.unsqueeze(-1), valid_h.unsqueeze(-1)], 1).view(b, 1, 1, 2).to(memory.dtype)
+            grid = (grid.unsqueeze(0).expand(b, -1, -1, -1) + 0.5) / scale
+            size = torch.ones_like(grid) * 0.05 * (2.0**level)
+            proposals.append(torch.cat((grid, size), -1).view(b, -1, 4))
+            start += h * w
+        proposals = torch.cat(proposals, 1)
+        valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
+        proposals = torch.log(proposals / (1 - proposals))
+        invalid = padding_mask.unsqueeze(-1) | ~valid
+        proposals = proposals.masked_fill(invalid, float("inf"))
+        memory = memory.masked_fill(invalid, 0.0)
+        return memory, proposals
+
+    def select_queries(self, memory: torch.Tensor, padding_mask: torch.Tensor, spatial_shapes_list):
+        """Mixed query selection (paper Sec. 3.3): the top-K encoder tokens by best class score give the initial
+        anchor boxes; the content queries are the learnable `content_query_embed`, not the selected features.
+
+        Returns anchors in logit space `[B, K, 4]` (detached), the selected tokens' logits `[B, K, C]` and boxes
+        `[B, K, 4]` (for the encoder loss) and the selected indices `[B, K]`.
+        """
+        num_tokens = memory.shape[1]
+        if num_tokens < self.config.num_queries:
+            raise ValueError(
+                f"The image gives {num_tokens} encoder tokens, fewer than num_queries={self.config.num_queries}; "
+                "use larger images (the processor resizes to 800 px) or a config with fewer queries."
+            )
+        memory, proposals = self.encoder_proposals(memory, padding_mask, spatial_shapes_list)
+        output_memory = self.enc_output_norm(self.enc_output(memory))
+        logits = self.enc_out_class_embed(output_memory)
+        boxes_logit = self.enc_out_bbox_embed(output_memory) + proposals
+        # torch.topk (not Tensor.topk): descending order is the query order
+        topk_indices = torch.topk(logits.max(-1)[0], self.config.num_queries, dim=1)[1]
+        selected_boxes_logit = torch.gather(boxes_logit, 1, topk_indices.unsqueeze(-1).expand(-1, -1, 4))
+        selected_logits = torch.gather(logits, 1, topk_indices.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        return selected_boxes_logit.detach(), selected_logits, selected_boxes_logit.sigmoid(), topk_indices
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_mask: torch.Tensor | None = None,
+        labels: list[dict[str, torch.Tensor]] | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> DinoModelOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`[B, 3, H, W]`): normalized images, zero-padded bottom/right to a common size.
+            pixel_mask (`[B, H, W]`, *optional*): 1 for real pixels, 0 for padding (all ones if omitted).
+            labels (`list[dict]`, *optional*): per image `class_labels` `[n]` and `boxes` `[n, 4]` (normalized
+                cx, cy, w, h); in training mode they feed the contrastive denoising queries.
+        """
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values must be [batch, {self.config.num_channels}, height, width], got {tuple(pixel_values.shape)}."
+            )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states = bool(output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states)
+        b, _, h, w = pixel_values.shape
+        if pixel_mask is None:
+            pixel_mask = torch.ones((b, h, w), dtype=torch.long, device=pixel_values.device)
+        elif pixel_mask.shape != (b, h, w):
+            raise ValueError(f"pixel_mask must be [batch, height, width] = {(b, h, w)}, got {tuple(pixel_mask.shape)}.")
+        padding_mask = ~pixel_mask.bool()
+
+        # 1. multi-scale features, flattened to tokens
+        sources, masks, positions = self.multi_scale_features(pixel_values, padding_mask)
+        spatial_shapes_list = [tuple(s.shape[-2:]) for s in sources]
+        spatial_shapes = torch.as_tensor(spatial_shapes_list, dtype=torch.long, device=pixel_values.device)
+        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        valid_ratios = torch.stack([self.valid_ratios(m) for m in masks], 1)
+        tokens = torch.cat([s.flatten(2).transpose(1, 2) for s in sources], 1)
+        token_padding_mask = torch.cat([m.flatten(1) for m in masks], 1)
+        token_positions = torch.cat(
+            [p.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1) for level, p in enumerate(positions)], 1
+        )
+
+        # 2. deformable encoder
+        memory, encoder_states = self.encoder(
+            tokens, token_positions, token_padding_mask, spatial_shapes, spatial_shapes_list, level_start_index,
+            valid_ratios, output_hidden_states,
+        )
+
+        # 3. mixed query selection
+        anchors_logit, encoder_logits, encoder_boxes, topk_indices = self.select_queries(
+            memory, token_padding_mask, spatial_shapes_list
+        )
+        content = self.content_query_embed.weight.unsqueeze(0).expand(b, -1, -1)
+
+        # 4. contrastive denoising queries (training only), placed before the matching queries
+        denoising = None
+        if self.training and labels is not None and self.config.num_denoising > 0:
+            denoising = build_contrastive_denoising_queries(
+                labels, self.config.num_denoising, self.config.label_noise_ratio, self.config.box_noise_scale,
+                self.config.num_labels, self.config.num_queries, self.denoising_class_embed,
+            )
+        attn_mask, num_dn = None, 0
+        if denoising is not None:
+            num_dn = denoising.content.shape[1]
+            content = torch.cat([denoising.content, content], 1)
+            anchors_logit = torch.cat([denoising.reference_boxes, anchors_logit], 1)
+            attn_mask = denoising.attention_mask.to(pixel_values.device)
+        elif self.training:
+            # keeps the (unused) label embedding in the graph so distributed training sees a gradient for it
+            content = content + self.denoising_class_embed.weight[0, 0] * 0.0
+
+        # 5. decoder with anchor refinement
+        states, boxes, references, decoder_states = self.decoder(
+            content, anchors_logit, attn_mask, memory, token_padding_mask, spatial_shapes, level_start_index,
+            valid_ratios, output_hidden_states,
+        )
+        output = DinoModelOutput(
+            last_hidden_state=states[:, -1, num_dn:],
+            intermediate_hidden_states=states[:, :, num_dn:],
+            intermediate_pred_boxes=boxes[:, :, num_dn:],
+            intermediate_reference_points=references[:, :, num_dn:],
+            encoder_last_hidden_state=memory,
+            encoder_logits=encoder_logits,
+            encoder_pred_boxes=encoder_boxes,
+            encoder_topk_indices=topk_indices,
+            denoising_hidden_states=states[:, :, :num_dn] if denoising is not None else None,
+            denoising_pred_boxes=boxes[:, :, :num_dn] if denoising is not None else None,
+            denoising_meta=denoising.meta if denoising is not None else None,
+            encoder_hidden_states=encoder_states,
+            decoder_hidden_states=decoder_states,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class DinoForObjectDetection(DinoPreTrainedModel):
+    """DINO with its class head: one Linear shared by all decoder layers (the box head lives in the decoder)."""
+
+    def __init__(self, config: DinoConfig):
+        super().__init__(config)
+        self.model = DinoModel(config)
+        self.class_embed = nn.Linear(config.d_model, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_mask: torch.Tensor | None = None,
+        labels: list[dict[str, torch.Tensor]] | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> DinoObjectDetectionOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`[B, 3, H, W]`), pixel_mask (`[B, H, W]`, 1 = pixel): see [`DinoModel.forward`].
+            labels (`list[dict]`, *optional*): per image `class_labels` (int64 `[n]`) and `boxes` (`[n, 4]`,
+                normalized cx, cy, w, h). When given, `loss` and `loss_dict` are returned (denoising queries are
+                added in training mode).
+
+        Example:
+
+        ```python
+        >>> from hf_dino import DinoConfig, DinoForObjectDetection, DinoImageProcessor
+        >>> model = DinoForObjectDetection(DinoConfig()).eval()
+        >>> processor = DinoImageProcessor()
+        >>> inputs = processor(images=image, return_tensors="pt")
+        >>> outputs = model(**inputs)
+        >>> detections = processor.post_process_object_detection(outputs, threshold=0.3, target_sizes=[image.size[::-1]])
+        ```
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if labels is not None:
+            labels = self._check_labels(labels, pixel_values.shape[0])
+        outputs = self.model(pixel_values, pixel_mask, labels, output_hidden_states=output_hidden_states, return_dict=True)
+        intermediate_logits = self.class_embed(outputs.intermediate_hidden_states)
+        logits, pred_boxes = intermediate_logits[:, -1], outputs.intermediate_pred_boxes[:, -1]
+        auxiliary_outputs = [
+            {"logits": intermediate_logits[:, i], "pred_boxes": outputs.intermediate_pred_boxes[:, i]}
+            for i in range(intermediate_logits.shape[1] - 1)
+        ]
+        denoising_logits = None
+        if outputs.denoising_hidden_states is not None:
+            denoising_logits = self.class_embed(outputs.denoising_hidden_states)
+
+        loss = loss_dict = None
+        if labels is not None:
+            from .loss_dino import DinoLoss
+
+            criterion = DinoLoss(self.config)
+            loss, loss_dict = criterion(
+                {
+                    "logits": logits,
+                    "pred_boxes": pred_boxes,
+                    "auxiliary_outputs": auxiliary_outputs if self.config.auxiliary_loss else None,
+                    "encoder_logits": outputs.encoder_logits,
+                    "encoder_pred_boxes": outputs.encoder_pred_boxes,
+                    "denoising_logits": denoising_logits,
+                    "denoising_pred_boxes": outputs.denoising_pred_boxes,
+                    "denoising_meta": outputs.denoising_meta,
+                },
+                labels,
+            )
+        output = DinoObjectDetectionOutput(
+            loss=loss,
+            loss_dict=loss_dict,
+            logits=logits,
+            pred_boxes=pred_boxes,
+            auxiliary_outputs=auxiliary_outputs,
+            intermediate_logits=intermediate_logits,
+            intermediate_pred_boxes=outputs.intermediate_pred_boxes,
+            intermediate_reference_points=outputs.intermediate_reference_points,
+            encoder_logits=outputs.encoder_logits,
+            encoder_pred_boxes=outputs.encoder_pred_boxes,
+            encoder_topk_indices=outputs.encoder_topk_indices,
+            denoising_logits=denoising_logits,
+            denoising_pred_boxes=outputs.denoising_pred_boxes,
+            denoising_meta=outputs.denoising_meta,
+            last_hidden_state=outputs.last_hidden_state,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            decoder_hidden_states=outputs.decoder_hidden_states,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _check_labels(self, labels, batch_size: int) -> list[dict[str, torch.Tensor]]:
+        """Refuse malformed targets with a message instead of a crash deep inside the loss."""
+        if len(labels) != batch_size:
+            raise ValueError(f"Got {len(labels)} label dicts for a batch of {batch_size} images.")
+        for i, target in enumerate(labels):
+            if "class_labels" not in target or "boxes" not in target:
+                raise ValueError(f"labels[{i}] needs 'class_labels' and 'boxes', got keys {sorted(target)}.")
+            classes, boxes = target["class_labels"], target["boxes"]
+            if boxes.dim() != 2 or boxes.shape[-1] != 4 or boxes.shape[0] != classes.shape[0]:
+                raise ValueError(
+                    f"labels[{i}]: boxes must be [n, 4] with n = len(class_labels); got {tuple(boxes.shape)} "
+                    f"and {tuple(classes.shape)}."
+                )
+            if classes.numel() and (classes.min() < 0 or classes.max() >= self.config.num_labels):
+                raise ValueError(
+                    f"labels[{i}]: class ids must be in [0, {self.config.num_labels}), got "
+                    f"{classes.min().item()}..{classes.max().item()}."
+                )
+            if boxes.numel() and not torch.isfinite(boxes).all():
+                raise ValueError(f"labels[{i}]: boxes contain NaN or inf.")
+        return labels
+
+
+__all__ = ["DinoPreTrainedModel", "DinoModel", "DinoForObjectDetection", "DinoModelOutput", "DinoObjectDetectionOutput"]
