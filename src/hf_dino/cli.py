@@ -1,0 +1,273 @@
+# Copyright 2026 The hf_dino authors. Licensed under the Apache License, Version 2.0.
+"""`hf-dino` command line.
+
+    hf-dino predict IMAGE_OR_DIR... --model MODEL [--threshold T] [--device D] [--batch-size N] [--out DIR]
+
+Each subcommand is one `add_<name>_parser(subparsers)` function that registers its arguments and sets
+`func=<run function>`; add new ones to `SUBCOMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "SUBCOMMANDS", "add_predict_parser", "run_predict", "collect_images"]
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
+
+
+def _error(message: str) -> None:
+    print(f"hf-dino: error: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# predict
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def add_predict_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "predict",
+        help="detect objects in images and write annotated images and COCO-format results",
+        description=(
+            "Run a DINO detector on images (files or directories of images) and write, in --out: one annotated "
+            "image per input (boxes, label names, scores) and predictions.json (COCO results: image_id, "
+            "category_id, bbox [x, y, w, h], score), plus images.json (image ids, file names, sizes, errors). "
+            "Unreadable files are reported and skipped; the exit status is 1 if any input failed."
+        ),
+    )
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or directories of images")
+    parser.add_argument("--model", required=True, help="saved model folder or Hub id (config + weights + processor)")
+    parser.add_argument("--threshold", type=float, default=0.3, help="keep detections scoring above this (default 0.3)")
+    parser.add_argument("--top-k", type=int, default=300, help="candidates per image before thresholding (default 300)")
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
+    parser.add_argument("--out", default="hf_dino_predictions", help="output folder (default ./hf_dino_predictions)")
+    parser.add_argument("--recursive", action="store_true", help="search directories recursively")
+    parser.add_argument("--no-draw", action="store_true", help="do not write annotated images")
+    parser.add_argument("--max-draw", type=int, default=100, help="draw at most this many detections per image")
+    parser.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    parser.set_defaults(func=run_predict)
+    return parser
+
+
+def collect_images(inputs: Iterable[str], recursive: bool = False) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Expand files and directories into a list of image files; return (files, [(input, error), ...])."""
+    files: list[Path] = []
+    errors: list[tuple[str, str]] = []
+    seen: set[Path] = set()
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            pattern = path.rglob("*") if recursive else path.iterdir()
+            found = sorted(p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                errors.append((item, "directory contains no image files"))
+            candidates = found
+        elif path.exists():
+            candidates = [path]
+        else:
+            errors.append((item, "no such file or directory"))
+            candidates = []
+        for candidate in candidates:
+            key = candidate.resolve()
+            if key not in seen:
+                seen.add(key)
+                files.append(candidate)
+    return files, errors
+
+
+def _image_id(path: Path, index: int, used: set[int]) -> int:
+    """COCO-style numeric file names (000000000139.jpg) keep their id; other files get 1, 2, ... (unused ids)."""
+    stem = path.stem
+    if re.fullmatch(r"\d{1,18}", stem) and int(stem) not in used:
+        return int(stem)
+    candidate = index + 1
+    while candidate in used:
+        candidate += 1
+    return candidate
+
+
+def _output_name(path: Path, used: set[str]) -> str:
+    name = f"{path.stem}.jpg"
+    counter = 1
+    while name in used:
+        name = f"{path.stem}_{counter}.jpg"
+        counter += 1
+    used.add(name)
+    return name
+
+
+def _resolve_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return resolved
+
+
+def _load_model_and_processor(model_name: str, device):
+    import transformers
+
+    import hf_dino  # noqa: F401 - registers DINO with the Auto classes
+
+    from .image_processing_dino import DinoImageProcessor
+
+    model = transformers.AutoModelForObjectDetection.from_pretrained(model_name)
+    model.to(device).eval()
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(model_name)
+    except (OSError, ValueError) as error:
+        print(f"hf-dino: warning: no image processor in {model_name!r} ({error}); using DinoImageProcessor()", file=sys.stderr)
+        processor = DinoImageProcessor()
+    return model, processor
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .image_processing_dino import load_image_file, pil_to_rgb
+    from .visualization import draw_detections
+
+    if args.batch_size < 1:
+        _error("--batch-size must be >= 1")
+        return 2
+    files, failures = collect_images(args.inputs, recursive=args.recursive)
+    for item, message in failures:
+        _error(f"{item}: {message}")
+    if not files:
+        _error("no readable input images")
+        return 1
+
+    try:
+        device = _resolve_device(args.device)
+        model, processor = _load_model_and_processor(args.model, device)
+    except Exception as error:  # noqa: BLE001 - reported as a CLI error
+        _error(f"cannot load model {args.model!r}: {error}")
+        return 1
+    id2label = {int(k): v for k, v in getattr(model.config, "id2label", {}).items()}
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    coco_results: list[dict] = []
+    image_records: list[dict] = []
+    used_ids: set[int] = set()
+    used_names: set[str] = set()
+    failed: list[tuple[str, str]] = list(failures)
+
+    progress = tqdm(total=len(files), unit="img", desc="hf-dino predict", disable=args.no_progress or len(files) < 2)
+
+    def flush(batch: list[tuple[Path, object]]) -> None:
+        if not batch:
+            return
+        images = [image for _, image in batch]
+        try:
+            with torch.inference_mode():
+                inputs = processor(images, return_tensors="pt")
+                inputs = {k: v.to(device) for k, v in inputs.items() if k in ("pixel_values", "pixel_mask")}
+                outputs = model(**inputs)
+                sizes = [(image.height, image.width) for image in images]
+                results = processor.post_process_object_detection(outputs, args.threshold, sizes, args.top_k)
+        except Exception as error:  # noqa: BLE001
+            if len(batch) > 1:  # find the culprit: retry one by one
+                for item in batch:
+                    flush([item])
+                return
+            path = batch[0][0]
+            _error(f"{path}: inference failed: {error}")
+            failed.append((str(path), f"inference failed: {error}"))
+            progress.update(1)
+            return
+        for (path, image), result in zip(batch, results):
+            image_id = _image_id(path, len(image_records), used_ids)
+            used_ids.add(image_id)
+            record = {"id": image_id, "file_name": str(path), "width": image.width, "height": image.height,
+                      "num_detections": len(result["scores"])}
+            for score, label, box in zip(result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist()):
+                x0, y0, x1, y1 = box
+                coco_results.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": int(label),
+                        "bbox": [round(x0, 3), round(y0, 3), round(x1 - x0, 3), round(y1 - y0, 3)],
+                        "score": round(float(score), 5),
+                    }
+                )
+            if not args.no_draw:
+                name = _output_name(path, used_names)
+                try:
+                    annotated = draw_detections(image, {k: v.cpu() for k, v in result.items()}, id2label,
+                                                max_detections=args.max_draw)
+                    annotated.save(out_dir / name, quality=92)
+                    record["annotated"] = name
+                except Exception as error:  # noqa: BLE001 - keep the detections even if drawing fails
+                    _error(f"{path}: cannot write the annotated image: {error}")
+            image_records.append(record)
+            progress.update(1)
+
+    batch: list[tuple[Path, object]] = []
+    for path in files:
+        try:
+            image = pil_to_rgb(load_image_file(path))
+        except Exception as error:  # noqa: BLE001 - corrupt / unreadable file
+            message = str(error) if str(path) in str(error) else f"{path}: {error}"
+            _error(message)
+            failed.append((str(path), str(error)))
+            progress.update(1)
+            continue
+        batch.append((path, image))
+        if len(batch) >= args.batch_size:
+            flush(batch)
+            batch = []
+    flush(batch)
+    progress.close()
+
+    (out_dir / "predictions.json").write_text(json.dumps(coco_results))
+    summary = {
+        "model": args.model,
+        "threshold": args.threshold,
+        "images": image_records,
+        "errors": [{"input": item, "error": message} for item, message in failed],
+    }
+    (out_dir / "images.json").write_text(json.dumps(summary, indent=1))
+    print(
+        f"hf-dino predict: {len(image_records)} image(s), {len(coco_results)} detection(s) above {args.threshold}, "
+        f"{len(failed)} failed; results in {out_dir}{os.sep}",
+        file=sys.stderr,
+    )
+    return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# entry point
+# ----------------------------------------------------------------------------------------------------------------------
+
+SUBCOMMANDS = [add_predict_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-dino", description="DINO object detection with Hugging Face transformers")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add_subcommand in SUBCOMMANDS:
+        add_subcommand(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
