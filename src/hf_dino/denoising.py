@@ -10,6 +10,9 @@ positive and one negative copy of every ground-truth object of the image:
   outer square, lambda_2 = 2 lambda_1), to be predicted as "no object";
 * each query's label is replaced by a random class with probability `label_noise_ratio / 2`.
 
+Noised corners are clamped to [0, 1]. With `box_noise_scale > 0.5` the two corners of a negative can cross on an
+axis; its width or height is then negative and `inverse_sigmoid` maps it to logit(1e-3), as in the original.
+
 Query layout (per image, images padded to the batch maximum `max_gt` of ground truths)::
 
     [ group 0: pos_0 .. pos_{max_gt-1}, neg_0 .. neg_{max_gt-1} | group 1: ... | ... | matching queries ]
