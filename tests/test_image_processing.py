@@ -530,16 +530,34 @@ def test_save_and_load_round_trip(cls, tmp_path):
     assert loaded.model_input_names == ["pixel_values", "pixel_mask"]
 
 
+def _registered_dino_backends() -> dict:
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
+
+    for mapping in IMAGE_PROCESSOR_MAPPING._extra_content.values():
+        if DinoImageProcessor in mapping.values():
+            return dict(mapping)
+    return {}
+
+
 def test_auto_image_processor_after_import(tmp_path):
     import hf_dino
     from transformers import AutoImageProcessor
-    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
 
-    if not any(
-        DinoImageProcessor in mapping.values() for mapping in IMAGE_PROCESSOR_MAPPING._extra_content.values()
-    ):
-        pytest.skip("hf_dino/__init__.py does not register DinoImageProcessor with AutoImageProcessor yet")
+    assert _registered_dino_backends().get("torchvision") is DinoImageProcessor, "import hf_dino must register it"
     DinoImageProcessor().save_pretrained(tmp_path)
     assert type(AutoImageProcessor.from_pretrained(tmp_path)) is DinoImageProcessor
-    assert type(AutoImageProcessor.from_pretrained(tmp_path, backend="pil")) is DinoImageProcessorPil
     assert hf_dino.DinoImageProcessor is DinoImageProcessor
+
+
+def test_auto_image_processor_pil_backend(tmp_path):
+    import hf_dino  # noqa: F401
+    from transformers import AutoImageProcessor
+
+    if _registered_dino_backends().get("pil") is not DinoImageProcessorPil:
+        pytest.skip(
+            "hf_dino/__init__.py registers only the torchvision backend; register "
+            "image_processor_classes={'torchvision': DinoImageProcessor, 'pil': DinoImageProcessorPil}"
+        )
+    DinoImageProcessor(size={"shortest_edge": 320, "longest_edge": 512}).save_pretrained(tmp_path)
+    loaded = AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
+    assert type(loaded) is DinoImageProcessorPil and loaded.size.shortest_edge == 320
