@@ -181,14 +181,18 @@ class DinoSwinWindowAttention(nn.Module):
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        # recomputed (in _init_weights too), not stored in checkpoints; the converter checks the original's copy
+        self.register_buffer("relative_position_index", self.position_index(window_size), persistent=False)
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    @staticmethod
+    def position_index(window_size: int) -> torch.Tensor:
+        """`[N, N]` index into the bias table of every (query, key) offset inside a window (N = window^2)."""
         coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing="ij"))
         coords = coords.flatten(1)
         relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window_size - 1)
-        index = relative[..., 0] * (2 * window_size - 1) + relative[..., 1]
-        # recomputed, not stored in checkpoints (the converter checks the original's copy equals it)
-        self.register_buffer("relative_position_index", index, persistent=False)
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
+        return relative[..., 0] * (2 * window_size - 1) + relative[..., 1]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """x: `[B * windows, N, C]`; mask: `[windows, N, N]` (0 / -100) or None."""
@@ -332,16 +336,6 @@ class DinoSwinTransformer(nn.Module):
             )
         for i in self.out_indices:
             self.add_module(f"norm{i}", nn.LayerNorm(self.num_features[i]))
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, DinoSwinWindowAttention):
-            nn.init.trunc_normal_(module.relative_position_bias_table, std=0.02)
 
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         x = self.patch_embed(pixel_values)
@@ -389,9 +383,9 @@ class DinoBackbone(nn.Module):
             for name, parameter in self.body.named_parameters():
                 if not name.startswith(("layer2", "layer3", "layer4")):
                     parameter.requires_grad_(False)
-        # the backbone keeps its own initialisation (timm's or Swin's); transformers must not redo it
-        for module in self.body.modules():
-            module._is_hf_initialized = True
+            # the ResNet keeps timm's initialisation (or its pretrained weights); transformers must not redo it
+            for module in self.body.modules():
+                module._is_hf_initialized = True
 
     def forward(self, pixel_values: torch.Tensor, padding_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         features = self.body(pixel_values)
@@ -653,6 +647,9 @@ class DinoPreTrainedModel(PreTrainedModel):
             for proj in (module.value_proj, module.output_proj):
                 init.xavier_uniform_(proj.weight)
                 init.constant_(proj.bias, 0.0)
+        elif isinstance(module, DinoSwinWindowAttention):
+            init.trunc_normal_(module.relative_position_bias_table, std=0.02)
+            init.copy_(module.relative_position_index, module.position_index(module.window_size))
         elif isinstance(module, (DinoEncoderLayer, DinoDecoderLayer)):
             for sub in (module.linear1, module.linear2):
                 init.xavier_uniform_(sub.weight)
