@@ -465,6 +465,11 @@ def test_empty_and_mismatched_annotations(cls):
         cls(size=SMALL)([image, image], annotations=[{"image_id": 1, "annotations": []}])
     with pytest.raises(ValueError, match="COCO-detection"):
         cls(size=SMALL)(image, annotations={"boxes": []})
+    # DETR-style keyword call with an explicit format
+    out = cls(size=SMALL)(images=image, annotations={"image_id": 1, "annotations": []}, format="coco_detection")
+    assert out["labels"][0]["size"].tolist() == [32, 42]
+    with pytest.raises(ValueError, match="COCO-detection"):
+        cls(size=SMALL)(image, annotations={"image_id": 1, "annotations": []}, format="coco_panoptic")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

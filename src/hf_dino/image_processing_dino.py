@@ -34,6 +34,7 @@ from transformers.image_processing_utils import BatchFeature
 from transformers.image_transforms import group_images_by_shape, reorder_images
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
+    AnnotationFormat,
     IMAGENET_DEFAULT_STD,
     ChannelDimension,
     PILImageResampling,
@@ -61,12 +62,16 @@ class DinoImageProcessorKwargs(ImagesKwargs, total=False):
         Whether to convert the boxes of the annotations to normalized `(center_x, center_y, width, height)` relative to
         the resized, unpadded image (the convention of the original DINO and of `DinoForObjectDetection`). When
         `False`, boxes stay absolute `(x0, y0, x1, y1)` pixels of the resized image.
+    format (`str`, *optional*, defaults to `"coco_detection"`):
+        Annotation format; only COCO detection (`{"image_id", "annotations": [{"bbox", "category_id", ...}]}`) is
+        supported (accepted for compatibility with the DETR-family processors).
     apply_exif_orientation (`bool`, *optional*, defaults to `True`):
         Whether to rotate/flip PIL images according to their EXIF orientation tag before processing. Set it to
         `False` for datasets whose annotations refer to the stored (un-rotated) pixels, as the original DINO code does.
     """
 
     do_convert_annotations: bool
+    format: str | AnnotationFormat
     apply_exif_orientation: bool
 
 
@@ -420,6 +425,7 @@ class _DinoProcessorMixin:
     do_normalize = True
     do_pad = True
     do_convert_annotations = True
+    format = AnnotationFormat.COCO_DETECTION
     apply_exif_orientation = True
     size = {"shortest_edge": 800, "longest_edge": 1333}
     default_to_square = False
@@ -460,9 +466,11 @@ class _DinoProcessorMixin:
         """
         return super().preprocess(images, annotations, **kwargs)
 
-    def _targets_for(self, annotations, images_hw):
+    def _targets_for(self, annotations, images_hw, format=None):
         if annotations is None:
             return None
+        if format is not None and AnnotationFormat(format) != AnnotationFormat.COCO_DETECTION:
+            raise ValueError(f"DINO image processors only support COCO-detection annotations, got format={format!r}.")
         if isinstance(annotations, dict):
             annotations = [annotations]
         annotations = list(annotations)
@@ -576,7 +584,7 @@ class DinoImageProcessor(_DinoProcessorMixin, TorchvisionBackend):
         **kwargs,
     ) -> BatchFeature:
         do_convert_annotations = self.do_convert_annotations if do_convert_annotations is None else do_convert_annotations
-        targets = self._targets_for(annotations, [tuple(img.shape[-2:]) for img in images])
+        targets = self._targets_for(annotations, [tuple(img.shape[-2:]) for img in images], kwargs.get("format"))
 
         grouped_images, grouped_index = group_images_by_shape(images, disable_grouping=disable_grouping)
         processed = {}
@@ -682,7 +690,7 @@ class DinoImageProcessorPil(_DinoProcessorMixin, PilBackend):
         **kwargs,
     ) -> BatchFeature:
         do_convert_annotations = self.do_convert_annotations if do_convert_annotations is None else do_convert_annotations
-        targets = self._targets_for(annotations, [tuple(img.shape[-2:]) for img in images])
+        targets = self._targets_for(annotations, [tuple(img.shape[-2:]) for img in images], kwargs.get("format"))
         mean = np.asarray(image_mean, dtype=np.float32).reshape(-1, 1, 1) if do_normalize else None
         std = np.asarray(image_std, dtype=np.float32).reshape(-1, 1, 1) if do_normalize else None
 
