@@ -317,14 +317,14 @@ def test_denoising_terms():
             for grp in range(meta.num_groups):
                 for t in range(n):
                     q = grp * meta.group_size + t
-                    l1 += float((dn_boxes[b, layer, q].double() - labels[b]["boxes"][t].double()).abs().sum())
+                    l1 += float((dn_boxes[b, layer, q].detach().double() - labels[b]["boxes"][t].double()).abs().sum())
                     target[b, q, int(labels[b]["class_labels"][t])] = 1
-        x = dn_logits[:, layer].double()
+        x = dn_logits[:, layer].detach().double()
         p = x.sigmoid()
         p_t = torch.where(target == 1, p, 1 - p)
         focal = (-torch.where(target == 1, 0.25, 0.75) * (1 - p_t) ** 2 * torch.log(p_t)).sum() / norm
-        assert float(losses[f"loss_bbox{suffix}"]) == pytest.approx(l1 / norm, rel=1e-5)
-        assert float(losses[f"loss_ce{suffix}"]) == pytest.approx(float(focal), rel=1e-5)
+        assert float(losses[f"loss_bbox{suffix}"].detach()) == pytest.approx(l1 / norm, rel=1e-5)
+        assert float(losses[f"loss_ce{suffix}"].detach()) == pytest.approx(float(focal), rel=1e-5)
     assert "class_error_dn" not in losses
     total.backward()
     assert dn_logits.grad.abs().sum() > 0 and torch.isfinite(dn_boxes.grad).all()
@@ -396,3 +396,19 @@ def test_bad_labels_raise_clear_errors():
         criterion(outputs, [{"labels": torch.tensor([1]), "boxes": torch.zeros(1, 4)}] + labels[1:])
     with pytest.raises(ValueError, match="label dicts for a batch of 3"):
         criterion(outputs, labels[:2])
+
+
+def test_inconsistent_denoising_outputs_raise():
+    logits, boxes, labels = random_case()
+    torch.manual_seed(0)
+    meta = build_contrastive_denoising_queries(labels, 100, 0.5, 1.0, 7, 12, torch.nn.Embedding(8, 4)).meta
+    criterion = DinoLoss(small_config())
+    n = meta.num_denoising_queries
+    with pytest.raises(ValueError, match="must be given together"):
+        criterion(model_outputs(logits, boxes) | {"denoising_meta": meta}, labels)
+    with pytest.raises(ValueError, match="do not match"):
+        criterion(model_outputs(logits, boxes) | {"denoising_meta": meta, "denoising_logits": torch.zeros(3, 3, n + 1, 7),
+                                                  "denoising_pred_boxes": torch.rand(3, 3, n + 1, 4)}, labels)
+    with pytest.raises(ValueError, match="decoder layers"):
+        criterion(model_outputs(logits, boxes) | {"denoising_meta": meta, "denoising_logits": torch.zeros(3, 2, n, 7),
+                                                  "denoising_pred_boxes": torch.rand(3, 2, n, 4)}, labels)

@@ -339,8 +339,18 @@ class DinoLoss(nn.Module):
 
         dn_meta: DenoisingMeta | None = outputs.get("denoising_meta")
         dn_logits, dn_boxes = outputs.get("denoising_logits"), outputs.get("denoising_pred_boxes")
-        use_dn = dn_meta is not None and dn_logits is not None and dn_boxes is not None
+        use_dn = dn_meta is not None
+        if use_dn != (dn_logits is not None) or use_dn != (dn_boxes is not None):
+            raise ValueError(
+                "denoising_meta, denoising_logits and denoising_pred_boxes must be given together (training with "
+                "denoising queries) or all be None."
+            )
         if use_dn:
+            if dn_logits.shape[2] != dn_meta.num_denoising_queries or dn_boxes.shape[:3] != dn_logits.shape[:3]:
+                raise ValueError(
+                    f"denoising_logits {tuple(dn_logits.shape)} / denoising_pred_boxes {tuple(dn_boxes.shape)} do not "
+                    f"match [B, num_layers, {dn_meta.num_denoising_queries}, ...] of denoising_meta."
+                )
             dn_indices = [(i.to(device), j.to(device)) for i, j in dn_meta.positive_indices]
             dn_num_boxes = num_boxes * dn_meta.num_groups
 
@@ -357,6 +367,11 @@ class DinoLoss(nn.Module):
 
         aux = outputs.get("auxiliary_outputs")
         if self.auxiliary_loss and aux is not None:
+            if use_dn and dn_logits.shape[1] != len(aux) + 1:
+                raise ValueError(
+                    f"denoising outputs have {dn_logits.shape[1]} decoder layers, expected {len(aux) + 1} "
+                    "(auxiliary layers + the last one)."
+                )
             for i, layer_out in enumerate(aux):
                 losses.update(
                     self._matched_terms(layer_out["logits"], layer_out["pred_boxes"], labels, num_boxes, log=False, suffix=f"_{i}")
