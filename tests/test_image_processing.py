@@ -206,7 +206,8 @@ def test_batch_matches_fixture_inputs(fixture, cls, coco_val):
     # padding is exactly zero and the mask is the HF convention (1 = pixel): the fixture's is True on padding
     assert out["pixel_mask"].dtype == torch.int64
     assert torch.equal(out["pixel_mask"].bool(), ~inputs["pixel_mask"])
-    assert torch.all(out["pixel_values"].masked_select(~out["pixel_mask"].bool()[:, None].expand_as(out["pixel_values"])) == 0)
+    padding = ~out["pixel_mask"].bool()[:, None].expand_as(out["pixel_values"])
+    assert torch.all(out["pixel_values"].masked_select(padding) == 0)
 
     for b in range(2):
         labels = out["labels"][b]
@@ -441,7 +442,8 @@ def test_annotations_clipped_and_degenerate_dropped_consistently(cls):
     assert labels["iscrowd"].tolist() == [0, 0, 0]
     torch.testing.assert_close(labels["area"], torch.tensor([200.0, 2500.0, 100.0]))
     expected_xyxy = torch.tensor([[10.0, 10, 30, 20], [90, 40, 100, 50], [0, 0, 10, 10]])
-    cxcywh = torch.cat([(expected_xyxy[:, :2] + expected_xyxy[:, 2:]) / 2, expected_xyxy[:, 2:] - expected_xyxy[:, :2]], 1)
+    corners_sum, sizes = expected_xyxy[:, :2] + expected_xyxy[:, 2:], expected_xyxy[:, 2:] - expected_xyxy[:, :2]
+    cxcywh = torch.cat([corners_sum / 2, sizes], 1)
     torch.testing.assert_close(labels["boxes"], cxcywh / torch.tensor([100.0, 50, 100, 50]))
     assert labels["image_id"].tolist() == [7] and labels["size"].tolist() == [50, 100]
 
@@ -499,7 +501,8 @@ def test_tiny_huge_aspect_and_16bit_files(cls, tmp_path):
     processor = cls()
     one = processor(Image.new("RGB", (1, 1), (255, 255, 255)), return_tensors="pt")
     assert one["pixel_values"].shape == (1, 3, 800, 800)
-    torch.testing.assert_close(one["pixel_values"][0, :, 400, 400], _normalized(np.full((1, 1, 3), 255, np.uint8))[:, 0, 0])
+    white = _normalized(np.full((1, 1, 3), 255, np.uint8))[:, 0, 0]
+    torch.testing.assert_close(one["pixel_values"][0, :, 400, 400], white)
 
     wide = processor(Image.new("RGB", (4000, 10)), return_tensors="pt")
     assert wide["pixel_values"].shape == (1, 3, 3, 1200)

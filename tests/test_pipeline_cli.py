@@ -116,7 +116,8 @@ def _check_detections(detections, id2label, image_size, expected_count=None):
         assert set(box) == {"xmin", "ymin", "xmax", "ymax"} and all(isinstance(v, int) for v in box.values())
         assert box["xmin"] <= box["xmax"] and box["ymin"] <= box["ymax"]
         # normalized boxes in (0, 1) map to (about) the image; DINO boxes can overhang slightly
-        assert -width <= box["xmin"] and box["xmax"] <= 2 * width and -height <= box["ymin"] and box["ymax"] <= 2 * height
+        assert -width <= box["xmin"] and box["xmax"] <= 2 * width
+        assert -height <= box["ymin"] and box["ymax"] <= 2 * height
 
 
 # ----------------------------------------------------------------------------------------------------------------------

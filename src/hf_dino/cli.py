@@ -127,7 +127,11 @@ def _load_model_and_processor(model_name: str, device):
     try:
         processor = transformers.AutoImageProcessor.from_pretrained(model_name)
     except (OSError, ValueError) as error:
-        print(f"hf-dino: warning: no image processor in {model_name!r} ({error}); using DinoImageProcessor()", file=sys.stderr)
+        print(
+            f"hf-dino: warning: no usable preprocessor_config.json in {model_name!r} ({type(error).__name__}); "
+            "using DinoImageProcessor() defaults",
+            file=sys.stderr,
+        )
         processor = DinoImageProcessor()
     return model, processor
 
@@ -193,7 +197,8 @@ def run_predict(args: argparse.Namespace) -> int:
             used_ids.add(image_id)
             record = {"id": image_id, "file_name": str(path), "width": image.width, "height": image.height,
                       "num_detections": len(result["scores"])}
-            for score, label, box in zip(result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist()):
+            rows = zip(result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist())
+            for score, label, box in rows:
                 x0, y0, x1, y1 = box
                 coco_results.append(
                     {

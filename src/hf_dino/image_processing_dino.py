@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -370,7 +370,8 @@ def post_process_object_detection(
     pred_boxes = _get_output(outputs, "pred_boxes")
     if logits.ndim != 3 or pred_boxes.ndim != 3 or pred_boxes.shape[-1] != 4:
         raise ValueError(
-            f"Expected logits [B, Q, C] and pred_boxes [B, Q, 4], got {tuple(logits.shape)} / {tuple(pred_boxes.shape)}."
+            f"Expected logits [B, Q, C] and pred_boxes [B, Q, 4], got {tuple(logits.shape)} / "
+            f"{tuple(pred_boxes.shape)}."
         )
     batch_size, _, num_classes = logits.shape
     logits = logits.float()
@@ -379,7 +380,8 @@ def post_process_object_detection(
     if target_sizes is not None:
         if len(target_sizes) != batch_size:
             raise ValueError(
-                f"Pass as many target sizes as images: got {len(target_sizes)} target sizes for a batch of {batch_size}."
+                f"Pass as many target sizes as images: got {len(target_sizes)} target sizes for a batch of "
+                f"{batch_size}."
             )
         if not isinstance(target_sizes, torch.Tensor):
             target_sizes = torch.as_tensor([[int(s[0]), int(s[1])] for s in target_sizes], dtype=torch.int64)
@@ -451,7 +453,12 @@ class _DinoProcessorMixin:
             return list(images)
         return make_flat_list_of_images(images, expected_ndims=expected_ndims)
 
-    def preprocess(self, images, annotations: dict | list[dict] | None = None, **kwargs: Unpack[DinoImageProcessorKwargs]):
+    def preprocess(
+        self,
+        images,
+        annotations: dict | list[dict] | None = None,
+        **kwargs: Unpack[DinoImageProcessorKwargs],
+    ) -> BatchFeature:
         r"""
         Preprocess an image or a batch of images (and, optionally, their COCO-detection annotations).
 
@@ -583,7 +590,8 @@ class DinoImageProcessor(_DinoProcessorMixin, TorchvisionBackend):
         disable_grouping: bool | None = None,
         **kwargs,
     ) -> BatchFeature:
-        do_convert_annotations = self.do_convert_annotations if do_convert_annotations is None else do_convert_annotations
+        if do_convert_annotations is None:
+            do_convert_annotations = self.do_convert_annotations
         targets = self._targets_for(annotations, [tuple(img.shape[-2:]) for img in images], kwargs.get("format"))
 
         grouped_images, grouped_index = group_images_by_shape(images, disable_grouping=disable_grouping)
@@ -689,7 +697,8 @@ class DinoImageProcessorPil(_DinoProcessorMixin, PilBackend):
         return_tensors: str | TensorType | None = None,
         **kwargs,
     ) -> BatchFeature:
-        do_convert_annotations = self.do_convert_annotations if do_convert_annotations is None else do_convert_annotations
+        if do_convert_annotations is None:
+            do_convert_annotations = self.do_convert_annotations
         targets = self._targets_for(annotations, [tuple(img.shape[-2:]) for img in images], kwargs.get("format"))
         mean = np.asarray(image_mean, dtype=np.float32).reshape(-1, 1, 1) if do_normalize else None
         std = np.asarray(image_std, dtype=np.float32).reshape(-1, 1, 1) if do_normalize else None

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import colorsys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -56,9 +56,9 @@ def normalize_detections(detections: Any, id2label: Mapping[int, str] | None = N
     (`{"scores", "labels", "boxes"}`) and return a list of `{"score": float, "label": str, "box": (x0, y0, x1, y1)}`.
     """
     if isinstance(detections, Mapping) and "scores" in detections:
-        labels = detections["labels"].tolist() if hasattr(detections["labels"], "tolist") else list(detections["labels"])
-        scores = detections["scores"].tolist() if hasattr(detections["scores"], "tolist") else list(detections["scores"])
-        boxes = detections["boxes"]
+        labels, scores, boxes = (detections[k] for k in ("labels", "scores", "boxes"))
+        labels = labels.tolist() if hasattr(labels, "tolist") else list(labels)
+        scores = scores.tolist() if hasattr(scores, "tolist") else list(scores)
         detections = [{"score": s, "label": l, "box": b} for s, l, b in zip(scores, labels, boxes)]
     result = []
     for det in detections:
