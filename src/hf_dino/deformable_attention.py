@@ -8,10 +8,32 @@ zeros padding, ``align_corners=False``), which is the definition the kernel is t
 
 from __future__ import annotations
 
+import importlib
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+
+def _import_kernels():
+    """``hf_dino.kernels`` if it can be imported, else None (pure-PyTorch path).
+
+    Imported by name at run time rather than with an import statement, so that this file also works where it
+    travels alone (Hub ``trust_remote_code``: there the sibling package is missing, and an installed
+    ``hf_dino`` is used when present). Importing the package only registers the custom op; nothing is
+    compiled before the op first runs.
+    """
+    candidates = [f"{__package__}.kernels"] if __package__ else []
+    candidates.append("hf_dino.kernels")
+    for name in candidates:
+        try:
+            return importlib.import_module(name)
+        except Exception:  # missing sources / package, or an unusable torch.library: fall back
+            continue
+    return None
+
+
+_kernels = _import_kernels()
 
 
 def multi_scale_deformable_attention_pytorch(
@@ -66,5 +88,11 @@ def multi_scale_deformable_attention(
     Same arguments and result as :func:`multi_scale_deformable_attention_pytorch`, plus
     ``level_start_index`` (``[num_levels]``, offset of every level in ``value``) that the kernel needs, and
     ``use_custom_kernel`` (``False`` forces the pure-PyTorch path, e.g. ``config.disable_custom_kernels``).
+
+    The kernel (custom op ``hf_dino::ms_deform_attn``) runs when ``use_custom_kernel`` is true, the environment
+    variable ``HF_DINO_DISABLE_CUSTOM_KERNELS`` is not ``1``, the device type is CPU (float32 / float64) or CUDA
+    (float32 / float64 / float16 / bfloat16) and its extension could be built; otherwise the pure-PyTorch path.
     """
+    if use_custom_kernel and _kernels is not None and _kernels.kernel_usable(value, sampling_locations, attention_weights):
+        return _kernels.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return multi_scale_deformable_attention_pytorch(value, spatial_shapes, sampling_locations, attention_weights)

@@ -1,0 +1,194 @@
+// CPU inner loops of multi-scale deformable attention, on raw pointers.
+//
+// This header is deliberately free of includes and namespaces: msda_cpu.cpp includes it several times,
+// each time inside its own namespace and (on x86 with GCC) under a different `#pragma GCC target`, to get
+// a baseline build and an AVX2/FMA build of the same loops, chosen at run time. Everything here must
+// therefore be templates / inline functions that only use <cmath> / <cstdint> (included by the caller).
+//
+// Work decomposition:
+//   forward : one task per (batch, query, head); the head dimension is innermost and contiguous in both
+//             `value` ([B, S, H, D]) and the output, so the per-sample update
+//                 acc[0:D] += w0 * v0[0:D] + w1 * v1[0:D] + w2 * v2[0:D] + w3 * v3[0:D]
+//             vectorises.
+//   backward: one task per (batch, head). A task owns grad_value[b, :, h, :] exclusively, so the scatter
+//             into grad_value needs neither atomics nor per-thread buffers; sampling-location and
+//             attention-weight gradients of (b, q, h) are written by the single task owning (b, h).
+
+// `MsdaParams` (sizes and the level tables) is defined by the including file, outside the namespaces.
+
+template <typename T>
+struct MsdaCorners {
+  int64_t index[4];  // token index of the corners (top-left, top-right, bottom-left, bottom-right)
+  T weight[4];       // bilinear weight, 0 for a corner outside the level
+  bool valid[4];
+  T lh, lw, hh, hw;  // fractional parts and their complements
+};
+
+// Bilinear set-up of one sampling point, grid_sample semantics (zeros padding, align_corners=False).
+// Returns false when no corner can contribute (the point is at least one pixel outside, or NaN).
+template <typename T>
+inline bool msda_corners(T x, T y, int64_t height, int64_t width, int64_t start, MsdaCorners<T>& s) {
+  const T him = y * static_cast<T>(height) - T(0.5);
+  const T wim = x * static_cast<T>(width) - T(0.5);
+  if (!(him >= T(-1) && wim >= T(-1) && him < static_cast<T>(height) && wim < static_cast<T>(width))) return false;
+  const T hf = std::floor(him);
+  const T wf = std::floor(wim);
+  const int64_t h0 = static_cast<int64_t>(hf);
+  const int64_t w0 = static_cast<int64_t>(wf);
+  s.lh = him - hf;
+  s.lw = wim - wf;
+  s.hh = T(1) - s.lh;
+  s.hw = T(1) - s.lw;
+  const bool top = h0 >= 0, bottom = h0 + 1 < height, left = w0 >= 0, right = w0 + 1 < width;
+  s.valid[0] = top && left;
+  s.valid[1] = top && right;
+  s.valid[2] = bottom && left;
+  s.valid[3] = bottom && right;
+  const int64_t base = start + h0 * width + w0;
+  s.index[0] = base;
+  s.index[1] = base + 1;
+  s.index[2] = base + width;
+  s.index[3] = base + width + 1;
+  s.weight[0] = s.valid[0] ? s.hh * s.hw : T(0);
+  s.weight[1] = s.valid[1] ? s.hh * s.lw : T(0);
+  s.weight[2] = s.valid[2] ? s.lh * s.hw : T(0);
+  s.weight[3] = s.valid[3] ? s.lh * s.lw : T(0);
+  return true;
+}
+
+// acc[0:n] += w0 * v0 + w1 * v1 + w2 * v2 + w3 * v3
+template <typename T, int D>
+inline void msda_axpy4(T* __restrict__ acc, const T* __restrict__ v0, const T* __restrict__ v1,
+                       const T* __restrict__ v2, const T* __restrict__ v3, T w0, T w1, T w2, T w3, int64_t n) {
+  const int64_t len = D > 0 ? D : n;
+  for (int64_t c = 0; c < len; ++c) acc[c] += w0 * v0[c] + w1 * v1[c] + w2 * v2[c] + w3 * v3[c];
+}
+
+// dst[0:n] += w * src[0:n]
+template <typename T, int D>
+inline void msda_axpy(T* __restrict__ dst, const T* __restrict__ src, T w, int64_t n) {
+  const int64_t len = D > 0 ? D : n;
+  for (int64_t c = 0; c < len; ++c) dst[c] += w * src[c];
+}
+
+// s_k = <g, v_k> for the four corners. Independent lane accumulators keep the reduction vectorisable
+// without -ffast-math.
+template <typename T, int D>
+inline void msda_dot4(const T* __restrict__ g, const T* __restrict__ v0, const T* __restrict__ v1,
+                      const T* __restrict__ v2, const T* __restrict__ v3, int64_t n, T* out) {
+  constexpr int kLanes = 8;
+  const int64_t len = D > 0 ? D : n;
+  T a0[kLanes], a1[kLanes], a2[kLanes], a3[kLanes];
+  for (int j = 0; j < kLanes; ++j) a0[j] = a1[j] = a2[j] = a3[j] = T(0);
+  int64_t c = 0;
+  for (; c + kLanes <= len; c += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const T gc = g[c + j];
+      a0[j] += gc * v0[c + j];
+      a1[j] += gc * v1[c + j];
+      a2[j] += gc * v2[c + j];
+      a3[j] += gc * v3[c + j];
+    }
+  }
+  T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
+  for (int j = 0; j < kLanes; ++j) {
+    s0 += a0[j];
+    s1 += a1[j];
+    s2 += a2[j];
+    s3 += a3[j];
+  }
+  for (; c < len; ++c) {
+    const T gc = g[c];
+    s0 += gc * v0[c];
+    s1 += gc * v1[c];
+    s2 += gc * v2[c];
+    s3 += gc * v3[c];
+  }
+  out[0] = s0;
+  out[1] = s1;
+  out[2] = s2;
+  out[3] = s3;
+}
+
+// Forward for the flattened (batch, query, head) range [begin, end).
+// `zeros` is a read-only row of at least head_dim zeros, read in place of corners outside the level.
+template <typename T, int D>
+void msda_forward_range(const MsdaParams& p, const T* value, const T* locations, const T* weights, T* output,
+                        const T* zeros, int64_t begin, int64_t end) {
+  const int64_t dim = D > 0 ? D : p.head_dim;
+  const int64_t token_stride = p.heads * dim;
+  const int64_t lp = p.levels * p.points;
+  T local[D > 0 ? D : 1];
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t h = i % p.heads;
+    const int64_t b = i / (p.queries * p.heads);
+    const T* vbase = value + b * p.tokens * token_stride + h * dim;
+    const T* loc = locations + i * lp * 2;
+    const T* att = weights + i * lp;
+    T* out = output + i * dim;
+    T* acc = D > 0 ? local : out;
+    for (int64_t c = 0; c < dim; ++c) acc[c] = T(0);
+    for (int64_t l = 0; l < p.levels; ++l) {
+      const int64_t height = p.shapes[2 * l], width = p.shapes[2 * l + 1], start = p.starts[l];
+      for (int64_t k = l * p.points; k < (l + 1) * p.points; ++k) {
+        MsdaCorners<T> s;
+        if (!msda_corners<T>(loc[2 * k], loc[2 * k + 1], height, width, start, s)) continue;
+        const T a = att[k];
+        const T* v0 = s.valid[0] ? vbase + s.index[0] * token_stride : zeros;
+        const T* v1 = s.valid[1] ? vbase + s.index[1] * token_stride : zeros;
+        const T* v2 = s.valid[2] ? vbase + s.index[2] * token_stride : zeros;
+        const T* v3 = s.valid[3] ? vbase + s.index[3] * token_stride : zeros;
+        msda_axpy4<T, D>(acc, v0, v1, v2, v3, a * s.weight[0], a * s.weight[1], a * s.weight[2], a * s.weight[3], dim);
+      }
+    }
+    if (D > 0) {
+      for (int64_t c = 0; c < dim; ++c) out[c] = acc[c];
+    }
+  }
+}
+
+// Backward for the flattened (batch, head) range [begin, end). grad_value, grad_locations and
+// grad_weights must be zero-initialised.
+template <typename T, int D>
+void msda_backward_range(const MsdaParams& p, const T* value, const T* locations, const T* weights,
+                         const T* grad_output, T* grad_value, T* grad_locations, T* grad_weights, const T* zeros,
+                         int64_t begin, int64_t end) {
+  const int64_t dim = D > 0 ? D : p.head_dim;
+  const int64_t token_stride = p.heads * dim;
+  const int64_t lp = p.levels * p.points;
+  for (int64_t bh = begin; bh < end; ++bh) {
+    const int64_t b = bh / p.heads;
+    const int64_t h = bh % p.heads;
+    const T* vbase = value + b * p.tokens * token_stride + h * dim;
+    T* gvbase = grad_value + b * p.tokens * token_stride + h * dim;
+    for (int64_t q = 0; q < p.queries; ++q) {
+      const int64_t i = (b * p.queries + q) * p.heads + h;
+      const T* g = grad_output + i * dim;
+      const T* loc = locations + i * lp * 2;
+      const T* att = weights + i * lp;
+      T* gloc = grad_locations + i * lp * 2;
+      T* gatt = grad_weights + i * lp;
+      for (int64_t l = 0; l < p.levels; ++l) {
+        const int64_t height = p.shapes[2 * l], width = p.shapes[2 * l + 1], start = p.starts[l];
+        for (int64_t k = l * p.points; k < (l + 1) * p.points; ++k) {
+          MsdaCorners<T> s;
+          if (!msda_corners<T>(loc[2 * k], loc[2 * k + 1], height, width, start, s)) continue;
+          const T a = att[k];
+          const T* v[4];
+          for (int c = 0; c < 4; ++c) v[c] = s.valid[c] ? vbase + s.index[c] * token_stride : zeros;
+          T dots[4];
+          msda_dot4<T, D>(g, v[0], v[1], v[2], v[3], dim, dots);
+          gatt[k] = s.weight[0] * dots[0] + s.weight[1] * dots[1] + s.weight[2] * dots[2] + s.weight[3] * dots[3];
+          // d(sample)/d(x_pixel) and d(sample)/d(y_pixel), projected on g; corners outside read as zero.
+          const T dx = s.hh * (dots[1] - dots[0]) + s.lh * (dots[3] - dots[2]);
+          const T dy = s.hw * (dots[2] - dots[0]) + s.lw * (dots[3] - dots[1]);
+          gloc[2 * k] = a * static_cast<T>(width) * dx;
+          gloc[2 * k + 1] = a * static_cast<T>(height) * dy;
+          for (int c = 0; c < 4; ++c) {
+            if (s.valid[c]) msda_axpy<T, D>(gvbase + s.index[c] * token_stride, g, a * s.weight[c], dim);
+          }
+        }
+      }
+    }
+  }
+}

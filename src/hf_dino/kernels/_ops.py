@@ -1,0 +1,155 @@
+"""``torch.library`` custom ops around the compiled kernels.
+
+* ``hf_dino::ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)``
+* ``hf_dino::ms_deform_attn_backward(..., grad_output) -> (grad_value, grad_sampling_locations,
+  grad_attention_weights)``
+
+Both have fake (meta) implementations, and the forward has a registered autograd formula that calls the
+backward op, so ``torch.compile`` / ``torch.export`` keep the kernel in the graph. Registering the ops
+compiles nothing: the extension for a device type is built the first time an op actually runs there. If
+that build is impossible the ops compute the same result with the pure-PyTorch reference, so a graph that
+was traced with the op in it stays correct.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _loader
+
+OP_NAMESPACE = "hf_dino"
+
+#: dtypes the compiled kernels accept, per device type
+SUPPORTED_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+}
+
+
+def _reference():
+    from ..deformable_attention import multi_scale_deformable_attention_pytorch
+
+    return multi_scale_deformable_attention_pytorch
+
+
+def _extension_for(value: Tensor):
+    device_type = value.device.type
+    if value.dtype not in SUPPORTED_DTYPES.get(device_type, ()) or _loader.kernels_disabled():
+        return None
+    return _loader.load_extension(device_type)
+
+
+def _forward_impl(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    extension = _extension_for(value)
+    if extension is None:
+        return _reference()(value, spatial_shapes, sampling_locations, attention_weights)
+    return extension.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+def _backward_impl(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    grad_output: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    extension = _extension_for(value)
+    if extension is None:
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_() for t in (value, sampling_locations, attention_weights)]
+            output = _reference()(inputs[0], spatial_shapes, inputs[1], inputs[2])
+            grads = torch.autograd.grad(output, inputs, grad_output, allow_unused=True)
+        return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs))  # type: ignore[return-value]
+    grad_value, grad_locations, grad_weights = extension.backward(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
+    )
+    return grad_value, grad_locations, grad_weights
+
+
+def _register():
+    qualname = f"{OP_NAMESPACE}::ms_deform_attn"
+    try:
+        torch.ops.hf_dino.ms_deform_attn  # noqa: B018
+        return  # already registered (this module imported a second time under another name)
+    except (AttributeError, RuntimeError):
+        pass
+
+    forward = torch.library.custom_op(qualname, _forward_impl, mutates_args=())
+    backward = torch.library.custom_op(f"{OP_NAMESPACE}::ms_deform_attn_backward", _backward_impl, mutates_args=())
+
+    @forward.register_fake
+    def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        batch, _, heads, head_dim = value.shape
+        return value.new_empty((batch, sampling_locations.shape[1], heads * head_dim))
+
+    @backward.register_fake
+    def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output):
+        return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward_formula(ctx, grad_output):
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+        grad_value, grad_locations, grad_weights = torch.ops.hf_dino.ms_deform_attn_backward(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
+        )
+        return grad_value, None, None, grad_locations, grad_weights
+
+    forward.register_autograd(backward_formula, setup_context=setup_context)
+
+
+_register()
+
+
+def kernel_usable(value: Tensor, sampling_locations: Tensor, attention_weights: Tensor) -> bool:
+    """Whether :func:`ms_deform_attn` should run the compiled kernel for these inputs.
+
+    Builds the extension for the device type on first use in eager mode. While ``torch.compile`` /
+    ``torch.export`` trace, nothing is built: the op goes into the graph unless a build already failed in
+    this process (the op would fall back to the reference itself anyway).
+    """
+    device_type = value.device.type
+    if _loader.kernels_disabled() or value.dtype not in SUPPORTED_DTYPES.get(device_type, ()):
+        return False
+    if not (sampling_locations.is_floating_point() and attention_weights.is_floating_point()):
+        return False
+    if torch.compiler.is_compiling():
+        return _loader.build_state(device_type) is not False
+    return _loader.load_extension(device_type) is not None
+
+
+def ms_deform_attn(
+    value: Tensor,
+    spatial_shapes,
+    level_start_index,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Multi-scale deformable attention through the custom op (``[B, Q, H * D]``).
+
+    ``spatial_shapes`` / ``level_start_index`` may be tensors on any device or sequences (moved to
+    ``value``'s device as int64); ``level_start_index=None`` is derived from the shapes. Sampling locations and
+    attention weights are cast to ``value``'s dtype.
+    """
+    device = value.device
+    spatial_shapes = torch.as_tensor(spatial_shapes, dtype=torch.long, device=device)
+    if level_start_index is None:
+        sizes = spatial_shapes[:, 0] * spatial_shapes[:, 1]
+        level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    level_start_index = torch.as_tensor(level_start_index, dtype=torch.long, device=device)
+    if sampling_locations.dtype != value.dtype:
+        sampling_locations = sampling_locations.to(value.dtype)
+    if attention_weights.dtype != value.dtype:
+        attention_weights = attention_weights.to(value.dtype)
+    return torch.ops.hf_dino.ms_deform_attn(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
