@@ -412,6 +412,14 @@ def test_batch_of_different_sizes_is_padded(cls):
     assert "pixel_mask" not in unpadded and [tuple(x.shape[-2:]) for x in unpadded["pixel_values"]] == sizes
 
 
+@pytest.mark.parametrize("cls", PROCESSORS, ids=lambda c: c.__name__)
+def test_fixed_pad_size(cls):
+    out = cls(size=SMALL, pad_size={"height": 70, "width": 80})(Image.new("RGB", (30, 20)), return_tensors="pt")
+    assert out["pixel_values"].shape == (1, 3, 70, 80) and out["pixel_mask"][0].sum() == 32 * 48
+    with pytest.raises(ValueError):
+        cls(size=SMALL, pad_size={"height": 16, "width": 16})(Image.new("RGB", (30, 20)))
+
+
 def test_fast_processor_accepts_device_and_stays_on_it():
     out = DinoImageProcessor(size=SMALL)(Image.new("RGB", (30, 20)), device="cpu", return_tensors="pt")
     assert out["pixel_values"].device.type == "cpu"
