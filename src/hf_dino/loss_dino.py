@@ -181,8 +181,9 @@ class DinoHungarianMatcher(nn.Module):
             empty = torch.empty(0, dtype=torch.int64)
             return [(empty, empty) for _ in sizes]
 
-        prob = logits.flatten(0, 1).sigmoid()  # [B*Q, C]
-        out_boxes = pred_boxes.flatten(0, 1)  # [B*Q, 4]
+        # costs in float32 (a no-op for float32 outputs; keeps half-precision outputs from rounding near-ties)
+        prob = logits.flatten(0, 1).float().sigmoid()  # [B*Q, C]
+        out_boxes = pred_boxes.flatten(0, 1).float()  # [B*Q, 4]
         tgt_ids = torch.cat([t["class_labels"] for t in labels]).to(logits.device)
         tgt_boxes = torch.cat([t["boxes"] for t in labels]).to(out_boxes)
 
