@@ -1,0 +1,479 @@
+#!/usr/bin/env python
+"""Train or fine-tune DINO with `accelerate`.
+
+    python examples/train.py                                  # built-in demo: compact model, synthetic shapes, CPU
+    accelerate launch examples/train.py \\
+        --train-images coco/train2017 --train-annotations coco/annotations/instances_train2017.json \\
+        --val-images coco/val2017 --val-annotations coco/annotations/instances_val2017.json \\
+        --config dino-4scale --batch-size 2 --mixed-precision bf16 --epochs 12 --lr-drop 11
+    python examples/train.py --dataset-name cppe-5 --model-name-or-path path/to/converted-dino \\
+        --train-split train --val-split test                    # fine-tune a 91-class model on 5 classes
+
+With no data argument the script generates a small synthetic COCO-format data set (coloured shapes on textured
+backgrounds, 5 classes; deterministic, nothing downloaded) and trains the compact preset
+(`hf_dino.data.compact_config`) on it in a few minutes on a CPU, printing the COCO AP table after each epoch and
+writing an annotated prediction image (`<output-dir>/prediction.png`).
+
+The recipe follows the paper: random horizontal flip + random resize (shorter side 480..800 step 32, longer
+<= 1333) or resize-crop-resize (`--image-scale` scales every size), AdamW (lr 1e-4, backbone 1e-5, weight decay
+1e-4, sampling-offset/reference-point projections at 0.1x lr), step LR drop (`--lr-drop`, epochs), gradient
+clipping 0.1, optional EMA (`--ema`). Mixed precision, gradient accumulation and multi-process training come from
+`accelerate`.
+
+Outputs in `--output-dir`: `checkpoints/checkpoint-<step>/` (every `--save-steps` optimizer steps and after each
+epoch; `--resume auto` continues from the latest exactly), `best/` and `final/` (`save_pretrained` model +
+processor), `metrics.json`, tensorboard logs under `runs/`, `prediction.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hf_dino import DinoConfig, DinoForObjectDetection, DinoImageProcessor
+from hf_dino.data import (
+    CocoDetectionDataset,
+    DetectionCollator,
+    HFDetectionDataset,
+    build_label_map,
+    compact_config,
+    generate_synthetic_coco,
+    hf_categories,
+    load_coco,
+    make_eval_transforms,
+    make_train_transforms,
+    scaled_recipe,
+)
+from hf_dino.evaluation import format_metrics_table
+from hf_dino.training import (
+    ModelEMA,
+    ResumableBatchSampler,
+    draw_predictions,
+    evaluate_coco,
+    find_latest_checkpoint,
+    get_param_groups,
+    load_checkpoint,
+    save_checkpoint,
+    shard_indices,
+    write_json,
+)
+
+logger = logging.getLogger("train")
+
+# the built-in demo: synthetic shapes + compact preset (see `hf_dino.data.synthetic`)
+DEMO_DEFAULTS = dict(epochs=6, lr=2e-4, lr_backbone=2e-4, lr_drop=[5], batch_size=4, image_scale=0.2,
+                     weight_decay=1e-4)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = p.add_argument_group("data (none given: the synthetic demo)")
+    d.add_argument("--train-images", help="folder of the training images (COCO format)")
+    d.add_argument("--train-annotations", help="COCO instances JSON of the training images")
+    d.add_argument("--val-images", help="folder of the validation images")
+    d.add_argument("--val-annotations", help="COCO instances JSON of the validation images")
+    d.add_argument("--dataset-name", help="a `datasets` detection data set (columns image, objects{bbox, category})")
+    d.add_argument("--dataset-config", default=None)
+    d.add_argument("--train-split", default="train")
+    d.add_argument("--val-split", default="validation")
+    d.add_argument("--bbox-format", default="xywh", choices=["xywh", "xyxy"], help="bbox format of --dataset-name")
+    d.add_argument("--synthetic-dir", default=None, help="where the demo data is generated (default <output-dir>/synthetic-data)")
+    d.add_argument("--max-train-samples", type=int, default=None, help="use the first N training images")
+    d.add_argument("--max-val-samples", type=int, default=None, help="use the first N validation images")
+    d.add_argument("--label-mapping", default="auto", choices=["auto", "contiguous", "category_id"],
+                   help="category id -> label: contiguous 0..N-1, or label = category id (COCO-style 91 classes); "
+                   "auto: category_id when the initial model's labels already are the data's categories")
+    d.add_argument("--skip-missing-images", action="store_true", help="leave out images whose file is missing")
+    d.add_argument("--ignore-unknown-categories", action="store_true", help="drop annotations with unknown category ids")
+    d.add_argument("--skip-empty-images", action="store_true", help="drop images without annotations (default: negatives)")
+    d.add_argument("--image-scale", type=float, default=None,
+                   help="multiply every augmentation size (480..800/1333, 400..600, 384..600) and the eval size 800")
+    d.add_argument("--eval-size", type=int, default=None, help="shorter side at evaluation (default 800 * image-scale)")
+    d.add_argument("--num-workers", type=int, default=2)
+
+    m = p.add_argument_group("model")
+    m.add_argument("--model-name-or-path", default=None, help="a DINO folder / Hub id to fine-tune")
+    m.add_argument("--config", default=None, choices=["compact", "dino-4scale"],
+                   help="a new model: compact CPU preset (demo default) or DINO-4scale ResNet-50 (default with data)")
+    m.add_argument("--config-overrides", default=None, help='JSON of DinoConfig fields, e.g. \'{"num_queries": 300}\'')
+    m.add_argument("--gradient-checkpointing", action="store_true")
+
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=None)
+    o.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    o.add_argument("--batch-size", type=int, default=None, help="images per process and step")
+    o.add_argument("--eval-batch-size", type=int, default=None)
+    o.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    o.add_argument("--lr", type=float, default=None)
+    o.add_argument("--lr-backbone", type=float, default=None, help="backbone lr (<= 0 freezes the backbone)")
+    o.add_argument("--lr-linear-proj-mult", type=float, default=0.1)
+    o.add_argument("--weight-decay", type=float, default=None)
+    o.add_argument("--lr-drop", type=int, nargs="*", default=None, help="epochs after which the lr is multiplied by 0.1")
+    o.add_argument("--clip-max-norm", type=float, default=0.1)
+    o.add_argument("--ema", action="store_true", help="keep an EMA of the weights and evaluate/save it")
+    o.add_argument("--ema-decay", type=float, default=0.9997)
+    o.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"])
+    o.add_argument("--cpu", action="store_true", help="train on the CPU even if an accelerator is present")
+    o.add_argument("--seed", type=int, default=42)
+
+    r = p.add_argument_group("outputs")
+    r.add_argument("--output-dir", default="outputs/train")
+    r.add_argument("--save-steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: per epoch only)")
+    r.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept")
+    r.add_argument("--resume", nargs="?", const="auto", default=None, help="checkpoint folder, or auto (latest in output dir)")
+    r.add_argument("--no-eval", action="store_true")
+    r.add_argument("--logging-steps", type=int, default=10)
+    r.add_argument("--report-to", default="tensorboard", choices=["tensorboard", "none"])
+    r.add_argument("--log-batches", action="store_true", help="write the image ids of every step to batch_log.jsonl")
+    r.add_argument("--prediction-threshold", type=float, default=0.3)
+    r.add_argument("--push-to-hub", metavar="REPO", default=None, help="push the final model and processor to this repo")
+    r.add_argument("--hub-private", action="store_true")
+    r.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    args.demo = not any([args.train_images, args.train_annotations, args.dataset_name])
+    defaults = dict(epochs=12, lr=1e-4, lr_backbone=1e-5, lr_drop=[11], batch_size=2, image_scale=1.0, weight_decay=1e-4)
+    if args.demo:
+        defaults = DEMO_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.config is None and args.model_name_or_path is None:
+        args.config = "compact" if args.demo else "dino-4scale"
+    if args.eval_batch_size is None:
+        args.eval_batch_size = args.batch_size
+    if not args.demo and args.dataset_name is None and not (args.train_images and args.train_annotations):
+        p.error("--train-images and --train-annotations go together")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# data + model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def build_data(args, initial_id2label):
+    """Train/val data sets, the label map and the COCO ground truth of the validation set."""
+    recipe = scaled_recipe(args.image_scale, args.eval_size)
+    train_tf, eval_tf = make_train_transforms(**recipe), make_eval_transforms(**recipe)
+    policies = dict(
+        missing_images="skip" if args.skip_missing_images else "error",
+        unknown_categories="ignore" if args.ignore_unknown_categories else "error",
+    )
+    empty = "skip" if args.skip_empty_images else "keep"
+
+    if args.dataset_name:
+        import datasets
+
+        ds = datasets.load_dataset(args.dataset_name, args.dataset_config)
+        categories = hf_categories(ds[args.train_split])
+    else:
+        if args.demo:
+            paths = generate_synthetic_coco(args.synthetic_dir or os.path.join(args.output_dir, "synthetic-data"))
+            for key, value in paths.items():
+                setattr(args, key, value)
+        categories = load_coco(args.train_annotations).dataset["categories"]
+
+    mode = args.label_mapping
+    if mode == "auto":
+        mode = "contiguous"
+        if initial_id2label is not None:
+            as_ids = build_label_map(categories, "category_id") if min(int(c["id"]) for c in categories) >= 0 else None
+            if as_ids is not None and as_ids.matches(initial_id2label):
+                mode = "category_id"
+    label_map = build_label_map(categories, mode)
+
+    if args.dataset_name:
+        train = HFDetectionDataset(ds[args.train_split], train_tf, label_map, bbox_format=args.bbox_format,
+                                   empty_images=empty, **policies)
+        val = None
+        if args.val_split and args.val_split in ds:
+            val = HFDetectionDataset(ds[args.val_split], eval_tf, label_map, bbox_format=args.bbox_format, **policies)
+    else:
+        train = CocoDetectionDataset(args.train_images, args.train_annotations, train_tf, label_map,
+                                     empty_images=empty, **policies)
+        val = None
+        if args.val_images and args.val_annotations:
+            val = CocoDetectionDataset(args.val_images, args.val_annotations, eval_tf, label_map, **policies)
+    if args.max_train_samples:
+        _truncate(train, args.max_train_samples)
+    if val is not None and args.max_val_samples:
+        _truncate(val, args.max_val_samples)
+    return train, val, label_map, recipe
+
+
+def _truncate(dataset, n: int) -> None:
+    if hasattr(dataset, "ids"):
+        dataset.ids = dataset.ids[:n]
+    else:
+        dataset.indices = dataset.indices[:n]
+
+
+def initial_config(args):
+    if args.model_name_or_path:
+        return DinoConfig.from_pretrained(args.model_name_or_path)
+    return None
+
+
+def build_model(args, label_map, config):
+    overrides = json.loads(args.config_overrides) if args.config_overrides else {}
+    labels = dict(id2label=label_map.id2label, label2id=label_map.label2id)
+    if args.model_name_or_path:
+        same = label_map.num_labels == config.num_labels and label_map.matches(config.id2label)
+        if same and not overrides:
+            return DinoForObjectDetection.from_pretrained(args.model_name_or_path)
+        # new label set: class heads and label embedding have new shapes and are re-initialised
+        model, info = DinoForObjectDetection.from_pretrained(
+            args.model_name_or_path, **labels, **overrides, ignore_mismatched_sizes=True, output_loading_info=True
+        )
+        reinit = sorted(set(info.get("mismatched_keys", [])) | set(info.get("missing_keys", [])), key=str)
+        logger.info("re-initialised for the new label set: %s", [k[0] if isinstance(k, tuple) else k for k in reinit])
+        return model
+    if args.config == "compact":
+        config = compact_config(**labels, **overrides)
+    else:
+        config = DinoConfig(**labels, **overrides)
+    return DinoForObjectDetection(config)
+
+
+def build_processor(args, recipe):
+    processor = None
+    if args.model_name_or_path:
+        try:
+            processor = DinoImageProcessor.from_pretrained(args.model_name_or_path)
+        except (OSError, ValueError):
+            processor = None
+    if processor is None:
+        processor = DinoImageProcessor()
+    # the saved processor resizes like the evaluation transform of this run
+    processor.size = {"shortest_edge": int(recipe["eval_size"]), "longest_edge": int(recipe["max_size"])}
+    return processor
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        cpu=args.cpu,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    log = accelerator.print
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(args.seed)  # same initial weights in every process
+
+    # ---- data, model, processor ----
+    config = initial_config(args)
+    with accelerator.main_process_first():  # the demo data is generated once
+        train_set, val_set, label_map, recipe = build_data(args, config.id2label if config else None)
+    model = build_model(args, label_map, config)
+    processor = build_processor(args, recipe)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    log(f"train: {len(train_set)} images, val: {len(val_set) if val_set else 0} images, {label_map.num_labels} labels "
+        f"({label_map.mode}), model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+
+    collate = DetectionCollator(processor)
+    sampler = ResumableBatchSampler(len(train_set), args.batch_size, accelerator.num_processes, accelerator.process_index,
+                                    seed=args.seed, multiple_of=args.gradient_accumulation_steps)
+    # own generator: creating the loader iterator must not consume the global RNG (exact resumption)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate,
+                                               num_workers=args.num_workers, generator=torch.Generator())
+    val_loader = None
+    if val_set is not None and not args.no_eval:
+        shard = torch.utils.data.Subset(val_set, shard_indices(len(val_set), accelerator.num_processes, accelerator.process_index))
+        val_loader = torch.utils.data.DataLoader(shard, batch_size=args.eval_batch_size, collate_fn=collate,
+                                                 num_workers=args.num_workers)
+        coco_gt = val_set.coco_ground_truth()
+
+    steps_per_epoch = sampler.num_batches // args.gradient_accumulation_steps
+    total_steps = steps_per_epoch * args.epochs
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+    param_groups = get_param_groups(model, args.lr, args.lr_backbone, args.weight_decay, args.lr_linear_proj_mult)
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay)
+    # step LR drop, counted in optimizer steps so that a mid-epoch resume continues the schedule exactly
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[e * steps_per_epoch for e in args.lr_drop], gamma=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    ema = ModelEMA(unwrapped, args.ema_decay) if args.ema else None
+    set_seed(args.seed + accelerator.process_index)  # different denoising noise per process
+
+    # ---- resume ----
+    epoch, start_batch, global_step, best_ap, history = 0, 0, 0, -1.0, []
+    if args.resume:
+        path = find_latest_checkpoint(output_dir / "checkpoints") if args.resume == "auto" else Path(args.resume)
+        if path is None:
+            log("--resume auto: no checkpoint yet, starting from scratch")
+        else:
+            state = load_checkpoint(path, rank=accelerator.process_index)
+            unwrapped.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler") is not None and accelerator.scaler is not None:
+                accelerator.scaler.load_state_dict(state["scaler"])
+            if ema is not None and state.get("ema") is not None:
+                ema.load_state_dict(state["ema"])
+            epoch, start_batch, global_step = state["epoch"], state["start_batch"], state["global_step"]
+            best_ap, history = state.get("best_ap", -1.0), state.get("history", [])
+            log(f"resumed from {path}: epoch {epoch}, batch {start_batch}, step {global_step}")
+
+    if args.report_to != "none":
+        accelerator.init_trackers("hf_dino", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                     for k, v in vars(args).items()})
+
+    def checkpoint_state(next_epoch: int, next_batch: int) -> dict:
+        return {
+            "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "ema": ema.state_dict() if ema is not None else None, "epoch": next_epoch, "start_batch": next_batch,
+            "global_step": global_step, "best_ap": best_ap, "history": history, "args": vars(args),
+        }
+
+    def save(next_epoch: int, next_batch: int) -> None:
+        save_checkpoint(output_dir / "checkpoints", global_step, checkpoint_state(next_epoch, next_batch) if
+                        accelerator.is_main_process else {}, accelerator, keep_last=args.save_total_limit)
+
+    def export(folder: Path, module) -> None:
+        if accelerator.is_main_process:
+            module.save_pretrained(folder)
+            processor.save_pretrained(folder)
+
+    kill_at = int(os.environ.get("HF_DINO_TEST_KILL_AT_STEP", "0"))  # tests: simulate a crash after this step
+    batch_log = open(output_dir / "batch_log.jsonl", "a") if args.log_batches and accelerator.is_main_process else None
+    progress = None
+    if accelerator.is_main_process and not args.no_progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total_steps, initial=global_step, desc="train", dynamic_ncols=True)
+
+    model.train()
+    start_time = time.time()
+    running: dict[str, float] = {}
+    metrics = None
+    done = global_step >= total_steps
+    while epoch < args.epochs and not done:
+        sampler.set_epoch(epoch, start_batch)
+        batch_index = start_batch
+        for batch in train_loader:
+            batch_index += 1
+            labels = [{k: v.to(accelerator.device) for k, v in t.items()} for t in batch["labels"]]
+            with accelerator.accumulate(model):
+                outputs = model(pixel_values=batch["pixel_values"].to(accelerator.device),
+                                pixel_mask=batch["pixel_mask"].to(accelerator.device), labels=labels)
+                loss = outputs.loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"non-finite loss {loss.item()} at step {global_step}, images {batch['image_ids'].tolist()}: "
+                        f"{ {k: float(v) for k, v in outputs.loss_dict.items()} }"
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.clip_max_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.clip_max_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for key, value in [("loss", loss)] + [(k, v) for k, v in (outputs.loss_dict or {}).items()
+                                                  if k in ("loss_ce", "loss_bbox", "loss_giou")]:
+                running[key] = running.get(key, 0.0) + float(value.detach()) / args.gradient_accumulation_steps
+            if batch_log is not None:
+                batch_log.write(json.dumps({"step": global_step + 1, "epoch": epoch, "batch": batch_index,
+                                            "image_ids": batch["image_ids"].tolist()}) + "\n")
+                batch_log.flush()
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
+            if ema is not None:
+                ema.update(unwrapped)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(epoch=epoch, loss=f"{float(loss):.3f}")
+            if global_step % args.logging_steps == 0 or global_step == total_steps:
+                logs = {f"train/{k}": v / args.logging_steps for k, v in running.items()}
+                logs["train/lr"] = scheduler.get_last_lr()[0]
+                accelerator.log(logs, step=global_step)
+                running = {}
+            done = global_step >= total_steps
+            end_of_epoch = batch_index == sampler.num_batches
+            if args.save_steps and global_step % args.save_steps == 0 and not end_of_epoch and not done:
+                save(epoch, batch_index)
+            if kill_at and global_step == kill_at:
+                os.kill(os.getpid(), 9)
+            if done:
+                break
+        # ---- end of epoch: evaluate, checkpoint, best model ----
+        finished_epoch = batch_index == sampler.num_batches
+        entry = {"epoch": epoch, "step": global_step, "time_s": round(time.time() - start_time, 1)}
+        if val_loader is not None:
+            eval_model = ema.module if ema is not None else model
+            metrics = evaluate_coco(eval_model, val_loader, coco_gt, label_map.label_to_category_id, processor,
+                                    accelerator=accelerator, progress=progress is not None)
+            entry.update(metrics)
+            log(format_metrics_table(metrics, title=f"epoch {epoch} (step {global_step})"))
+            accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=global_step)
+            if metrics["AP"] > best_ap:
+                best_ap = metrics["AP"]
+                export(output_dir / "best", ema.module if ema is not None else unwrapped)
+        history.append(entry)
+        if finished_epoch:
+            epoch, start_batch = epoch + 1, 0
+        save(epoch, start_batch if not finished_epoch else 0)
+        if accelerator.is_main_process:
+            write_json(output_dir / "metrics.json", {"history": history, "best_AP": best_ap})
+
+    if progress is not None:
+        progress.close()
+    if batch_log is not None:
+        batch_log.close()
+    final_model = ema.module if ema is not None else unwrapped
+    export(output_dir / "final", final_model)
+    if accelerator.is_main_process and val_set is not None:
+        write_prediction_image(final_model, processor, val_set, output_dir / "prediction.png", label_map,
+                               args.prediction_threshold, accelerator.device)
+        log(f"wrote {output_dir / 'prediction.png'}")
+    if args.push_to_hub and accelerator.is_main_process:
+        final_model.push_to_hub(args.push_to_hub, private=args.hub_private)
+        processor.push_to_hub(args.push_to_hub, private=args.hub_private)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    log(f"done: {global_step} steps in {time.time() - start_time:.0f}s; outputs in {output_dir}")
+    return {"global_step": global_step, "history": history, "best_AP": best_ap, "metrics": metrics}
+
+
+@torch.no_grad()
+def write_prediction_image(model, processor, dataset, path, label_map, threshold, device) -> None:
+    image = dataset.load_image(0)
+    inputs = processor(images=image, apply_exif_orientation=False, return_tensors="pt").to(device)
+    was_training = model.training
+    model.eval()
+    outputs = model(**inputs)
+    model.train(was_training)
+    result = processor.post_process_object_detection(outputs, threshold=threshold, target_sizes=[image.size[::-1]])[0]
+    draw_predictions(image, result, label_map.id2label, threshold).save(path)
+
+
+if __name__ == "__main__":
+    main()
