@@ -32,7 +32,8 @@ from transformers.utils import ModelOutput
 
 from .configuration_dino import SWIN_ARCHITECTURES, DinoConfig
 from .deformable_attention import multi_scale_deformable_attention
-from .denoising import build_contrastive_denoising_queries
+from .denoising import DenoisingMeta, build_contrastive_denoising_queries, inverse_sigmoid
+from .loss_dino import DinoLoss, check_detection_labels
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -55,7 +56,7 @@ class DinoModelOutput(ModelOutput):
     encoder_topk_indices (`[B, Q]`): the encoder tokens chosen by query selection, best first.
     denoising_hidden_states (`[B, L, N, D]`), denoising_pred_boxes (`[B, L, N, 4]`): the contrastive denoising
         queries' outputs (training with labels only).
-    denoising_meta (`dict`): group layout of the denoising queries (see `denoising.py`).
+    denoising_meta (`DenoisingMeta`): group layout of the denoising queries (see `denoising.py`).
     encoder_hidden_states, decoder_hidden_states (`tuple`): per-layer states, when `output_hidden_states=True`.
     """
 
@@ -69,7 +70,7 @@ class DinoModelOutput(ModelOutput):
     encoder_topk_indices: torch.LongTensor | None = None
     denoising_hidden_states: torch.FloatTensor | None = None
     denoising_pred_boxes: torch.FloatTensor | None = None
-    denoising_meta: dict | None = None
+    denoising_meta: DenoisingMeta | None = None
     encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
@@ -103,7 +104,7 @@ class DinoObjectDetectionOutput(ModelOutput):
     encoder_topk_indices: torch.LongTensor | None = None
     denoising_logits: torch.FloatTensor | None = None
     denoising_pred_boxes: torch.FloatTensor | None = None
-    denoising_meta: dict | None = None
+    denoising_meta: DenoisingMeta | None = None
     last_hidden_state: torch.FloatTensor | None = None
     encoder_last_hidden_state: torch.FloatTensor | None = None
     encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
@@ -113,15 +114,6 @@ class DinoObjectDetectionOutput(ModelOutput):
 # ------------------------------------------------------------------------------------------------------------------
 # Small shared pieces
 # ------------------------------------------------------------------------------------------------------------------
-def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-    """The original DINO's `inverse_sigmoid`: clamp to [0, 1], then log(max(x, eps) / max(1 - x, eps)).
-
-    eps is 1e-3 (not 1e-5): it is active on anchors near the image border and changes outputs if altered.
-    """
-    x = x.clamp(min=0, max=1)
-    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
-
-
 def box_sine_embedding(boxes: torch.Tensor, num_features: int = 128, temperature: float = 10000.0) -> torch.Tensor:
     """Sine embedding of boxes `[..., 4]` (cx, cy, w, h in [0, 1]) -> `[..., 4 * num_features]`, ordered (y, x, w, h).
 
@@ -913,7 +905,9 @@ class DinoForObjectDetection(DinoPreTrainedModel):
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if labels is not None:
-            labels = self._check_labels(labels, pixel_values.shape[0])
+            if len(labels) != pixel_values.shape[0]:
+                raise ValueError(f"Got {len(labels)} label dicts for a batch of {pixel_values.shape[0]} images.")
+            check_detection_labels(labels, self.config.num_labels)
         outputs = self.model(pixel_values, pixel_mask, labels, output_hidden_states=output_hidden_states, return_dict=True)
         intermediate_logits = self.class_embed(outputs.intermediate_hidden_states)
         logits, pred_boxes = intermediate_logits[:, -1], outputs.intermediate_pred_boxes[:, -1]
@@ -927,8 +921,6 @@ class DinoForObjectDetection(DinoPreTrainedModel):
 
         loss = loss_dict = None
         if labels is not None:
-            from .loss_dino import DinoLoss
-
             criterion = DinoLoss(self.config)
             loss, loss_dict = criterion(
                 {
@@ -964,28 +956,6 @@ class DinoForObjectDetection(DinoPreTrainedModel):
             decoder_hidden_states=outputs.decoder_hidden_states,
         )
         return output if return_dict else output.to_tuple()
-
-    def _check_labels(self, labels, batch_size: int) -> list[dict[str, torch.Tensor]]:
-        """Refuse malformed targets with a message instead of a crash deep inside the loss."""
-        if len(labels) != batch_size:
-            raise ValueError(f"Got {len(labels)} label dicts for a batch of {batch_size} images.")
-        for i, target in enumerate(labels):
-            if "class_labels" not in target or "boxes" not in target:
-                raise ValueError(f"labels[{i}] needs 'class_labels' and 'boxes', got keys {sorted(target)}.")
-            classes, boxes = target["class_labels"], target["boxes"]
-            if boxes.dim() != 2 or boxes.shape[-1] != 4 or boxes.shape[0] != classes.shape[0]:
-                raise ValueError(
-                    f"labels[{i}]: boxes must be [n, 4] with n = len(class_labels); got {tuple(boxes.shape)} "
-                    f"and {tuple(classes.shape)}."
-                )
-            if classes.numel() and (classes.min() < 0 or classes.max() >= self.config.num_labels):
-                raise ValueError(
-                    f"labels[{i}]: class ids must be in [0, {self.config.num_labels}), got "
-                    f"{classes.min().item()}..{classes.max().item()}."
-                )
-            if boxes.numel() and not torch.isfinite(boxes).all():
-                raise ValueError(f"labels[{i}]: boxes contain NaN or inf.")
-        return labels
 
 
 __all__ = ["DinoPreTrainedModel", "DinoModel", "DinoForObjectDetection", "DinoModelOutput", "DinoObjectDetectionOutput"]

@@ -1,0 +1,316 @@
+"""Model behaviour beyond the parity fixtures: save/load, Auto classes, converter errors, 5-scale conversion,
+batch independence, denoising isolation, bad configs, training forward."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+
+import pytest
+import torch
+
+import hf_dino
+from hf_dino import DinoConfig, DinoForObjectDetection, DinoModel
+from parity_utils import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "conversion"))
+from convert_original_checkpoint import MODEL_CONFIGS, ConversionError, convert, main as convert_main  # noqa: E402
+
+
+def tiny_config(**overrides) -> DinoConfig:
+    values = dict(
+        backbone="resnet18", d_model=64, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_queries=30, num_denoising=10,
+        num_labels=5,
+    )
+    values.update(overrides)
+    return DinoConfig(**values)
+
+
+def images(seed: int, shape=(2, 3, 96, 128)) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- the original's key layout, written independently of the converter's rename table --------------------------
+def to_original_state_dict(model: DinoForObjectDetection) -> dict[str, torch.Tensor]:
+    """Our weights under the ORIGINAL checkpoint's names, shared heads under every alias (as the original saves)."""
+    config = model.config
+    swin = config.is_swin_backbone
+    out = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("model.backbone.body."):
+            rest = key[len("model.backbone.body."):]
+            out[("backbone.0." if swin else "backbone.0.body.") + rest] = value
+        elif key.startswith("model.decoder.bbox_embed."):
+            for j in range(config.decoder_layers):
+                suffix = key[len("model.decoder.bbox_embed."):]
+                out[f"transformer.decoder.bbox_embed.{j}.{suffix}"] = value
+                out[f"bbox_embed.{j}.{suffix}"] = value
+        elif key.startswith("class_embed."):
+            for j in range(config.decoder_layers):
+                out[f"transformer.decoder.class_embed.{j}.{key[len('class_embed.'):]}"] = value
+                out[f"class_embed.{j}.{key[len('class_embed.'):]}"] = value
+        else:
+            for ours, theirs in [
+                ("model.decoder.layer_norm.", "transformer.decoder.norm."),
+                ("model.decoder.reference_point_head.", "transformer.decoder.ref_point_head."),
+                ("model.content_query_embed.", "transformer.tgt_embed."),
+                ("model.denoising_class_embed.", "label_enc."),
+                ("model.input_projections.", "input_proj."),
+                ("model.", "transformer."),
+            ]:
+                if key.startswith(ours):
+                    out[theirs + key[len(ours):]] = value
+                    break
+    if swin:
+        for name, buffer in model.named_buffers():
+            if name.endswith("relative_position_index"):
+                out[name.replace("model.backbone.body.", "backbone.0.")] = buffer
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return DinoForObjectDetection(tiny_config()).eval()
+
+
+# ---- save / load, Auto classes ------------------------------------------------------------------------------------
+def test_save_load_roundtrip_identical(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "config.json").exists()
+    loaded = DinoForObjectDetection.from_pretrained(tmp_path).eval()
+    x = images(1)
+    with torch.no_grad():
+        a, b = tiny_model(x), loaded(x)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.pred_boxes, b.pred_boxes)
+
+
+def test_auto_classes_and_double_import(tiny_model, tmp_path):
+    from transformers import AutoConfig, AutoModel, AutoModelForObjectDetection
+
+    importlib.reload(hf_dino)  # registering twice must be harmless
+    tiny_model.save_pretrained(tmp_path)
+    assert type(AutoConfig.from_pretrained(tmp_path)) is DinoConfig
+    assert type(AutoModelForObjectDetection.from_pretrained(tmp_path)) is DinoForObjectDetection
+    base = AutoModel.from_pretrained(tmp_path)
+    assert type(base) is DinoModel
+    assert DinoConfig.model_type not in ("deformable_detr", "grounding-dino", "dinov2", "dino")
+
+
+def test_missing_and_unexpected_keys_in_saved_folder_are_reported(tiny_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tiny_model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights.pop("model.level_embed")
+    weights["model.not_a_weight"] = torch.zeros(1)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    _, info = DinoForObjectDetection.from_pretrained(tmp_path, output_loading_info=True)
+    assert "model.level_embed" in info["missing_keys"]
+    assert "model.not_a_weight" in info["unexpected_keys"]
+
+
+# ---- converter -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["dino-r50-5scale", "dino-swinl-5scale"])
+def test_five_scale_variants_convert_and_run(name, tmp_path):
+    torch.manual_seed(0)
+    reference = DinoForObjectDetection(DinoConfig(**MODEL_CONFIGS[name])).eval()
+    assert reference.config.num_feature_levels == 5 and len(reference.model.input_projections) == 5
+    checkpoint = tmp_path / "original.pth"
+    torch.save({"model": to_original_state_dict(reference)}, checkpoint)
+    # (the Swin-L folder would be ~0.9 GB: save/reload is exercised on the ResNet variant only)
+    swin = reference.config.is_swin_backbone
+    converted = convert(checkpoint, name, None if swin else tmp_path / "hf")
+    models = [converted] if swin else [converted, DinoForObjectDetection.from_pretrained(tmp_path / "hf").eval()]
+    x, mask = images(2, (1, 3, 160, 192)), torch.ones(1, 160, 192, dtype=torch.long)
+    mask[:, :, 150:] = 0
+    with torch.no_grad():
+        expected = reference(x, mask)
+        for model in models:
+            out = model(x, mask)
+            assert torch.equal(out.logits, expected.logits) and torch.equal(out.pred_boxes, expected.pred_boxes)
+    # 5 levels: strides 4..64 over the 160x192 input
+    assert expected.encoder_last_hidden_state.shape[1] == 40 * 48 + 20 * 24 + 10 * 12 + 5 * 6 + 3 * 3
+
+
+@pytest.fixture(scope="module")
+def r50_original(tmp_path_factory):
+    torch.manual_seed(0)
+    model = DinoForObjectDetection(DinoConfig(**MODEL_CONFIGS["dino-r50-4scale"])).eval()
+    return to_original_state_dict(model)
+
+
+def _save(state_dict, path):
+    torch.save({"model": state_dict}, path)
+    return path
+
+
+def test_converter_lists_missing_keys(r50_original, tmp_path):
+    broken = dict(r50_original)
+    del broken["transformer.level_embed"]
+    del broken["backbone.0.body.layer3.0.conv1.weight"]
+    with pytest.raises(ConversionError) as error:
+        convert(_save(broken, tmp_path / "c.pth"), "dino-r50-4scale")
+    assert "model.level_embed" in str(error.value) and "model.backbone.body.layer3.0.conv1.weight" in str(error.value)
+
+
+def test_converter_lists_unmapped_keys_and_cli_fails(r50_original, tmp_path, capsys):
+    broken = dict(r50_original)
+    broken["transformer.some_research_flag.weight"] = torch.zeros(3)
+    path = _save(broken, tmp_path / "c.pth")
+    assert convert_main(["--checkpoint", str(path), "--model-name", "dino-r50-4scale", "--output-dir", str(tmp_path / "o")]) == 1
+    assert "transformer.some_research_flag.weight" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_converter_rejects_diverging_head_aliases(r50_original, tmp_path):
+    broken = dict(r50_original)
+    broken["class_embed.3.bias"] = broken["class_embed.3.bias"] + 1
+    with pytest.raises(ConversionError, match=re.escape("class_embed.3.bias")):
+        convert(_save(broken, tmp_path / "c.pth"), "dino-r50-4scale")
+
+
+def test_converter_rejects_wrong_architecture(r50_original, tmp_path):
+    with pytest.raises(ConversionError, match="shape mismatch"):
+        convert(_save(r50_original, tmp_path / "c.pth"), "dino-r50-5scale")
+
+
+# ---- batching and padding ---------------------------------------------------------------------------------------------
+def test_outputs_do_not_depend_on_batch_partner_or_order(tiny_model):
+    """Image A padded onto the same canvas gives the same outputs whatever image shares its batch, in any order."""
+    a = torch.zeros(3, 96, 128)
+    a[:, :80, :100] = images(3, (3, 80, 100))
+    mask_a = torch.zeros(96, 128, dtype=torch.long)
+    mask_a[:80, :100] = 1
+    partner1, partner2 = images(4, (3, 96, 128)), images(5, (3, 96, 128)) * 2
+    full = torch.ones(96, 128, dtype=torch.long)
+    with torch.no_grad():
+        first = tiny_model(torch.stack([a, partner1]), torch.stack([mask_a, full]))
+        second = tiny_model(torch.stack([partner2, a]), torch.stack([full, mask_a]))
+        alone = tiny_model(a[None], mask_a[None])
+    for other, index in ((second, 1), (alone, 0)):
+        assert (first.logits[0] - other.logits[index]).abs().max() <= 1e-4
+        assert (first.pred_boxes[0] - other.pred_boxes[index]).abs().max() <= 1e-4
+
+
+def test_boxes_are_relative_to_the_unpadded_image(tiny_model):
+    """Valid ratios make predicted boxes normalized by the real image size, as in the original."""
+    with torch.no_grad():
+        out = tiny_model(images(6, (1, 3, 96, 128)))
+    assert out.pred_boxes.min() >= 0 and out.pred_boxes.max() <= 1
+    assert out.logits.shape == (1, 30, 5) and out.intermediate_logits.shape == (1, 2, 30, 5)
+    assert out.intermediate_reference_points.shape == (1, 3, 30, 4)
+
+
+# ---- training forward: denoising isolation, losses, gradients ------------------------------------------------------
+def _labels():
+    return [
+        {"class_labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
+        {"class_labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
+    ]
+
+
+def test_denoising_queries_do_not_leak(monkeypatch):
+    """Perturbing denoising group 1 leaves the matching queries and group 0 unchanged, and changes group 1."""
+    import hf_dino.modeling_dino as modeling
+
+    torch.manual_seed(0)
+    model = DinoForObjectDetection(tiny_config(dropout=0.0)).train()
+    x = images(7)
+    original_builder = modeling.build_contrastive_denoising_queries
+    perturb = {"on": False}
+
+    def builder(*args, **kwargs):
+        queries = original_builder(*args, **kwargs)
+        if perturb["on"]:
+            size = queries.meta.group_size
+            queries.content = queries.content.clone()
+            queries.content[:, size: 2 * size] += 5.0
+        return queries
+
+    monkeypatch.setattr(modeling, "build_contrastive_denoising_queries", builder)
+    runs = []
+    for flag in (False, True):
+        perturb["on"] = flag
+        torch.manual_seed(1)
+        with torch.no_grad():
+            runs.append(model(x, labels=_labels()))
+    clean, perturbed = runs
+    size = clean.denoising_meta.group_size
+    assert clean.denoising_meta.num_groups >= 2
+    assert torch.allclose(clean.logits, perturbed.logits, atol=1e-6)
+    assert torch.allclose(clean.pred_boxes, perturbed.pred_boxes, atol=1e-6)
+    assert torch.allclose(clean.denoising_logits[:, :, :size], perturbed.denoising_logits[:, :, :size], atol=1e-6)
+    assert (clean.denoising_logits[:, :, size: 2 * size] - perturbed.denoising_logits[:, :, size: 2 * size]).abs().max() > 1e-3
+
+
+def test_training_forward_returns_all_losses_and_gradients():
+    torch.manual_seed(0)
+    model = DinoForObjectDetection(tiny_config()).train()
+    out = model(images(8), labels=_labels())
+    assert torch.isfinite(out.loss)
+    for key in ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_ce_interm", "loss_ce_dn", "loss_bbox_dn_0"):
+        assert key in out.loss_dict, key
+    out.loss.backward()
+    assert model.class_embed.weight.grad.abs().sum() > 0
+    assert model.model.denoising_class_embed.weight.grad.abs().sum() > 0
+    assert model.model.decoder.bbox_embed.layers[-1].weight.grad.abs().sum() > 0  # (earlier layers: 0 at init)
+    # ResNet stem and layer1 stay frozen as in the original
+    assert not model.model.backbone.body.conv1.weight.requires_grad
+    assert model.model.backbone.body.layer2[0].conv1.weight.requires_grad
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    model = DinoForObjectDetection(tiny_config(num_denoising=0)).train()
+    x = images(9)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.zero_grad()
+        model(x, labels=_labels()).loss.backward()
+        grads.append(model.model.encoder.layers[0].linear1.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_images_without_objects_train():
+    model = DinoForObjectDetection(tiny_config()).train()
+    empty = [{"class_labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}] * 2
+    out = model(images(10), labels=empty)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(backbone="vgg16"), "Unknown backbone"),
+        (dict(d_model=250), "divisible"),
+        (dict(num_feature_levels=2, backbone_out_indices=[1, 2, 3]), "num_feature_levels"),
+        (dict(backbone_out_indices=[3, 1]), "backbone_out_indices"),
+        (dict(num_queries=0), "num_queries"),
+        (dict(label_noise_ratio=1.5), "label_noise_ratio"),
+    ],
+)
+def test_bad_configs_raise_value_error(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        DinoConfig(**overrides)
+
+
+def test_bad_inputs_raise_clear_errors(tiny_model):
+    with pytest.raises(ValueError, match="pixel_values"):
+        tiny_model(torch.zeros(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="pixel_mask"):
+        tiny_model(torch.zeros(1, 3, 64, 64), torch.ones(1, 32, 32))
+    with pytest.raises(ValueError, match="fewer than num_queries"):
+        tiny_model(torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="class_labels"):
+        tiny_model.train()
+        try:
+            tiny_model(images(11), labels=[{"class_labels": torch.tensor([9]), "boxes": torch.rand(1, 4)}] * 2)
+        finally:
+            tiny_model.eval()
