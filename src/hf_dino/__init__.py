@@ -6,9 +6,10 @@ so `pipeline("object-detection", model=...)` and `from_pretrained` work on saved
 """
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForObjectDetection
+from transformers.models.auto.modeling_auto import MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES
 
 from .configuration_dino import DinoConfig
-from .image_processing_dino import DinoImageProcessor
+from .image_processing_dino import DinoImageProcessor, DinoImageProcessorPil
 from .modeling_dino import DinoForObjectDetection, DinoModel, DinoPreTrainedModel
 
 
@@ -17,10 +18,18 @@ def _register() -> None:
     AutoConfig.register(DinoConfig.model_type, DinoConfig, exist_ok=True)
     AutoModel.register(DinoConfig, DinoModel, exist_ok=True)
     AutoModelForObjectDetection.register(DinoConfig, DinoForObjectDetection, exist_ok=True)
-    AutoImageProcessor.register(DinoConfig, fast_image_processor_class=DinoImageProcessor, exist_ok=True)
+    AutoImageProcessor.register(
+        DinoConfig,
+        image_processor_classes={"torchvision": DinoImageProcessor, "pil": DinoImageProcessorPil},
+        exist_ok=True,
+    )
+    # lets pipeline("object-detection") recognise the architecture without a warning
+    MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES.setdefault(DinoConfig.model_type, DinoForObjectDetection.__name__)
 
 
 _register()
 
 __version__ = "0.1.0"
-__all__ = ["DinoConfig", "DinoModel", "DinoForObjectDetection", "DinoPreTrainedModel", "DinoImageProcessor"]
+__all__ = [
+    "DinoConfig", "DinoModel", "DinoForObjectDetection", "DinoPreTrainedModel", "DinoImageProcessor", "DinoImageProcessorPil",
+]
