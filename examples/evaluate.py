@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""COCO box evaluation of a DINO model (or any transformers object detector with the same post-processing).
+
+    python examples/evaluate.py --model hf-dino/dino-r50-4scale-12ep \
+        --images coco/val2017 --annotations coco/annotations/instances_val2017.json \
+        [--batch-size 2] [--output coco_results.json]
+
+    accelerate launch --num_processes 8 examples/evaluate.py --model ... --images ... --annotations ...
+
+Every image of the annotation file is read from ``--images`` (its ``file_name``), preprocessed by the model's image
+processor (shortest side 800, longest at most 1333 for DINO; EXIF orientation NOT applied, since COCO boxes refer to
+the stored pixels), run in batches and post-processed like the original evaluation (top-300 (query, class) pairs per
+image, no threshold, boxes in pixels of the original image). pycocotools scores the detections
+(`hf_dino.evaluation.CocoEvaluator`); the paper-style table (AP, AP50, AP75, APs, APm, APl, percent) is printed
+and the detections are written as a standard COCO results JSON (``--output``).
+
+Under ``accelerate launch`` every process takes every N-th image, and the detections of all processes are gathered
+before scoring; the main process prints and writes. Model labels are mapped to the annotation file's category ids
+through the label names (``config.id2label``); the released DINO checkpoints need no mapping (labels are COCO ids).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+try:
+    import hf_dino  # noqa: F401 - registers DINO with the Auto classes
+except ImportError:  # a checkout without installation
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    import hf_dino  # noqa: F401
+
+from hf_dino.evaluation import CocoEvaluator, build_label_to_category_id, format_metrics_table
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="Hub repo id or local save_pretrained folder")
+    parser.add_argument("--images", required=True, help="folder holding the images of the annotation file")
+    parser.add_argument("--annotations", required=True, help="COCO instances JSON (ground truth)")
+    parser.add_argument("--batch-size", type=int, default=2, help="images per forward pass and process (default 2)")
+    parser.add_argument("--output", default="coco_results.json", help="COCO results JSON to write")
+    parser.add_argument("--metrics-output", default=None, help="also write the metrics (fractions) as JSON here")
+    parser.add_argument("--top-k", type=int, default=300, help="detections kept per image (default 300)")
+    parser.add_argument("--threshold", type=float, default=0.0, help="minimum score kept (default 0: keep top-k)")
+    parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images (by id)")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers that read the images")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the repo's own modeling code")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    return args
+
+
+class CocoImages(torch.utils.data.Dataset):
+    """(image_id, RGB PIL image) for the given ids of a COCO annotation file."""
+
+    def __init__(self, coco_gt, image_dir: str | Path, image_ids: list[int]):
+        self.coco_gt = coco_gt
+        self.image_dir = Path(image_dir)
+        self.image_ids = image_ids
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int):
+        image_id = self.image_ids[index]
+        path = self.image_dir / self.coco_gt.loadImgs(image_id)[0]["file_name"]
+        with Image.open(path) as image:
+            return image_id, image.convert("RGB")
+
+
+def _collate(batch):
+    return [image_id for image_id, _ in batch], [image for _, image in batch]
+
+
+def main(argv=None) -> dict[str, float]:
+    args = parse_args(argv)
+    import contextlib
+    import io
+
+    from accelerate import Accelerator
+    from pycocotools.coco import COCO
+    from tqdm.auto import tqdm
+    from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+    accelerator = Accelerator()
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(args.annotations)
+    image_ids = sorted(coco_gt.getImgIds())
+    if args.max_images is not None:
+        image_ids = image_ids[: args.max_images]
+    missing = [i for i in image_ids if not (Path(args.images) / coco_gt.loadImgs(i)[0]["file_name"]).is_file()]
+    if missing:
+        raise SystemExit(f"error: {len(missing)} images of {args.annotations} are not in {args.images} (e.g. id {missing[0]})")
+
+    processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    model = AutoModelForObjectDetection.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    model = model.to(accelerator.device).eval()
+    label_to_category_id = build_label_to_category_id(model.config.id2label, coco_gt)
+    evaluator = CocoEvaluator(coco_gt, label_to_category_id)
+
+    # every process takes every N-th image: no image twice, nothing to de-duplicate
+    shard = image_ids[accelerator.process_index :: accelerator.num_processes]
+    loader = torch.utils.data.DataLoader(
+        CocoImages(coco_gt, args.images, shard),
+        batch_size=args.batch_size,
+        shuffle=False,
+        num_workers=args.num_workers,
+        collate_fn=_collate,
+    )
+    processor_kwargs = {"apply_exif_orientation": False} if "apply_exif_orientation" in processor.to_dict() else {}
+    progress = tqdm(
+        total=len(image_ids), desc="evaluating", unit="img", disable=not accelerator.is_local_main_process
+    )
+    for batch_ids, images in loader:
+        inputs = processor(images=images, return_tensors="pt", **processor_kwargs).to(accelerator.device)
+        with torch.inference_mode(), accelerator.autocast():
+            outputs = model(**inputs)
+        target_sizes = torch.tensor([[image.height, image.width] for image in images], device=accelerator.device)
+        results = processor.post_process_object_detection(
+            outputs, threshold=args.threshold, target_sizes=target_sizes, top_k=args.top_k
+        )
+        evaluator.update({"image_id": i, **r} for i, r in zip(batch_ids, results))
+        # the main process's bar stands for all processes
+        progress.update(min(len(batch_ids) * accelerator.num_processes, progress.total - progress.n))
+    progress.close()
+
+    evaluator.synchronize(accelerator)
+    metrics: dict[str, float] = {}
+    if accelerator.is_main_process:
+        metrics = evaluator.summarize()
+        print(format_metrics_table(metrics, title=f"\n{args.model}: COCO box AP on {len(evaluator.image_ids)} images"))
+        evaluator.write_results(args.output)
+        print(f"wrote {len(evaluator.results())} detections to {args.output}")
+        if args.metrics_output:
+            Path(args.metrics_output).write_text(json.dumps(metrics, indent=2))
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
