@@ -161,13 +161,55 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="original checkpoint (.pth with a 'model' state dict)")
     parser.add_argument("--model-name", required=True, choices=sorted(MODEL_CONFIGS))
     parser.add_argument("--output-dir", required=True, help="where to write the save_pretrained folder")
+    # --verify / --write-expected / --push-to-hub: conversion/verify.py, conversion/hub.py (format documented there)
+    parser.add_argument("--verify", metavar="EXPECTED", default=None,
+                        help="compare the converted model's outputs with an expected-output file (hf_dino-verify-v1 "
+                             "safetensors from --write-expected, or a parity fixture folder); exit 2 on mismatch")
+    parser.add_argument("--verify-atol", type=float, default=None, help="max absolute difference allowed (1e-4)")
+    parser.add_argument("--write-expected", metavar="FILE", default=None,
+                        help="store the converted model's outputs on a fixed input as an expected-output file")
+    parser.add_argument("--expected-images", nargs="+", default=None,
+                        help="images for --write-expected (default: a synthetic two-image batch)")
+    parser.add_argument("--push-to-hub", metavar="REPO", default=None,
+                        help="upload weights, config, processor config, modeling code and model card to REPO")
+    parser.add_argument("--measured-metrics", metavar="JSON", default=None,
+                        help="metrics from examples/evaluate.py --metrics-output, added to the model card")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo private")
     args = parser.parse_args(argv)
     try:
-        convert(args.checkpoint, args.model_name, args.output_dir)
+        model = convert(args.checkpoint, args.model_name, args.output_dir)
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"Converted {args.checkpoint} ({args.model_name}) -> {args.output_dir}")
+    if args.write_expected or args.verify or args.push_to_hub:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import verify as verify_outputs
+    if args.write_expected:
+        verify_outputs.write_expected(
+            model, args.write_expected, images=args.expected_images,
+            processor=DinoImageProcessor.from_pretrained(args.output_dir),
+            metadata={"model_name": args.model_name, "checkpoint": Path(args.checkpoint).name},
+        )
+        print(f"Wrote expected outputs to {args.write_expected}")
+    if args.verify:
+        report = verify_outputs.verify(model, args.verify, atol=args.verify_atol or verify_outputs.DEFAULT_ATOL)
+        print(f"Verify against {args.verify}: {report}")
+        if not report.ok:
+            print("error: the converted model does not reproduce the expected outputs; nothing pushed", file=sys.stderr)
+            return 2
+    if args.push_to_hub:
+        import json
+
+        import hub
+
+        metrics = json.loads(Path(args.measured_metrics).read_text()) if args.measured_metrics else None
+        info = hub.push_converted_checkpoint(
+            model, DinoImageProcessor.from_pretrained(args.output_dir), args.push_to_hub,
+            checkpoint_file=args.checkpoint, model_name=args.model_name, measured_metrics=metrics,
+            private=args.private or None,
+        )
+        print(f"Pushed to https://huggingface.co/{args.push_to_hub} ({getattr(info, 'commit_url', info)})")
     return 0
 
 
