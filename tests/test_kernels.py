@@ -1,0 +1,568 @@
+"""The compiled multi-scale deformable attention kernels (hf_dino.kernels) against the pure-PyTorch reference.
+
+Every numerical check recomputes the reference (`multi_scale_deformable_attention_pytorch`, i.e. grid_sample)
+in float64 on the same inputs, and compares forward output and the gradients of value, sampling locations and
+attention weights. The first test that needs the CPU extension compiles it once into the user cache (about a
+minute on 2 cores); later runs load it. Tests marked `slow` compile from scratch (wheel install, CUDA sources).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+try:
+    import hf_dino.kernels  # noqa: F401
+except ImportError:  # not installed: use the source tree
+    sys.path.insert(0, str(REPO / "src"))
+
+import hf_dino.deformable_attention as da  # noqa: E402
+import hf_dino.kernels as K  # noqa: E402
+from hf_dino.kernels import _loader  # noqa: E402
+
+SRC = Path(da.__file__).resolve().parents[1]  # the directory holding the hf_dino package
+
+LEVEL_SETS = {
+    "odd": [(7, 5), (3, 4), (1, 1), (2, 9)],
+    "lines": [(1, 7), (6, 1), (5, 3)],
+    "square": [(8, 8), (4, 4)],
+}
+
+
+def _subprocess_env(**extra) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
+    env.pop(_loader.ENV_DISABLE, None)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def cpu_extension():
+    """The CPU extension (built on first use); skip with the reason where it cannot be built."""
+    try:
+        _loader.check_toolchain("cpu")
+    except _loader.KernelBuildError as error:
+        pytest.skip(f"cannot build the CPU kernel here: {error}")
+    if _loader.kernels_disabled():
+        pytest.skip(f"{_loader.ENV_DISABLE} is set")
+    return _loader.build("cpu")
+
+
+@pytest.fixture
+def simd_variants(cpu_extension):
+    """Run a test with every vectorised copy of the CPU loops this machine supports."""
+    original = cpu_extension.simd()
+    variants = ["baseline"] + (["avx2"] if cpu_extension.set_simd("avx2") else [])
+
+    def each():
+        for variant in variants:
+            assert cpu_extension.set_simd(variant)
+            yield variant
+
+    yield each
+    cpu_extension.set_simd(original)
+
+
+def make_inputs(levels, batch=2, queries=11, heads=3, head_dim=8, points=3, dtype=torch.float64, spread=0.3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    shapes = torch.tensor(levels, dtype=torch.long)
+    sizes = shapes[:, 0] * shapes[:, 1]
+    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    value = torch.randn(batch, int(sizes.sum()), heads, head_dim, generator=generator, dtype=torch.float64)
+    # locations in [-spread, 1 + spread]: some points fall outside the level, some partly
+    locations = torch.rand(batch, queries, heads, len(levels), points, 2, generator=generator, dtype=torch.float64)
+    locations = locations * (1 + 2 * spread) - spread
+    weights = torch.rand(batch, queries, heads, len(levels), points, generator=generator, dtype=torch.float64)
+    return value.to(dtype), shapes, starts, locations.to(dtype), weights.to(dtype)
+
+
+def reference64(value, shapes, locations, weights, grad_output):
+    """Output and gradients of the pure-PyTorch reference, recomputed in float64."""
+    leaves = [t.detach().double().requires_grad_() for t in (value, locations, weights)]
+    output = da.multi_scale_deformable_attention_pytorch(leaves[0], shapes, leaves[1], leaves[2])
+    grads = torch.autograd.grad(output, leaves, grad_output.double())
+    return output.detach(), grads
+
+
+def kernel_with_grads(value, shapes, starts, locations, weights, grad_output):
+    leaves = [t.detach().requires_grad_() for t in (value, locations, weights)]
+    output = K.ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2])
+    assert "hf_dino" in type(output.grad_fn).__name__  # the custom op ran, not a fallback
+    grads = torch.autograd.grad(output, leaves, grad_output)
+    return output.detach(), grads
+
+
+def assert_close_to_reference(value, shapes, starts, locations, weights, seed=1):
+    output_shape = (value.shape[0], locations.shape[1], value.shape[2] * value.shape[3])
+    grad_output = torch.randn(output_shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    ref_out, ref_grads = reference64(value, shapes, locations, weights, grad_output)
+    out, grads = kernel_with_grads(value, shapes, starts, locations, weights, grad_output.to(value.dtype))
+    tol = dict(rtol=1e-10, atol=1e-10) if value.dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+    assert out.dtype == value.dtype and out.shape == output_shape
+    torch.testing.assert_close(out.double(), ref_out, **tol)
+    for name, got, want in zip(("value", "sampling_locations", "attention_weights"), grads, ref_grads):
+        # location gradients scale with the level size (d/dx = W * ...): compare relative to their magnitude
+        scale = max(1.0, want.abs().max().item()) if name == "sampling_locations" else 1.0
+        torch.testing.assert_close(got.double() / scale, want / scale, **tol, msg=lambda m: f"grad {name}: {m}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# numerics
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("levels", list(LEVEL_SETS.values()), ids=list(LEVEL_SETS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("head_dim", [32, 8, 5], ids=["D32", "D8", "D5"])
+def test_forward_and_gradients_match_float64_reference(simd_variants, levels, dtype, head_dim):
+    inputs = make_inputs(levels, head_dim=head_dim, dtype=dtype, seed=head_dim)
+    for _ in simd_variants():
+        assert_close_to_reference(*inputs)
+
+
+def test_dino_encoder_shapes_match_reference(simd_variants):
+    """Realistic sizes (a small image's 4-level pyramid, 8 heads x 32, 4 points), float32."""
+    inputs = make_inputs([(20, 30), (10, 15), (5, 8), (3, 4)], batch=2, queries=300, heads=8, head_dim=32,
+                         points=4, dtype=torch.float32, spread=0.05)
+    for _ in simd_variants():
+        assert_close_to_reference(*inputs)
+
+
+def test_gradcheck_float64(cpu_extension):
+    value, shapes, starts, locations, weights = make_inputs(LEVEL_SETS["odd"], batch=1, queries=3, heads=2,
+                                                            head_dim=3, points=2, seed=3)
+    leaves = [t.requires_grad_() for t in (value, locations, weights)]
+    assert torch.autograd.gradcheck(
+        lambda v, loc, w: K.ms_deform_attn(v, shapes, starts, loc, w), leaves, eps=1e-6, atol=1e-5, rtol=1e-4
+    )
+
+
+def test_opcheck_fake_and_autograd_registration(cpu_extension):
+    for dtype in (torch.float32, torch.float64):
+        value, shapes, starts, locations, weights = make_inputs(LEVEL_SETS["odd"], queries=4, dtype=dtype)
+        args = (value.requires_grad_(), shapes, starts, locations.requires_grad_(), weights.requires_grad_())
+        torch.library.opcheck(torch.ops.hf_dino.ms_deform_attn.default, args)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# edge cases
+# --------------------------------------------------------------------------------------------------------------
+def test_points_far_outside_and_on_the_border(cpu_extension):
+    value, shapes, starts, locations, weights = make_inputs(LEVEL_SETS["odd"], seed=5)
+    locations = locations.clone()
+    locations[:, 0] = 7.5  # all points of query 0 far outside: zero output and zero gradients
+    locations[:, 1] = -3.0
+    locations[:, 2, :, :, :, 0] = 0.0  # exactly on the left border of every level
+    locations[:, 3, :, :, :, 1] = 1.0  # exactly on the bottom border
+    assert_close_to_reference(value, shapes, starts, locations, weights)
+    out = K.ms_deform_attn(value, shapes, starts, locations, weights)
+    assert out[:, :2].abs().max() == 0
+
+
+def test_levels_of_size_one(cpu_extension):
+    assert_close_to_reference(*make_inputs([(1, 1), (1, 1), (1, 2)], seed=6))
+
+
+def test_empty_batch_and_no_queries(cpu_extension):
+    for batch, queries in ((0, 5), (2, 0)):
+        value, shapes, starts, locations, weights = make_inputs(LEVEL_SETS["odd"], batch=batch, queries=queries)
+        leaves = [t.requires_grad_() for t in (value, locations, weights)]
+        out = K.ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2])
+        assert out.shape == (batch, queries, value.shape[2] * value.shape[3])
+        grads = torch.autograd.grad(out.sum(), leaves)
+        for grad, leaf in zip(grads, leaves):
+            assert grad.shape == leaf.shape and (grad.numel() == 0 or grad.abs().max() == 0)
+
+
+def test_non_contiguous_inputs(cpu_extension):
+    value, shapes, starts, locations, weights = make_inputs(LEVEL_SETS["odd"], dtype=torch.float32, seed=7)
+    # same values, non-contiguous memory: transposed storage and a strided slice
+    value_nc = value.transpose(0, 2).contiguous().transpose(0, 2)
+    locations_nc = torch.stack([locations, locations], -1)[..., 0]
+    weights_nc = weights.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not (value_nc.is_contiguous() or locations_nc.is_contiguous() or weights_nc.is_contiguous())
+    assert_close_to_reference(value_nc, shapes, starts, locations_nc, weights_nc)
+    torch.testing.assert_close(
+        K.ms_deform_attn(value_nc, shapes, starts, locations_nc, weights_nc),
+        K.ms_deform_attn(value, shapes, starts, locations, weights),
+        rtol=0, atol=0,
+    )
+
+
+def test_padding_mask_zeroes_padded_tokens(cpu_extension):
+    """The model zeroes padded value tokens (masked_fill) before sampling: results and gradients still agree."""
+    value, shapes, starts, locations, weights = make_inputs(LEVEL_SETS["square"], dtype=torch.float32, seed=8)
+    mask = torch.zeros(value.shape[:2], dtype=torch.bool)
+    mask[1, 40:64] = True  # bottom rows of the first level of batch element 1 are padding
+    mask[1, 64 + 10 :] = True
+    value = value.masked_fill(mask[..., None, None], 0.0)
+    assert_close_to_reference(value, shapes, starts, locations, weights)
+
+
+def test_shapes_given_on_another_device_or_as_lists(cpu_extension):
+    value, shapes, starts, locations, weights = make_inputs(LEVEL_SETS["odd"], seed=9)
+    expected = K.ms_deform_attn(value, shapes, starts, locations, weights)
+    torch.testing.assert_close(K.ms_deform_attn(value, shapes.tolist(), None, locations, weights), expected)
+    torch.testing.assert_close(K.ms_deform_attn(value, shapes.int(), starts.int(), locations, weights), expected)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dispatch and switches
+# --------------------------------------------------------------------------------------------------------------
+def _ran_kernel(output: torch.Tensor) -> bool:
+    return "hf_dino" in type(output.grad_fn).__name__
+
+
+def test_dispatch_uses_kernel_by_default(cpu_extension, monkeypatch):
+    monkeypatch.delenv(_loader.ENV_DISABLE, raising=False)
+    value, shapes, starts, locations, weights = make_inputs(LEVEL_SETS["odd"], dtype=torch.float32)
+    out = da.multi_scale_deformable_attention(value.requires_grad_(), shapes, starts, locations, weights)
+    assert _ran_kernel(out)
+    # unsupported dtype on CPU: the PyTorch path
+    out16 = da.multi_scale_deformable_attention(value.detach().bfloat16().requires_grad_(), shapes, starts,
+                                                locations.bfloat16(), weights.bfloat16())
+    assert not _ran_kernel(out16)
+
+
+@pytest.mark.parametrize("setting", ["1", "true"])
+def test_environment_variable_selects_pytorch_path(cpu_extension, monkeypatch, setting):
+    monkeypatch.setenv(_loader.ENV_DISABLE, setting)
+    calls = []
+    monkeypatch.setattr(da._kernels, "ms_deform_attn", lambda *a: calls.append(a))
+    value, shapes, starts, locations, weights = make_inputs(LEVEL_SETS["odd"], dtype=torch.float32)
+    out = da.multi_scale_deformable_attention(value.requires_grad_(), shapes, starts, locations, weights)
+    assert not calls and not _ran_kernel(out)
+    torch.testing.assert_close(out, da.multi_scale_deformable_attention_pytorch(value, shapes, locations, weights))
+
+
+def test_use_custom_kernel_false_selects_pytorch_path(cpu_extension, monkeypatch):
+    calls = []
+    monkeypatch.setattr(da._kernels, "ms_deform_attn", lambda *a: calls.append(a))
+    value, shapes, starts, locations, weights = make_inputs(LEVEL_SETS["odd"], dtype=torch.float32)
+    out = da.multi_scale_deformable_attention(value.requires_grad_(), shapes, starts, locations, weights,
+                                              use_custom_kernel=False)
+    assert not calls and not _ran_kernel(out)
+
+
+def _tiny_model(**overrides):
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        from tiny_dino import tiny_model
+    except Exception as error:  # the model is developed separately
+        pytest.skip(f"model not available: {error}")
+    return tiny_model(**overrides)
+
+
+def _count_kernel_calls(monkeypatch):
+    calls = []
+    original = da._kernels.ms_deform_attn
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return original(*args)
+
+    monkeypatch.setattr(da._kernels, "ms_deform_attn", spy)
+    return calls
+
+
+@pytest.mark.parametrize("disable", [False, True])
+def test_config_switch_and_environment_variable_in_the_model(cpu_extension, monkeypatch, disable):
+    monkeypatch.delenv(_loader.ENV_DISABLE, raising=False)
+    model = _tiny_model(disable_custom_kernels=disable)
+    pixel_values = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    calls = _count_kernel_calls(monkeypatch)
+    with torch.no_grad():
+        out = model(pixel_values=pixel_values)
+    assert bool(calls) is not disable  # encoder and decoder layers call the kernel unless disabled
+    monkeypatch.setenv(_loader.ENV_DISABLE, "1")
+    calls.clear()
+    with torch.no_grad():
+        out_env = model(pixel_values=pixel_values)
+    assert not calls
+    torch.testing.assert_close(out_env.logits, out.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out_env.pred_boxes, out.pred_boxes, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torch.compile / torch.export
+# --------------------------------------------------------------------------------------------------------------
+def test_torch_compile_fullgraph_keeps_the_op(cpu_extension):
+    value, shapes, starts, locations, weights = make_inputs(LEVEL_SETS["odd"], dtype=torch.float32, seed=11)
+
+    def fn(v, loc, w):
+        return da.multi_scale_deformable_attention(v * 1.0, shapes, starts, loc, w).sin()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)  # inductor
+    leaves_c = [t.clone().requires_grad_() for t in (value, locations, weights)]
+    leaves_e = [t.clone().requires_grad_() for t in (value, locations, weights)]
+    out_c, out_e = compiled(*leaves_c), fn(*leaves_e)
+    torch.testing.assert_close(out_c, out_e)
+    out_c.sum().backward()
+    out_e.sum().backward()
+    for a, b in zip(leaves_c, leaves_e):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_torch_export_has_the_op_in_the_graph(cpu_extension):
+    value, shapes, starts, locations, weights = make_inputs(LEVEL_SETS["odd"], dtype=torch.float32, seed=12)
+
+    class Attention(torch.nn.Module):
+        def forward(self, v, s, i, loc, w):
+            return da.multi_scale_deformable_attention(v, s, i, loc, w)
+
+    exported = torch.export.export(Attention(), (value, shapes, starts, locations, weights))
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert "hf_dino.ms_deform_attn.default" in targets
+    torch.testing.assert_close(
+        exported.module()(value, shapes, starts, locations, weights),
+        da.multi_scale_deformable_attention_pytorch(value, shapes, locations, weights),
+    )
+
+
+def test_torch_compile_model_same_outputs(cpu_extension, monkeypatch):
+    """torch.compile of the whole tiny model (aot_eager backend: dynamo + AOTAutograd tracing with the op's fake
+    implementation, without inductor's minutes of C++ code generation for the whole model)."""
+    monkeypatch.delenv(_loader.ENV_DISABLE, raising=False)
+    model = _tiny_model()
+    pixel_values = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        eager = model(pixel_values=pixel_values)
+        torch._dynamo.reset()
+        calls = _count_kernel_calls(monkeypatch)
+        compiled = torch.compile(model, backend="aot_eager")(pixel_values=pixel_values)
+    assert calls  # traced through the kernel path
+    torch.testing.assert_close(compiled.logits, eager.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled.pred_boxes, eager.pred_boxes, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# loader: laziness, cache, lock, failure, CLI, packaging
+# --------------------------------------------------------------------------------------------------------------
+def test_import_compiles_nothing(tmp_path):
+    code = textwrap.dedent(
+        """
+        import hf_dino.deformable_attention, hf_dino.kernels as K
+        assert K.build_state("cpu") is None and K.build_state("cuda") is None
+        import os; assert not os.path.exists(os.environ["HF_DINO_KERNELS_CACHE"])
+        print("ok")
+        """
+    )
+    env = _subprocess_env(HF_DINO_KERNELS_CACHE=str(tmp_path / "cache"))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("breakage", ["no_compiler", "no_sources"])
+def test_impossible_build_warns_once_and_falls_back(tmp_path, breakage):
+    extra = {"HF_DINO_KERNELS_CACHE": str(tmp_path / "cache")}
+    if breakage == "no_compiler":
+        extra["CXX"] = str(tmp_path / "no-such-compiler")
+    else:
+        extra[_loader.ENV_SOURCES] = str(tmp_path / "missing")
+    code = textwrap.dedent(
+        """
+        import warnings, torch
+        import hf_dino.deformable_attention as da
+        torch.manual_seed(0)
+        shapes = torch.tensor([[4, 5], [2, 3]]); starts = torch.tensor([0, 20])
+        v = torch.randn(1, 26, 2, 4); loc = torch.rand(1, 3, 2, 2, 2, 2); w = torch.rand(1, 3, 2, 2, 2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            outs = [da.multi_scale_deformable_attention(v, shapes, starts, loc, w) for _ in range(3)]
+        ours = [str(c.message) for c in caught if "hf_dino" in str(c.message)]
+        assert len(ours) == 1, ours
+        print(ours[0])
+        ref = da.multi_scale_deformable_attention_pytorch(v, shapes, loc, w)
+        assert all(torch.equal(o, ref) for o in outs)
+        print("fallback ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=_subprocess_env(**extra), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "fallback ok" in result.stdout, result.stdout + result.stderr
+    assert ("compiler" if breakage == "no_compiler" else "sources") in result.stdout
+
+
+def test_parallel_processes_build_once(cpu_extension, tmp_path):
+    """N processes racing for an empty cache: the file lock lets one build, the others load its result.
+
+    The compiler is replaced by a slow stand-in that counts invocations and installs the real library built by
+    the fixture, so the test checks the locking protocol without compiling N times.
+    """
+    real_dir = _loader.build_directory("cpu")
+    code = textwrap.dedent(
+        f"""
+        import shutil, time, sys
+        from pathlib import Path
+        from torch.utils import cpp_extension
+        import hf_dino.kernels._loader as L
+
+        def fake_load(name, sources, build_directory, **kwargs):
+            with open({str(tmp_path / "count")!r}, "a") as f:
+                f.write("build\\n")
+            time.sleep(2.0)
+            target = L._library_path(Path(build_directory), name)
+            shutil.copy(L._library_path(Path({str(real_dir)!r}), name), target)
+            return L._import_built(name, target)
+
+        cpp_extension.load = fake_load
+        module = L.build("cpu")
+        assert module.forward is not None
+        print("loaded", module.__name__)
+        """
+    )
+    env = _subprocess_env(HF_DINO_KERNELS_CACHE=str(tmp_path / "cache"))
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    results = [p.communicate(timeout=180) + (p.returncode,) for p in procs]
+    for out, err, code_ in results:
+        assert code_ == 0 and "loaded" in out, err
+    assert (tmp_path / "count").read_text().count("build") == 1
+    build_dirs = list((tmp_path / "cache").iterdir())
+    assert any((d / "BUILD_OK").is_file() for d in build_dirs)
+
+
+def test_build_directory_is_keyed_by_device_torch_and_source_hash(tmp_path, monkeypatch):
+    key_cpu = _loader.build_key("cpu")
+    assert key_cpu.startswith("cpu-torch") and torch.__version__.replace("+", "_") in key_cpu
+    assert _loader.build_key("cuda").startswith("cuda-")
+    sources = tmp_path / "src"
+    shutil.copytree(_loader.source_dir(), sources)
+    assert _loader.build_key("cpu", sources) == key_cpu
+    with open(sources / "msda_cpu_kernel.h", "a") as f:
+        f.write("\n// changed\n")
+    assert _loader.build_key("cpu", sources) != key_cpu
+
+
+def test_prebuild_command(cpu_extension):
+    result = subprocess.run([sys.executable, "-m", "hf_dino.kernels", "build", "--device", "cpu"],
+                            env=_subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "cpu: ok" in result.stdout, result.stderr
+    info = subprocess.run([sys.executable, "-m", "hf_dino.kernels", "info"], env=_subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert info.returncode == 0 and "(built)" in info.stdout, info.stdout + info.stderr
+
+
+@pytest.mark.slow
+def test_built_wheel_ships_and_compiles_the_sources(tmp_path):
+    """Build a wheel (non-editable), unpack it as an installation, and compile + run the kernel from it."""
+    try:
+        _loader.check_toolchain("cpu")
+    except _loader.KernelBuildError as error:
+        pytest.skip(f"cannot build the CPU kernel here: {error}")
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(REPO / "pyproject.toml", project)
+    for name in ("README.md", "LICENSE"):
+        if (REPO / name).exists():
+            shutil.copy(REPO / name, project)
+        else:
+            (project / name).write_text("placeholder\n")
+    shutil.copytree(REPO / "kernels", project / "kernels")
+    shutil.copytree(REPO / "src", project / "src", symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"),
+         str(project)], capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("hf_dino-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        for source in _loader._SOURCES["cpu"] + _loader._SOURCES["cuda"] + _loader._HEADERS["cpu"]:
+            assert f"hf_dino/kernels/csrc/{source}" in names
+        archive.extractall(tmp_path / "site")
+    code = textwrap.dedent(
+        """
+        import torch, hf_dino.kernels as K, hf_dino.deformable_attention as da
+        site = __import__("os").environ["SITE"]
+        assert str(K.source_dir()).startswith(site), K.source_dir()
+        assert K.kernels_disabled() is False
+        torch.manual_seed(0)
+        shapes = torch.tensor([[4, 5], [2, 3]]); starts = torch.tensor([0, 20])
+        v = torch.randn(1, 26, 2, 4); loc = torch.rand(1, 3, 2, 2, 2, 2); w = torch.rand(1, 3, 2, 2, 2)
+        out = da.multi_scale_deformable_attention(v, shapes, starts, loc, w)
+        assert K.build_state("cpu") is True
+        ref = da.multi_scale_deformable_attention_pytorch(v, shapes, loc, w)
+        torch.testing.assert_close(out, ref)
+        assert str(K.build_directory("cpu")).startswith(__import__("os").environ["HF_DINO_KERNELS_CACHE"])
+        print("wheel kernel ok", K.build_directory("cpu"))
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), SITE=str(tmp_path / "site"),
+               HF_DINO_KERNELS_CACHE=str(tmp_path / "cache"))
+    env.pop(_loader.ENV_DISABLE, None)
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0 and "wheel kernel ok" in result.stdout, result.stdout + result.stderr[-3000:]
+    assert list((tmp_path / "cache").glob("cpu-*/BUILD_OK"))
+
+
+def _nvcc() -> str | None:
+    from torch.utils import cpp_extension
+
+    candidates = [Path(cpp_extension.CUDA_HOME, "bin", "nvcc")] if cpp_extension.CUDA_HOME else []
+    found = shutil.which("nvcc")
+    candidates += [Path(found)] if found else []
+    return next((str(c) for c in candidates if c.exists()), None)
+
+
+@pytest.mark.slow
+def test_cuda_sources_compile_with_nvcc(tmp_path):
+    """Compile msda_cuda.cu to an object file with nvcc and torch's headers (no GPU needed)."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found: the CUDA sources cannot be compiled here")
+    if torch.version.cuda is None:
+        pytest.skip("this torch build has no CUDA headers (CPU-only build)")
+    from torch.utils import cpp_extension
+
+    includes = cpp_extension.include_paths("cuda") + _loader._cuda_include_dirs()
+    command = [
+        nvcc, "-c", str(_loader.source_dir() / "msda_cuda.cu"), "-o", str(tmp_path / "msda_cuda.o"),
+        "-std=c++20", "-O3", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",
+        "-gencode", "arch=compute_80,code=sm_80",
+        "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "-D__CUDA_NO_HALF2_OPERATORS__",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+    ] + [f"-I{path}" for path in includes]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (tmp_path / "msda_cuda.o").stat().st_size > 0
+    symbols = subprocess.run(["nm", "-C", str(tmp_path / "msda_cuda.o")], capture_output=True, text=True)
+    if symbols.returncode == 0:
+        assert "hf_dino_msda::msda_cuda_forward" in symbols.stdout
+        assert "hf_dino_msda::msda_cuda_backward" in symbols.stdout
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CUDA numerics (only where a GPU is present)
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+                         ids=["float32", "float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("head_dim", [32, 8, 5, 64])
+def test_cuda_matches_float64_reference(dtype, head_dim):
+    if _loader.load_extension("cuda") is None:
+        pytest.fail(f"CUDA kernel did not build: {_loader.build_error('cuda')}")
+    value, shapes, starts, locations, weights = make_inputs(LEVEL_SETS["odd"], head_dim=head_dim, seed=head_dim)
+    grad_output = torch.randn(value.shape[0], locations.shape[1], value.shape[2] * head_dim, dtype=torch.float64)
+    ref_out, ref_grads = reference64(value, shapes, locations, weights, grad_output)
+    cuda = [t.cuda() for t in (value, shapes, starts, locations, weights)]
+    cuda = [t.to(dtype) if t.is_floating_point() else t for t in cuda]
+    out, grads = kernel_with_grads(*cuda, grad_output.cuda().to(dtype))
+    tol = {torch.float64: 1e-10, torch.float32: 2e-4, torch.float16: 3e-2, torch.bfloat16: 1e-1}[dtype]
+    torch.testing.assert_close(out.double().cpu(), ref_out, rtol=tol, atol=tol)
+    for got, want in zip(grads, ref_grads):
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got.double().cpu() / scale, want / scale, rtol=tol, atol=tol)
