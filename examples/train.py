@@ -51,6 +51,7 @@ from hf_dino.data import (
     make_eval_transforms,
     make_train_transforms,
     scaled_recipe,
+    synthetic_paths,
 )
 from hf_dino.evaluation import format_metrics_table
 from hf_dino.training import (
@@ -60,6 +61,7 @@ from hf_dino.training import (
     evaluate_coco,
     find_latest_checkpoint,
     get_param_groups,
+    prepare_scratch_backbone,
     load_checkpoint,
     save_checkpoint,
     shard_indices,
@@ -85,7 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--train-split", default="train")
     d.add_argument("--val-split", default="validation")
     d.add_argument("--bbox-format", default="xywh", choices=["xywh", "xyxy"], help="bbox format of --dataset-name")
-    d.add_argument("--synthetic-dir", default=None, help="where the demo data is generated (default <output-dir>/synthetic-data)")
+    d.add_argument("--synthetic-dir", default=None, help="demo data folder: used as is if it holds a generated data set, else generated there "
+                   "(default <output-dir>/synthetic-data)")
     d.add_argument("--max-train-samples", type=int, default=None, help="use the first N training images")
     d.add_argument("--max-val-samples", type=int, default=None, help="use the first N validation images")
     d.add_argument("--label-mapping", default="auto", choices=["auto", "contiguous", "category_id"],
@@ -105,6 +108,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a new model: compact CPU preset (demo default) or DINO-4scale ResNet-50 (default with data)")
     m.add_argument("--config-overrides", default=None, help='JSON of DinoConfig fields, e.g. \'{"num_queries": 300}\'')
     m.add_argument("--gradient-checkpointing", action="store_true")
+    m.add_argument("--scratch-backbone", action=argparse.BooleanOptionalAction, default=None,
+                   help="train a randomly initialised backbone fully (live residual branches, stem/layer1 trainable); "
+                   "default: on for the demo")
 
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=None)
@@ -177,7 +183,10 @@ def build_data(args, initial_id2label):
         categories = hf_categories(ds[args.train_split])
     else:
         if args.demo:
-            paths = generate_synthetic_coco(args.synthetic_dir or os.path.join(args.output_dir, "synthetic-data"))
+            if args.synthetic_dir and os.path.isfile(os.path.join(args.synthetic_dir, "synthetic.json")):
+                paths = synthetic_paths(args.synthetic_dir)  # an existing synthetic data set is used as it is
+            else:
+                paths = generate_synthetic_coco(args.synthetic_dir or os.path.join(args.output_dir, "synthetic-data"))
             for key, value in paths.items():
                 setattr(args, key, value)
         categories = load_coco(args.train_annotations).dataset["categories"]
@@ -241,7 +250,10 @@ def build_model(args, label_map, config):
         config = compact_config(**labels, **overrides)
     else:
         config = DinoConfig(**labels, **overrides)
-    return DinoForObjectDetection(config)
+    model = DinoForObjectDetection(config)
+    if args.scratch_backbone or (args.scratch_backbone is None and args.demo and not config.use_pretrained_backbone):
+        prepare_scratch_backbone(model)
+    return model
 
 
 def build_processor(args, recipe):
@@ -287,13 +299,17 @@ def main(argv=None) -> dict:
     # ---- data, model, processor ----
     config = initial_config(args)
     with accelerator.main_process_first():  # the demo data is generated once
-        train_set, val_set, label_map, recipe = build_data(args, config.id2label if config else None)
+        try:
+            train_set, val_set, label_map, recipe = build_data(args, config.id2label if config else None)
+        except (FileNotFoundError, ValueError, OSError) as error:  # bad data: the message says what to do
+            raise SystemExit(f"train.py: data error: {error}") from error
     model = build_model(args, label_map, config)
     processor = build_processor(args, recipe)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     log(f"train: {len(train_set)} images, val: {len(val_set) if val_set else 0} images, {label_map.num_labels} labels "
-        f"({label_map.mode}), model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+        f"({label_map.mode}), model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"processes: {accelerator.num_processes} ({accelerator.device})")
 
     collate = DetectionCollator(processor)
     sampler = ResumableBatchSampler(len(train_set), args.batch_size, accelerator.num_processes, accelerator.process_index,

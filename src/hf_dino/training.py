@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "compact_config",
     "get_param_groups",
+    "prepare_scratch_backbone",
     "ModelEMA",
     "ResumableBatchSampler",
     "capture_rng_state",
@@ -59,6 +60,29 @@ def compact_config(**overrides):
     from .data.synthetic import compact_config as _compact
 
     return _compact(**overrides)
+
+
+@torch.no_grad()
+def prepare_scratch_backbone(model: nn.Module, residual_scale: float = 0.2) -> int:
+    """Make a randomly initialised ResNet backbone trainable from scratch (the compact demo preset).
+
+    The DINO backbone freezes its batch norms and its stem/layer1, which is right for ImageNet weights. From a
+    random initialisation it leaves dead residual branches: timm zero-initialises the last batch-norm scale of every
+    residual block, and frozen, that zero never moves. This sets those scales to ``residual_scale`` and makes every
+    backbone parameter trainable. Returns the number of batch norms changed. Do not use it on pretrained weights.
+    """
+    backbone = getattr(getattr(model, "model", model), "backbone", None)
+    if backbone is None:
+        raise ValueError("model has no backbone at .model.backbone")
+    changed = 0
+    for module in backbone.modules():
+        weight = getattr(module, "weight", None)
+        if "BatchNorm" in type(module).__name__ and isinstance(weight, torch.Tensor) and not weight.any():
+            weight.fill_(residual_scale)
+            changed += 1
+    for param in backbone.parameters():
+        param.requires_grad_(True)
+    return changed
 
 
 # ----------------------------------------------------------------------------------------------------------------------

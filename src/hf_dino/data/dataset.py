@@ -282,7 +282,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         return dict(self.issues)
 
     def _warn_issues(self, name: str) -> None:
-        fixed = {k: v for k, v in self.issues.items() if k != "crowd" and v}
+        fixed = {k: v for k, v in self.issues.items() if k not in ("crowd", "image_without_annotations", "missing_image") and v}
         if fixed:
             details = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(fixed.items()))
             message = (
@@ -290,6 +290,8 @@ class DetectionDataset(torch.utils.data.Dataset):
                 "invalid, outside-the-image and unknown-category boxes are dropped."
             )
             warnings.warn(message, stacklevel=3)
+        if self.issues.get("image_without_annotations"):
+            logger.info("%s: %d images without (usable) annotations", name, self.issues["image_without_annotations"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,204 @@
+"""examples/train.py: a tiny end-to-end run, kill-and-resume exactness, 2-process `accelerate launch` with
+evaluation, bad data surfacing as clear messages; the COCO-MINI learning run is marked slow."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "examples" / "train.py"
+COCO_MINI = REPO.parent / "shared" / "data" / "coco-mini"
+
+# a few steps of the demo on a handful of synthetic images
+TINY = ["--batch-size", "2", "--num-workers", "0", "--no-progress", "--logging-steps", "1"]
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONHASHSEED": "0",
+                "ACCELERATE_DISABLE_RICH": "1", "HF_HUB_OFFLINE": "1"})
+    env.update(extra)
+    return env
+
+
+def _run(args, env=None, launcher=(sys.executable,), check=True, timeout=300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*launcher, str(TRAIN), *args], cwd=REPO, env=env or _env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def _load_train_module():
+    spec = importlib.util.spec_from_file_location("hf_dino_train_script", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory) -> Path:
+    from hf_dino.data import generate_synthetic_coco
+
+    root = tmp_path_factory.mktemp("synthetic") / "data"
+    generate_synthetic_coco(root, num_train=8, num_val=5)  # the demo's data, smaller; generated once for the module
+    return root
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def test_tiny_demo_run(tmp_path, synthetic_dir):
+    out = tmp_path / "run"
+    # `accelerate launch --cpu --num_processes 2` runs ONE process (accelerate needs an MPI hostfile for several CPU
+    # processes); the 2-process run is test_accelerate_launch_two_processes
+    proc = _run(["--output-dir", str(out), "--synthetic-dir", str(synthetic_dir), "--epochs", "1", "--ema", *TINY],
+                launcher=(sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"))
+    assert "| AP | AP50 | AP75 | APs | APm | APl |" in proc.stdout.replace("  ", " ") or "AP50" in proc.stdout
+    for name in ("final/model.safetensors", "final/config.json", "final/preprocessor_config.json",
+                 "best/model.safetensors", "prediction.png", "metrics.json"):
+        assert (out / name).is_file(), name
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert len(history) == 1 and {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(history[0])
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-4"]
+    assert list((out / "runs").rglob("events.out.tfevents*"))  # tensorboard tracker
+    assert Image.open(out / "prediction.png").size == (128, 128)
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["id2label"]["0"] == "circle" and len(config["id2label"]) == 5
+    processor = json.loads((out / "final" / "preprocessor_config.json").read_text())
+    assert processor["size"] == {"shortest_edge": 160, "longest_edge": 267}
+
+
+def test_kill_and_resume_is_exact(tmp_path, synthetic_dir):
+    """8 steps over 2 epochs (4 per epoch), checkpoints every 3 steps: a run killed (SIGKILL) after step 7 resumes
+    from checkpoint-6 (mid-epoch 2) and ends with the same batches and bit-identical weights as an uninterrupted run."""
+    common = ["--synthetic-dir", str(synthetic_dir), "--epochs", "2", "--save-steps", "3", "--save-total-limit", "5",
+              "--log-batches", "--ema", "--report-to", "none", *TINY]
+    ref, crash = tmp_path / "ref", tmp_path / "crash"
+    _run(["--output-dir", str(ref), *common])
+    killed = _run(["--output-dir", str(crash), *common], env=_env(HF_DINO_TEST_KILL_AT_STEP="7"), check=False)
+    assert killed.returncode != 0 and not (crash / "final").exists()
+    assert sorted(p.name for p in (crash / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-4", "checkpoint-6"]
+    resumed = _run(["--output-dir", str(crash), "--resume", *common])
+    assert "resumed from" in resumed.stdout and "epoch 1, batch 2, step 6" in resumed.stdout
+
+    def steps(folder):
+        by_step = {}
+        for line in (folder / "batch_log.jsonl").read_text().splitlines():
+            entry = json.loads(line)
+            by_step[entry["step"]] = entry["image_ids"]  # a step redone after the crash replaces the lost one
+        return by_step
+
+    reference = steps(ref)
+    assert sorted(reference) == list(range(1, 9))
+    assert steps(crash) == reference  # no batch lost or repeated
+    a, b = _weights(ref / "final"), _weights(crash / "final")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    ref_history = json.loads((ref / "metrics.json").read_text())["history"]
+    crash_history = json.loads((crash / "metrics.json").read_text())["history"]
+    assert [h["AP"] for h in crash_history] == [h["AP"] for h in ref_history]
+
+
+def test_accelerate_launch_two_processes(tmp_path, synthetic_dir):
+    out = tmp_path / "ddp"
+    proc = _run(
+        ["--output-dir", str(out), "--synthetic-dir", str(synthetic_dir), "--epochs", "1", "--eval-batch-size", "1",
+         "--report-to", "none", "--cpu", *TINY],
+        # two CPU processes through torchrun (`--multi_gpu` is accelerate's name for it; no GPU is needed)
+        launcher=(sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"),
+    )
+    assert "AP50" in proc.stdout and "processes: 2" in proc.stdout
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert history[-1]["step"] == 2  # 8 images, 2 per process and step
+
+    # the evaluation gathered both processes' shards: the same numbers as one process on all 5 images
+    from hf_dino import DinoForObjectDetection, DinoImageProcessor
+    from hf_dino.data import CocoDetectionDataset, DetectionCollator, make_eval_transforms, scaled_recipe
+    from hf_dino.training import evaluate_coco
+
+    model = DinoForObjectDetection.from_pretrained(out / "final")
+    processor = DinoImageProcessor.from_pretrained(out / "final")
+    val = CocoDetectionDataset(synthetic_dir / "val", synthetic_dir / "annotations" / "instances_val.json",
+                               make_eval_transforms(**scaled_recipe(0.2)))
+    loader = torch.utils.data.DataLoader(val, batch_size=1, collate_fn=DetectionCollator(processor))
+    metrics = evaluate_coco(model, loader, val.coco_ground_truth(), val.label_map.label_to_category_id, processor)
+    for key in ("AP", "AP50", "AP75"):
+        assert metrics[key] == pytest.approx(history[-1][key], abs=1e-6)
+
+
+def test_bad_data_gives_clear_messages(tmp_path):
+    train = _load_train_module()
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(images / "a.png")
+    data = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 32, "height": 32},
+                   {"id": 2, "file_name": "missing.png", "width": 32, "height": 32}],
+        "annotations": [{"id": 1, "image_id": 1, "bbox": [4, 4, 10, 10], "category_id": 1, "iscrowd": 0}],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(data))
+    argv = ["--train-images", str(images), "--train-annotations", str(ann), "--config", "compact"]
+    with pytest.raises(FileNotFoundError, match="--skip-missing-images"):
+        train.build_data(train.parse_args(argv), None)
+    train_set, _, label_map, _ = train.build_data(train.parse_args(argv + ["--skip-missing-images"]), None)
+    assert len(train_set) == 1 and label_map.id2label == {0: "thing"}
+
+    data["annotations"].append({"id": 2, "image_id": 1, "bbox": [1, 1, 2, 2], "category_id": 42, "iscrowd": 0})
+    ann.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="category id 42.*--ignore-unknown-categories"):
+        train.build_data(train.parse_args(argv + ["--skip-missing-images"]), None)
+
+    # degenerate / outside boxes and an image without annotations reach the loss as valid (or empty) targets
+    Image.new("RGB", (32, 32)).save(images / "missing.png")
+    data["annotations"][1:] = [
+        {"id": 2, "image_id": 1, "bbox": [5, 5, 0, 3], "category_id": 1, "iscrowd": 0},
+        {"id": 3, "image_id": 1, "bbox": [40, 40, 5, 5], "category_id": 1, "iscrowd": 0},
+        {"id": 4, "image_id": 1, "bbox": [20, 20, 30, 30], "category_id": 1, "iscrowd": 0},
+    ]
+    ann.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="fixed up"):
+        train_set, _, label_map, _ = train.build_data(train.parse_args(argv + ["--image-scale", "0.05"]), None)
+    from hf_dino import DinoForObjectDetection
+    from hf_dino.data import DetectionCollator, compact_config
+
+    batch = DetectionCollator()([train_set[(0, 1)], train_set[(1, 2)]])
+    assert batch["labels"][1]["boxes"].shape == (0, 4)
+    torch.manual_seed(0)
+    model = DinoForObjectDetection(compact_config(id2label=label_map.id2label, num_queries=10, num_denoising=4,
+                                                  encoder_layers=1, decoder_layers=1))
+    outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
+    assert torch.isfinite(outputs.loss)
+    outputs.loss.backward()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not COCO_MINI.is_dir(), reason=f"COCO-MINI not found at {COCO_MINI} (../shared/data/coco-mini)")
+def test_coco_mini_learning(tmp_path):
+    """The compact model overfits a handful of real COCO images: loss goes down, AP50 on them clearly non-trivial
+    (benchmarks/bench_train_coco_mini.py, reduced)."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_train_coco_mini.py"), "--output-dir", str(tmp_path / "b"),
+         "--json", str(tmp_path / "result.json")],
+        cwd=REPO, env=_env(OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=3600,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["final_loss"] < 0.6 * result["first_loss"]
+    assert result["AP50"] > 0.2
