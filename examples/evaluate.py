@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images (by id)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers that read the images")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the repo's own modeling code")
+    parser.add_argument("--labels-are-category-ids", action="store_true",
+                        help="take model label ids as the annotation file's category ids (default: map by label name)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
@@ -102,7 +104,13 @@ def main(argv=None) -> dict[str, float]:
     processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     model = AutoModelForObjectDetection.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     model = model.to(accelerator.device).eval()
-    label_to_category_id = build_label_to_category_id(model.config.id2label, coco_gt)
+    if args.labels_are_category_ids:
+        label_to_category_id = None
+    else:
+        try:
+            label_to_category_id = build_label_to_category_id(model.config.id2label, coco_gt)
+        except ValueError as error:
+            raise SystemExit(f"error: {error} (or pass --labels-are-category-ids)")
     evaluator = CocoEvaluator(coco_gt, label_to_category_id)
 
     # every process takes every N-th image: no image twice, nothing to de-duplicate

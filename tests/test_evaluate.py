@@ -316,7 +316,7 @@ def test_evaluate_script_under_accelerate_launch(tmp_path, tiny_model_dir):
     """A real (tiny, random) DINO, 2 processes: the detections of both are gathered and scored once."""
     accelerate = pytest.importorskip("accelerate")  # noqa: F841
     coco_gt = _quiet_coco(VAL_JSON)
-    n_images = 6
+    n_images = 4
     image_ids = sorted(coco_gt.getImgIds())[:n_images]
     out, metrics_out = tmp_path / "results.json", tmp_path / "metrics.json"
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
