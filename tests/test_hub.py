@@ -354,3 +354,8 @@ def test_converter_verify_against_original_fixture(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "OK: max |diff|" in proc.stdout
+
+
+def test_conversion_readme_holds_the_generated_table():
+    readme = (REPO / "conversion" / "README.md").read_text()
+    assert markdown_table() in readme
