@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <tuple>
 #include <vector>
@@ -139,7 +140,15 @@ std::vector<at::Tensor> msda_cpu_backward(const at::Tensor& value_in, const at::
               "msda_cpu_backward: grad_output has ", grad_output_in.numel(), " elements, expected ",
               p.batch * p.queries * p.heads * p.head_dim);
   const at::Tensor grad_output = grad_output_in.to(value.scalar_type()).contiguous();
-  at::Tensor grad_value = at::zeros_like(value);
+  // grad_value is zeroed by all threads (its first touch, i.e. its page faults, dominates small backward calls)
+  at::Tensor grad_value = at::empty_like(value);
+  {
+    auto* bytes = static_cast<char*>(grad_value.data_ptr());
+    const int64_t size = grad_value.numel() * grad_value.element_size();
+    at::parallel_for(0, size, int64_t(1) << 18, [&](int64_t begin, int64_t end) {
+      std::memset(bytes + begin, 0, static_cast<size_t>(end - begin));
+    });
+  }
   at::Tensor grad_locations = at::zeros_like(locations);
   at::Tensor grad_weights = at::zeros_like(weights);
   const int64_t work = p.batch * p.heads;

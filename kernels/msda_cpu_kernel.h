@@ -71,33 +71,15 @@ inline void msda_axpy(T* __restrict__ dst, const T* __restrict__ src, T w, int64
   for (int64_t c = 0; c < len; ++c) dst[c] += w * src[c];
 }
 
-// s_k = <g, v_k> for the four corners. Independent lane accumulators keep the reduction vectorisable
-// without -ffast-math.
+// s_k = <g, v_k> for the four corners. `omp simd reduction` lets the compiler vectorise the sums (lane-wise
+// partial sums) without -ffast-math; it needs -fopenmp or -fopenmp-simd and is ignored elsewhere.
 template <typename T, int D>
 inline void msda_dot4(const T* __restrict__ g, const T* __restrict__ v0, const T* __restrict__ v1,
                       const T* __restrict__ v2, const T* __restrict__ v3, int64_t n, T* out) {
-  constexpr int kLanes = 8;
   const int64_t len = D > 0 ? D : n;
-  T a0[kLanes], a1[kLanes], a2[kLanes], a3[kLanes];
-  for (int j = 0; j < kLanes; ++j) a0[j] = a1[j] = a2[j] = a3[j] = T(0);
-  int64_t c = 0;
-  for (; c + kLanes <= len; c += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const T gc = g[c + j];
-      a0[j] += gc * v0[c + j];
-      a1[j] += gc * v1[c + j];
-      a2[j] += gc * v2[c + j];
-      a3[j] += gc * v3[c + j];
-    }
-  }
   T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
-  for (int j = 0; j < kLanes; ++j) {
-    s0 += a0[j];
-    s1 += a1[j];
-    s2 += a2[j];
-    s3 += a3[j];
-  }
-  for (; c < len; ++c) {
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t c = 0; c < len; ++c) {
     const T gc = g[c];
     s0 += gc * v0[c];
     s1 += gc * v1[c];

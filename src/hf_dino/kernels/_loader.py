@@ -116,12 +116,28 @@ def _cuda_include_dirs() -> list[str]:
     return dirs
 
 
+def _cuda_library_dirs() -> list[str]:
+    """Directories with ``libcudart.so`` to link against, besides torch's guess of ``CUDA_HOME`` (which is wrong
+    when ``nvcc`` on the PATH is a wrapper script outside the tool kit, e.g. /usr/local/bin/nvcc)."""
+    from torch.utils import cpp_extension
+
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME, "/usr/local/cuda"]
+    dirs = []
+    for root in filter(None, roots):
+        for sub in ("lib64", "lib", "lib/x64"):
+            candidate = Path(root, sub)
+            if (candidate / "libcudart.so").exists() or (candidate / "cudart.lib").exists():
+                if str(candidate) not in dirs:
+                    dirs.append(str(candidate))
+    return dirs
+
+
 def _build_config(device_type: str) -> dict:
     cflags, ldflags = _cpu_flags()
     config: dict = {"extra_cflags": cflags, "extra_ldflags": ldflags}
     if device_type == "cuda":
         config["extra_cflags"] = ["/O2"] if _is_msvc() else ["-O3"]
-        config["extra_ldflags"] = []
+        config["extra_ldflags"] = [f"-L{d}" for d in _cuda_library_dirs()] if not _is_msvc() else []
         config["extra_cuda_cflags"] = ["-O3", "--expt-relaxed-constexpr"]
         config["extra_include_paths"] = _cuda_include_dirs()
         config["arch_list"] = cuda_arch_list()
