@@ -60,6 +60,7 @@ from hf_dino.training import (
     draw_predictions,
     evaluate_coco,
     find_latest_checkpoint,
+    ensure_dino_initialisation,
     get_param_groups,
     prepare_scratch_backbone,
     load_checkpoint,
@@ -71,8 +72,8 @@ from hf_dino.training import (
 logger = logging.getLogger("train")
 
 # the built-in demo: synthetic shapes + compact preset (see `hf_dino.data.synthetic`)
-DEMO_DEFAULTS = dict(epochs=6, lr=2e-4, lr_backbone=2e-4, lr_drop=[5], batch_size=4, image_scale=0.2,
-                     weight_decay=1e-4)
+DEMO_DEFAULTS = dict(epochs=10, lr=4e-4, lr_backbone=4e-4, lr_drop=[8], batch_size=4, image_scale=0.2,
+                     weight_decay=1e-4, num_workers=0)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -100,7 +101,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--image-scale", type=float, default=None,
                    help="multiply every augmentation size (480..800/1333, 400..600, 384..600) and the eval size 800")
     d.add_argument("--eval-size", type=int, default=None, help="shorter side at evaluation (default 800 * image-scale)")
-    d.add_argument("--num-workers", type=int, default=2)
+    d.add_argument("--augmentation", default="dino", choices=["dino", "flip", "none"],
+                   help="dino: the paper's flip + multi-scale resize / resize-crop-resize; flip: flip only, at the "
+                   "evaluation size; none: the evaluation transform")
+    d.add_argument("--num-workers", type=int, default=None, help="data loader workers (default 2; demo 0)")
 
     m = p.add_argument_group("model")
     m.add_argument("--model-name-or-path", default=None, help="a DINO folder / Hub id to fine-tune")
@@ -136,6 +140,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept")
     r.add_argument("--resume", nargs="?", const="auto", default=None, help="checkpoint folder, or auto (latest in output dir)")
     r.add_argument("--no-eval", action="store_true")
+    r.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     r.add_argument("--logging-steps", type=int, default=10)
     r.add_argument("--report-to", default="tensorboard", choices=["tensorboard", "none"])
     r.add_argument("--log-batches", action="store_true", help="write the image ids of every step to batch_log.jsonl")
@@ -146,7 +151,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
 
     args.demo = not any([args.train_images, args.train_annotations, args.dataset_name])
-    defaults = dict(epochs=12, lr=1e-4, lr_backbone=1e-5, lr_drop=[11], batch_size=2, image_scale=1.0, weight_decay=1e-4)
+    defaults = dict(epochs=12, lr=1e-4, lr_backbone=1e-5, lr_drop=[11], batch_size=2, image_scale=1.0, weight_decay=1e-4,
+                    num_workers=2)
     if args.demo:
         defaults = DEMO_DEFAULTS
     for key, value in defaults.items():
@@ -169,7 +175,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_data(args, initial_id2label):
     """Train/val data sets, the label map and the COCO ground truth of the validation set."""
     recipe = scaled_recipe(args.image_scale, args.eval_size)
-    train_tf, eval_tf = make_train_transforms(**recipe), make_eval_transforms(**recipe)
+    eval_tf = make_eval_transforms(**recipe)
+    if args.augmentation == "dino":
+        train_tf = make_train_transforms(**recipe)
+    elif args.augmentation == "flip":  # flip at the evaluation size (e.g. to overfit a handful of images)
+        train_tf = make_train_transforms(**{**recipe, "scales": [recipe["eval_size"]], "crop_size": None})
+    else:
+        train_tf = eval_tf
     policies = dict(
         missing_images="skip" if args.skip_missing_images else "error",
         unknown_categories="ignore" if args.ignore_unknown_categories else "error",
@@ -251,6 +263,8 @@ def build_model(args, label_map, config):
     else:
         config = DinoConfig(**labels, **overrides)
     model = DinoForObjectDetection(config)
+    if ensure_dino_initialisation(model):
+        logger.info("re-applied DINO's head/attention initialisation to the new model")
     if args.scratch_backbone or (args.scratch_backbone is None and args.demo and not config.use_pretrained_backbone):
         prepare_scratch_backbone(model)
     return model
@@ -431,6 +445,9 @@ def main(argv=None) -> dict:
                 logs = {f"train/{k}": v / args.logging_steps for k, v in running.items()}
                 logs["train/lr"] = scheduler.get_last_lr()[0]
                 accelerator.log(logs, step=global_step)
+                if accelerator.is_main_process:
+                    with open(output_dir / "train_log.jsonl", "a") as f:
+                        f.write(json.dumps({"step": global_step, "epoch": epoch, **logs}) + "\n")
                 running = {}
             done = global_step >= total_steps
             end_of_epoch = batch_index == sampler.num_batches
@@ -443,7 +460,7 @@ def main(argv=None) -> dict:
         # ---- end of epoch: evaluate, checkpoint, best model ----
         finished_epoch = batch_index == sampler.num_batches
         entry = {"epoch": epoch, "step": global_step, "time_s": round(time.time() - start_time, 1)}
-        if val_loader is not None:
+        if val_loader is not None and (done or (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
             eval_model = ema.module if ema is not None else model
             metrics = evaluate_coco(eval_model, val_loader, coco_gt, label_map.label_to_category_id, processor,
                                     accelerator=accelerator, progress=progress is not None)

@@ -37,6 +37,7 @@ __all__ = [
     "compact_config",
     "get_param_groups",
     "prepare_scratch_backbone",
+    "ensure_dino_initialisation",
     "ModelEMA",
     "ResumableBatchSampler",
     "capture_rng_state",
@@ -60,6 +61,27 @@ def compact_config(**overrides):
     from .data.synthetic import compact_config as _compact
 
     return _compact(**overrides)
+
+
+@torch.no_grad()
+def ensure_dino_initialisation(model: nn.Module) -> bool:
+    """Re-apply DINO's own initialisation (focal-loss prior of the class heads, zero sampling-offset weights with
+    the radial bias grid, zero attention weights, xavier feed-forwards, zero last box layers) to a freshly built
+    model when it is missing, i.e. when the generic ``nn.Linear`` initialisation ran after it.
+
+    Detected by the decoder class head bias not being at the prior; returns whether anything was re-applied. A model
+    loaded with ``from_pretrained`` keeps its weights (do not call it there).
+    """
+    head = getattr(model, "class_embed", None)
+    prior = -math.log((1 - 0.01) / 0.01)
+    if head is None or getattr(head, "bias", None) is None or torch.allclose(head.bias, torch.full_like(head.bias, prior)):
+        return False
+    names = {"DinoMultiscaleDeformableAttention", "DinoEncoderLayer", "DinoDecoderLayer", "DinoModel",
+             "DinoForObjectDetection"}
+    for module in model.modules():
+        if type(module).__name__ in names:
+            model._init_weights(module)
+    return True
 
 
 @torch.no_grad()

@@ -130,13 +130,17 @@ def make_train_transforms(
     scales: Sequence[int] = DEFAULT_SCALES,
     max_size: int = DEFAULT_MAX_SIZE,
     crop_resize_scales: Sequence[int] = DEFAULT_CROP_RESIZE_SCALES,
-    crop_size: tuple[int, int] = DEFAULT_CROP_SIZE,
+    crop_size: tuple[int, int] | None = DEFAULT_CROP_SIZE,
     hflip_prob: float = 0.5,
     **_: Any,
 ) -> v2.Compose:
     """The training augmentation of the paper (see the module docstring). Takes ``(image, target)`` with
-    ``target = {"boxes": BoundingBoxes, "labels": Tensor, ...}``."""
+    ``target = {"boxes": BoundingBoxes, "labels": Tensor, ...}``. ``crop_size=None`` leaves out the
+    resize-crop-resize branch (flip + random resize only)."""
     scales = [int(v) for v in scales]
+    if crop_size is None:  # flip + random resize only
+        return v2.Compose([v2.RandomHorizontalFlip(p=hflip_prob), RandomResize(scales, max_size=max_size),
+                           v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1.0)])
     return v2.Compose(
         [
             v2.RandomHorizontalFlip(p=hflip_prob),
