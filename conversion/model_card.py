@@ -134,7 +134,7 @@ def _usage_section(model_id: str, example_image: str) -> str:
     return f"""## How to use
 
 The modeling code travels with the weights (`trust_remote_code=True`; pure-PyTorch multi-scale deformable
-attention, so only `torch`, `torchvision`, `transformers` and `timm` are needed). With the `hf_dino` package installed,
+attention; needs `torch`, `torchvision`, `transformers`, `timm`, `scipy` and `pillow`). With the `hf_dino` package installed,
 `import hf_dino` registers the same classes with the Auto classes, and its compiled attention kernel is used when
 available.
 

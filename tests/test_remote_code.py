@@ -200,3 +200,21 @@ def test_saved_repo_predicts_without_hf_dino(tmp_path):
     # the remote modules never reach for the package (e.g. a compiled-kernel loader imported as `hf_dino.kernels`);
     # if one does, it must be optional (inside try/except), which the successful run above shows
     print("hf_dino imports attempted by the remote code:", report["hf_dino_import_attempts"])
+
+
+def test_remote_code_needs_only_documented_packages():
+    """transformers refuses remote code whose imports (outside try/except) are not installed: the travelling files
+    may only need what the model card lists."""
+    from transformers.dynamic_module_utils import get_imports, get_relative_import_files
+
+    src = REPO / "src" / "hf_dino"
+    files = {src / f"{name}.py" for name in ("configuration_dino", "modeling_dino", "image_processing_dino")}
+    for f in list(files):
+        files |= {Path(p) for p in get_relative_import_files(str(f))}
+    third_party = set()
+    for f in files:
+        third_party |= {name for name in get_imports(str(f)) if name not in sys.stdlib_module_names}
+    card_says = {"torch", "torchvision", "transformers", "timm", "scipy", "PIL"}
+    assert third_party <= card_says | {"numpy", "huggingface_hub", "safetensors"}, sorted(third_party)
+    card = finetuned_model_card("me/x", {0: "a"})
+    assert "needs `torch`, `torchvision`, `transformers`, `timm`, `scipy` and `pillow`" in card
