@@ -62,6 +62,7 @@ from hf_dino.training import (
     find_latest_checkpoint,
     ensure_dino_initialisation,
     get_param_groups,
+    init_new_class_heads,
     prepare_scratch_backbone,
     load_checkpoint,
     save_checkpoint,
@@ -83,7 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--train-annotations", help="COCO instances JSON of the training images")
     d.add_argument("--val-images", help="folder of the validation images")
     d.add_argument("--val-annotations", help="COCO instances JSON of the validation images")
-    d.add_argument("--dataset-name", help="a `datasets` detection data set (columns image, objects{bbox, category})")
+    d.add_argument("--dataset-name", help="a `datasets` detection data set (columns image, objects{bbox, category}): "
+                   "a Hub name or a save_to_disk folder")
     d.add_argument("--dataset-config", default=None)
     d.add_argument("--train-split", default="train")
     d.add_argument("--val-split", default="validation")
@@ -191,7 +193,16 @@ def build_data(args, initial_id2label):
     if args.dataset_name:
         import datasets
 
-        ds = datasets.load_dataset(args.dataset_name, args.dataset_config)
+        if os.path.isdir(args.dataset_name) and any(
+            os.path.isfile(os.path.join(args.dataset_name, f)) for f in ("dataset_dict.json", "state.json")
+        ):
+            ds = datasets.load_from_disk(args.dataset_name)  # a folder written by save_to_disk
+        else:
+            ds = datasets.load_dataset(args.dataset_name, args.dataset_config)
+        if isinstance(ds, datasets.Dataset):
+            ds = datasets.DatasetDict({args.train_split: ds})
+        if args.train_split not in ds:
+            raise ValueError(f"--train-split {args.train_split!r} not in the dataset (splits: {list(ds)})")
         categories = hf_categories(ds[args.train_split])
     else:
         if args.demo:
@@ -257,6 +268,7 @@ def build_model(args, label_map, config):
         )
         reinit = sorted(set(info.get("mismatched_keys", [])) | set(info.get("missing_keys", [])), key=str)
         logger.info("re-initialised for the new label set: %s", [k[0] if isinstance(k, tuple) else k for k in reinit])
+        init_new_class_heads(model)
         return model
     if args.config == "compact":
         config = compact_config(**labels, **overrides)

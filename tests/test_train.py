@@ -202,3 +202,56 @@ def test_coco_mini_learning(tmp_path):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["final_loss"] < 0.6 * result["first_loss"]
     assert result["AP50"] > 0.2
+
+
+def test_hf_dataset_from_disk(tmp_path):
+    import datasets
+
+    train = _load_train_module()
+    features = datasets.Features({
+        "image": datasets.Image(),
+        "objects": {"bbox": datasets.Sequence(datasets.Sequence(datasets.Value("float32"), length=4)),
+                    "category": datasets.Sequence(datasets.ClassLabel(names=["mask", "glove"]))},
+    })
+    rows = [{"image": Image.new("RGB", (40, 30)), "objects": {"bbox": [[2, 3, 10, 12]], "category": [1]}}] * 3
+    split = datasets.Dataset.from_list(rows, features=features)
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(tmp_path / "ds")
+    args = train.parse_args(["--dataset-name", str(tmp_path / "ds"), "--val-split", "test", "--image-scale", "0.1"])
+    train_set, val_set, label_map, _ = train.build_data(args, None)
+    assert len(train_set) == 3 and len(val_set) == 3 and label_map.id2label == {0: "mask", 1: "glove"}
+    assert train_set[(0, 0)][1]["class_labels"].tolist() == [1]
+    assert len(val_set.coco_ground_truth().anns) == 3
+
+
+def test_fine_tune_91_class_model_on_new_classes(tmp_path, synthetic_dir):
+    """A COCO-style 91-class model fine-tuned on the 5 synthetic classes: class heads and label embedding are
+    re-initialised with the new size, everything else is loaded; on COCO data the labels are kept as they are."""
+    from hf_dino import DinoForObjectDetection
+    from hf_dino.data import compact_config
+
+    train = _load_train_module()
+    torch.manual_seed(0)
+    coco_model = DinoForObjectDetection(compact_config(num_queries=10, num_denoising=4))  # COCO id2label, 91 labels
+    assert coco_model.config.num_labels == 91
+    coco_model.save_pretrained(tmp_path / "coco91")
+    argv = ["--model-name-or-path", str(tmp_path / "coco91"), "--synthetic-dir", str(synthetic_dir)]
+    args = train.parse_args(argv)
+    config = train.initial_config(args)
+    _, _, label_map, _ = train.build_data(args, config.id2label)
+    assert label_map.mode == "contiguous" and label_map.num_labels == 5
+    model = train.build_model(args, label_map, config)
+    assert model.config.num_labels == 5 and model.config.id2label[0] == "circle"
+    assert model.class_embed.weight.shape[0] == 5 and model.model.denoising_class_embed.weight.shape[0] == 6
+    torch.testing.assert_close(model.class_embed.bias, torch.full((5,), -4.59512), atol=1e-4, rtol=0)
+    old, new = coco_model.state_dict(), model.state_dict()
+    same = [k for k in new if k in old and new[k].shape == old[k].shape and torch.equal(new[k], old[k])]
+    assert len(same) >= len(new) - 6  # only the class heads / label embedding differ
+
+    if COCO_MINI.is_dir():  # on COCO data the 91-class model is used as it is
+        coco_args = train.parse_args(["--model-name-or-path", str(tmp_path / "coco91"),
+                                      "--train-images", str(COCO_MINI / "train2017"),
+                                      "--train-annotations", str(COCO_MINI / "annotations" / "instances_train2017.json")])
+        _, _, coco_map, _ = train.build_data(coco_args, config.id2label)
+        assert coco_map.mode == "category_id" and coco_map.num_labels == 91
+        same_model = train.build_model(coco_args, coco_map, config)
+        assert torch.equal(same_model.class_embed.weight, coco_model.class_embed.weight)

@@ -38,6 +38,7 @@ __all__ = [
     "get_param_groups",
     "prepare_scratch_backbone",
     "ensure_dino_initialisation",
+    "init_new_class_heads",
     "ModelEMA",
     "ResumableBatchSampler",
     "capture_rng_state",
@@ -82,6 +83,28 @@ def ensure_dino_initialisation(model: nn.Module) -> bool:
         if type(module).__name__ in names:
             model._init_weights(module)
     return True
+
+
+@torch.no_grad()
+def init_new_class_heads(model: nn.Module, prior_prob: float = 0.01) -> list[str]:
+    """After loading a checkpoint with a new label set (``ignore_mismatched_sizes``), give the re-created class
+    heads the focal-loss prior bias (``-log((1 - p) / p)``) when they came out with a zero bias. Returns their names."""
+    prior = -math.log((1 - prior_prob) / prior_prob)
+    fixed = []
+    for name in ("class_embed", "model.enc_out_class_embed"):
+        head = model.get_submodule(name) if _has_submodule(model, name) else None
+        if head is not None and getattr(head, "bias", None) is not None and not head.bias.any():
+            head.bias.fill_(prior)
+            fixed.append(name)
+    return fixed
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
 
 
 @torch.no_grad()
