@@ -83,6 +83,8 @@ for source in (os.path.join(work, "repo"), "REPO_ID"):
 detector = pipeline("object-detection", model=os.path.join(work, "repo"), trust_remote_code=True)
 detections = detector(image_path, threshold=0.0)
 report["pipeline"] = {"n": len(detections), "first": detections[0], "model_module": type(detector.model).__module__}
+by_id = pipeline("object-detection", model="REPO_ID", trust_remote_code=True)(image_path, threshold=0.0)
+report["pipeline_by_repo_id"] = [d["score"] for d in by_id] == [d["score"] for d in detections]
 timings["pipeline"] = time.time() - t0
 
 readme = open(os.path.join(work, "repo", "README.md")).read()
@@ -193,6 +195,7 @@ def test_saved_repo_predicts_without_hf_dino(tmp_path):
         assert r["logits_diff"] < 1e-4 and r["boxes_diff"] < 1e-5, r
     assert report["pipeline"]["model_module"].startswith("transformers_modules.")
     assert report["pipeline"]["n"] > 0 and set(report["pipeline"]["first"]) == {"score", "label", "box"}
+    assert report["pipeline_by_repo_id"] is True
     assert report["snippets"] == 2
     assert report["hf_dino_modules_loaded"] == []
     assert report["remote_attention_modules"] >= 1 and report["remote_kernels_loaded"] == []  # pure PyTorch there
