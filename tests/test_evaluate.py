@@ -314,7 +314,7 @@ def test_evaluate_script_matches_independent_pycocotools(tmp_path, monkeypatch, 
 @needs_coco_mini
 def test_evaluate_script_under_accelerate_launch(tmp_path, tiny_model_dir):
     """A real (tiny, random) DINO, 2 processes: the detections of both are gathered and scored once."""
-    accelerate = pytest.importorskip("accelerate")  # noqa: F841
+    pytest.importorskip("accelerate")
     coco_gt = _quiet_coco(VAL_JSON)
     n_images = 4
     image_ids = sorted(coco_gt.getImgIds())[:n_images]
