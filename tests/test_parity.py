@@ -48,7 +48,8 @@ def parity_run(request, tmp_path_factory):
     for hook in hooks:
         hook.remove()
     assert forced.calls == 1, "query selection must go through torch.topk exactly once"
-    return fixture, expected, outputs, captured
+    model.parity_inputs = (inputs["pixel_values"], pixel_mask)
+    return fixture, expected, outputs, captured, model
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -57,7 +58,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_encoder_scores_and_query_selection(parity_run):
-    fixture, expected, _, captured = parity_run
+    fixture, expected, _, captured, _ = parity_run
     scores = captured["enc_token_scores"]
     reference = expected["internals.enc_token_scores"]
     assert max_diff(scores, reference) <= SCORE_ATOL
@@ -70,7 +71,7 @@ def test_encoder_scores_and_query_selection(parity_run):
 
 
 def test_decoder_outputs_match_original(parity_run):
-    fixture, expected, outputs, captured = parity_run
+    fixture, expected, outputs, captured, _ = parity_run
     report = {
         "pred_logits": max_diff(outputs.logits, expected["pred_logits"]),
         "pred_boxes": max_diff(outputs.pred_boxes, expected["pred_boxes"]),
@@ -96,7 +97,7 @@ def test_decoder_outputs_match_original(parity_run):
 
 
 def test_encoder_memory_matches_original(parity_run):
-    _, expected, outputs, _ = parity_run
+    _, expected, outputs, _, _ = parity_run
     memory = outputs.encoder_last_hidden_state
     shapes = expected["internals.spatial_shapes"].tolist()
     starts = expected["internals.level_start_index"].tolist()
@@ -105,3 +106,13 @@ def test_encoder_memory_matches_original(parity_run):
     mean_std = torch.stack([memory.mean(), memory.std()])
     assert max_diff(mean_std, expected["internals.memory.mean_std"]) <= ATOL
     assert memory.shape[1] == sum(h * w for h, w in shapes)
+
+
+def test_pure_pytorch_attention_path_matches_original(parity_run, monkeypatch):
+    """The same parity with the compiled kernel switched off (the path used where it cannot be built)."""
+    _, expected, _, _, model = parity_run
+    monkeypatch.setenv("HF_DINO_DISABLE_CUSTOM_KERNELS", "1")
+    with torch.no_grad(), ForcedSelection(expected["internals.enc_topk_indices"]):
+        outputs = model(*model.parity_inputs)
+    assert max_diff(outputs.logits, expected["pred_logits"]) <= ATOL
+    assert max_diff(outputs.pred_boxes, expected["pred_boxes"]) <= ATOL
