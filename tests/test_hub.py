@@ -359,3 +359,16 @@ def test_converter_verify_against_original_fixture(tmp_path):
 def test_conversion_readme_holds_the_generated_table():
     readme = (REPO / "conversion" / "README.md").read_text()
     assert markdown_table() in readme
+
+
+def test_push_of_an_unlisted_original_checkpoint(monkeypatch):
+    fake = FakeHub(monkeypatch)
+    model = tiny_model(seed=2)
+    hub.push_converted_checkpoint(model, tiny_processor(), "me/own-dino", checkpoint_file="/x/my_run.pth",
+                                  model_name="dino-r50-4scale")
+    readme = fake.commits[0]["files"]["README.md"].decode()
+    assert "converted from `my_run.pth`" in readme and "not one of the released checkpoints" in readme
+    assert "It detects 80 categories." in readme and "| 1 | person |" in readme
+    assert fake.commits[0]["commit_message"] == "Upload converted my_run.pth (hf_dino)"
+    with pytest.raises(ValueError):
+        hub.push_converted_checkpoint(model, tiny_processor(), "me/own-dino", checkpoint_file="/x/my_run.pth")
