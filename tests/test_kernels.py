@@ -363,38 +363,33 @@ def test_import_compiles_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("breakage", ["no_compiler", "no_sources"])
-def test_impossible_build_warns_once_and_falls_back(tmp_path, breakage):
-    extra = {"HF_DINO_KERNELS_CACHE": str(tmp_path / "cache")}
+def test_impossible_build_warns_once_and_falls_back(tmp_path, monkeypatch, breakage):
+    monkeypatch.setattr(_loader, "_modules", {})  # a fresh "process": nothing built or failed yet
+    monkeypatch.setattr(_loader, "_errors", {})
+    monkeypatch.setenv(_loader.ENV_CACHE, str(tmp_path / "cache"))
+    monkeypatch.delenv(_loader.ENV_DISABLE, raising=False)
     if breakage == "no_compiler":
-        extra["CXX"] = str(tmp_path / "no-such-compiler")
+        monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     else:
-        extra[_loader.ENV_SOURCES] = str(tmp_path / "missing")
-    code = textwrap.dedent(
-        """
-        import warnings, torch
-        import hf_dino.deformable_attention as da
-        torch.manual_seed(0)
-        shapes = torch.tensor([[4, 5], [2, 3]]); starts = torch.tensor([0, 20])
-        v = torch.randn(1, 26, 2, 4); loc = torch.rand(1, 3, 2, 2, 2, 2); w = torch.rand(1, 3, 2, 2, 2)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            outs = [da.multi_scale_deformable_attention(v, shapes, starts, loc, w) for _ in range(3)]
-        ours = [str(c.message) for c in caught if "hf_dino" in str(c.message)]
-        assert len(ours) == 1, ours
-        print(ours[0])
-        ref = da.multi_scale_deformable_attention_pytorch(v, shapes, loc, w)
-        assert all(torch.equal(o, ref) for o in outs)
-        print("fallback ok")
-        """
-    )
-    result = subprocess.run([sys.executable, "-c", code], env=_subprocess_env(**extra), capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0 and "fallback ok" in result.stdout, result.stdout + result.stderr
-    assert ("compiler" if breakage == "no_compiler" else "sources") in result.stdout
+        monkeypatch.setenv(_loader.ENV_SOURCES, str(tmp_path / "missing"))
+    value, shapes, starts, locations, weights = make_inputs(LEVEL_SETS["odd"], dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outputs = [da.multi_scale_deformable_attention(value, shapes, starts, locations, weights) for _ in range(3)]
+        # the op itself (e.g. inside a graph traced before the failure) falls back to the reference as well
+        outputs.append(torch.ops.hf_dino.ms_deform_attn(value, shapes, starts, locations, weights))
+    ours = [str(w.message) for w in caught if "hf_dino" in str(w.message)]
+    assert len(ours) == 1, ours
+    assert ("compiler" if breakage == "no_compiler" else "sources") in ours[0]
+    assert _loader.build_state("cpu") is False
+    reference = da.multi_scale_deformable_attention_pytorch(value, shapes, locations, weights)
+    for output in outputs:
+        torch.testing.assert_close(output, reference, rtol=0, atol=0)
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*/BUILD_OK"))
 
 
 def test_parallel_processes_build_once(cpu_extension, tmp_path):
-    """N processes racing for an empty cache: the file lock lets one build, the others load its result.
+    """Processes racing for an empty cache: the file lock lets one build, the others load its result.
 
     The compiler is replaced by a slow stand-in that counts invocations and installs the real library built by
     the fixture, so the test checks the locking protocol without compiling N times.
@@ -423,7 +418,7 @@ def test_parallel_processes_build_once(cpu_extension, tmp_path):
     )
     env = _subprocess_env(HF_DINO_KERNELS_CACHE=str(tmp_path / "cache"))
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(3)]
+                              text=True) for _ in range(2)]
     results = [p.communicate(timeout=180) + (p.returncode,) for p in procs]
     for out, err, code_ in results:
         assert code_ == 0 and "loaded" in out, err
@@ -444,13 +439,14 @@ def test_build_directory_is_keyed_by_device_torch_and_source_hash(tmp_path, monk
     assert _loader.build_key("cpu", sources) != key_cpu
 
 
-def test_prebuild_command(cpu_extension):
-    result = subprocess.run([sys.executable, "-m", "hf_dino.kernels", "build", "--device", "cpu"],
-                            env=_subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and "cpu: ok" in result.stdout, result.stderr
-    info = subprocess.run([sys.executable, "-m", "hf_dino.kernels", "info"], env=_subprocess_env(),
-                          capture_output=True, text=True, timeout=120)
-    assert info.returncode == 0 and "(built)" in info.stdout, info.stdout + info.stderr
+def test_prebuild_command(cpu_extension, capsys):
+    from hf_dino.kernels.__main__ import main
+
+    assert main(["build", "--device", "cpu"]) == 0
+    assert "cpu: ok" in capsys.readouterr().out
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert str(_loader.build_directory("cpu")) in out and "(built)" in out
 
 
 @pytest.mark.slow
@@ -517,15 +513,43 @@ def _nvcc() -> str | None:
     return next((str(c) for c in candidates if c.exists()), None)
 
 
+def _nvcc_major(nvcc: str) -> int | None:
+    result = subprocess.run([nvcc, "--version"], capture_output=True, text=True)
+    for token in result.stdout.replace(",", " ").split():
+        if token[:1].isdigit() and "." in token:
+            return int(token.split(".")[0])
+    return None
+
+
 @pytest.mark.slow
 def test_cuda_sources_compile_with_nvcc(tmp_path):
-    """Compile msda_cuda.cu to an object file with nvcc and torch's headers (no GPU needed)."""
+    """The CUDA extension compiles with nvcc (no GPU needed).
+
+    When nvcc matches torch's CUDA major version, the real loader builds the whole extension (nvcc + bindings +
+    link + import) into an empty cache for sm_80; otherwise msda_cuda.cu is compiled to an object file with
+    torch's headers. About 1.5 minutes of compilation on 2 cores.
+    """
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found: the CUDA sources cannot be compiled here")
     if torch.version.cuda is None:
         pytest.skip("this torch build has no CUDA headers (CPU-only build)")
     from torch.utils import cpp_extension
+
+    if _nvcc_major(nvcc) == int(torch.version.cuda.split(".")[0]):
+        code = textwrap.dedent(
+            """
+            import hf_dino.kernels._loader as L
+            module = L.build("cuda")
+            assert callable(module.forward) and callable(module.backward)
+            print("cuda extension ok", module.__name__)
+            """
+        )
+        env = _subprocess_env(HF_DINO_KERNELS_CACHE=str(tmp_path / "cache"), TORCH_CUDA_ARCH_LIST="8.0")
+        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0 and "cuda extension ok" in result.stdout, result.stderr[-4000:]
+        assert list((tmp_path / "cache").glob("cuda-*/BUILD_OK"))
+        return
 
     includes = cpp_extension.include_paths("cuda") + _loader._cuda_include_dirs()
     command = [
@@ -538,7 +562,6 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
     ] + [f"-I{path}" for path in includes]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert (tmp_path / "msda_cuda.o").stat().st_size > 0
     symbols = subprocess.run(["nm", "-C", str(tmp_path / "msda_cuda.o")], capture_output=True, text=True)
     if symbols.returncode == 0:
         assert "hf_dino_msda::msda_cuda_forward" in symbols.stdout
