@@ -483,9 +483,8 @@ def main(argv=None) -> dict:
                 best_ap = metrics["AP"]
                 export(output_dir / "best", ema.module if ema is not None else unwrapped)
         history.append(entry)
-        if finished_epoch:
-            epoch, start_batch = epoch + 1, 0
-        save(epoch, start_batch if not finished_epoch else 0)
+        epoch, start_batch = (epoch + 1, 0) if finished_epoch else (epoch, batch_index)  # next position
+        save(epoch, start_batch)
         if accelerator.is_main_process:
             write_json(output_dir / "metrics.json", {"history": history, "best_AP": best_ap})
 

@@ -75,7 +75,7 @@ def test_tiny_demo_run(tmp_path, synthetic_dir):
     assert len(history) == 1 and {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(history[0])
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-4"]
     assert list((out / "runs").rglob("events.out.tfevents*"))  # tensorboard tracker
-    assert Image.open(out / "prediction.png").size == (128, 128)
+    assert Image.open(out / "prediction.png").size == (384, 384)  # the 128-pixel image, enlarged 3x
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["id2label"]["0"] == "circle" and len(config["id2label"]) == 5
     processor = json.loads((out / "final" / "preprocessor_config.json").read_text())

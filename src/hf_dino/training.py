@@ -496,34 +496,24 @@ class _nullcontext:
 # Prediction image
 # ----------------------------------------------------------------------------------------------------------------------
 
-_PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-            (240, 50, 230), (210, 245, 60), (250, 190, 190), (0, 128, 128), (170, 110, 40), (128, 0, 0)]
+def draw_predictions(image, detections: Mapping[str, Any], id2label: Mapping[int, str] | None = None,
+                     threshold: float = 0.3, min_side: int = 384):
+    """A copy of the PIL ``image`` with the detections (``scores``, ``labels``, ``boxes`` absolute xyxy) scoring at
+    least ``threshold`` drawn as labelled boxes (:func:`hf_dino.visualization.draw_detections`). Images smaller
+    than ``min_side`` are enlarged first (by an integer factor) so that the labels stay readable."""
+    from .visualization import draw_detections
 
-
-def draw_predictions(image, detections: Mapping[str, Any], id2label: Mapping[int, str] | None = None, threshold: float = 0.3):
-    """A copy of the PIL ``image`` with the detections (``scores``, ``labels``, ``boxes`` absolute xyxy) above
-    ``threshold`` drawn as labelled boxes."""
-    from PIL import ImageDraw
-
-    image = image.convert("RGB").copy()
-    draw = ImageDraw.Draw(image)
     scores = torch.as_tensor(detections["scores"]).float().cpu()
-    labels = torch.as_tensor(detections["labels"]).cpu()
-    boxes = torch.as_tensor(detections["boxes"]).float().cpu()
-    width = max(1, round(min(image.size) / 200))
-    for score, label, box in sorted(zip(scores.tolist(), labels.tolist(), boxes.tolist()), key=lambda t: t[0]):
-        if score < threshold:
-            continue
-        colour = _PALETTE[int(label) % len(_PALETTE)]
-        name = (id2label or {}).get(int(label), str(int(label)))
-        x0, y0, x1, y1 = box
-        draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
-        text = f"{name} {score:.2f}"
-        left, top, right, bottom = draw.textbbox((x0, y0), text)
-        ty = y0 - (bottom - top) - 2 if y0 - (bottom - top) - 2 >= 0 else y0
-        draw.rectangle([x0, ty, x0 + (right - left) + 4, ty + (bottom - top) + 2], fill=colour)
-        draw.text((x0 + 2, ty), text, fill=(255, 255, 255))
-    return image
+    keep = scores >= threshold
+    kept = {"scores": scores[keep], "labels": torch.as_tensor(detections["labels"]).cpu()[keep],
+            "boxes": torch.as_tensor(detections["boxes"]).float().cpu()[keep]}
+    factor = max(1, math.ceil(min_side / max(1, max(image.size))))
+    if factor > 1:
+        from PIL import Image
+
+        image = image.resize((image.width * factor, image.height * factor), Image.Resampling.BILINEAR)
+        kept["boxes"] = kept["boxes"] * factor
+    return draw_detections(image, kept, id2label)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
