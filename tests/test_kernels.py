@@ -208,6 +208,18 @@ def test_padding_mask_zeroes_padded_tokens(cpu_extension):
     assert_close_to_reference(value, shapes, starts, locations, weights)
 
 
+def test_mixed_dtypes_compute_in_the_widest(cpu_extension):
+    """Under autocast the value can be bfloat16 while locations / weights are float32: computed in float32."""
+    value, shapes, starts, locations, weights = make_inputs(LEVEL_SETS["odd"], dtype=torch.float32, seed=10)
+    value16 = value.bfloat16()
+    assert K.kernel_usable(value16, locations, weights)
+    out = da.multi_scale_deformable_attention(value16.requires_grad_(), shapes, starts, locations, weights)
+    assert out.dtype == torch.float32 and _ran_kernel(out)
+    torch.testing.assert_close(out, K.ms_deform_attn(value16.float(), shapes, starts, locations, weights))
+    out.sum().backward()
+    assert value16.grad.dtype == torch.bfloat16
+
+
 def test_shapes_given_on_another_device_or_as_lists(cpu_extension):
     value, shapes, starts, locations, weights = make_inputs(LEVEL_SETS["odd"], seed=9)
     expected = K.ms_deform_attn(value, shapes, starts, locations, weights)

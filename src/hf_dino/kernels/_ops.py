@@ -110,6 +110,12 @@ def _register():
 _register()
 
 
+def _common_dtype(value: Tensor, sampling_locations: Tensor, attention_weights: Tensor) -> torch.dtype:
+    """The dtype the kernel computes in: the widest of the three (under autocast value may be half while the
+    locations are float32; grid_sample, the reference, would run in float32 there too)."""
+    return torch.promote_types(value.dtype, torch.promote_types(sampling_locations.dtype, attention_weights.dtype))
+
+
 def kernel_usable(value: Tensor, sampling_locations: Tensor, attention_weights: Tensor) -> bool:
     """Whether :func:`ms_deform_attn` should run the compiled kernel for these inputs.
 
@@ -118,9 +124,11 @@ def kernel_usable(value: Tensor, sampling_locations: Tensor, attention_weights: 
     this process (the op would fall back to the reference itself anyway).
     """
     device_type = value.device.type
-    if _loader.kernels_disabled() or value.dtype not in SUPPORTED_DTYPES.get(device_type, ()):
+    if _loader.kernels_disabled():
         return False
     if not (sampling_locations.is_floating_point() and attention_weights.is_floating_point()):
+        return False
+    if _common_dtype(value, sampling_locations, attention_weights) not in SUPPORTED_DTYPES.get(device_type, ()):
         return False
     if torch.compiler.is_compiling():
         return _loader.build_state(device_type) is not False
@@ -137,8 +145,8 @@ def ms_deform_attn(
     """Multi-scale deformable attention through the custom op (``[B, Q, H * D]``).
 
     ``spatial_shapes`` / ``level_start_index`` may be tensors on any device or sequences (moved to
-    ``value``'s device as int64); ``level_start_index=None`` is derived from the shapes. Sampling locations and
-    attention weights are cast to ``value``'s dtype.
+    ``value``'s device as int64); ``level_start_index=None`` is derived from the shapes. The three floating
+    inputs are cast to their common (widest) dtype, which is also the output's.
     """
     device = value.device
     spatial_shapes = torch.as_tensor(spatial_shapes, dtype=torch.long, device=device)
@@ -146,10 +154,10 @@ def ms_deform_attn(
         sizes = spatial_shapes[:, 0] * spatial_shapes[:, 1]
         level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
     level_start_index = torch.as_tensor(level_start_index, dtype=torch.long, device=device)
-    if sampling_locations.dtype != value.dtype:
-        sampling_locations = sampling_locations.to(value.dtype)
-    if attention_weights.dtype != value.dtype:
-        attention_weights = attention_weights.to(value.dtype)
+    dtype = _common_dtype(value, sampling_locations, attention_weights)
+    value, sampling_locations, attention_weights = (
+        t if t.dtype == dtype else t.to(dtype) for t in (value, sampling_locations, attention_weights)
+    )
     return torch.ops.hf_dino.ms_deform_attn(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights
     )
