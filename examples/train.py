@@ -414,6 +414,7 @@ def main(argv=None) -> dict:
     model.train()
     start_time = time.time()
     running: dict[str, float] = {}
+    logged_steps = 0
     metrics = None
     done = global_step >= total_steps
     while epoch < args.epochs and not done:
@@ -453,14 +454,15 @@ def main(argv=None) -> dict:
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(epoch=epoch, loss=f"{float(loss):.3f}")
+            logged_steps += 1
             if global_step % args.logging_steps == 0 or global_step == total_steps:
-                logs = {f"train/{k}": v / args.logging_steps for k, v in running.items()}
+                logs = {f"train/{k}": v / logged_steps for k, v in running.items()}
                 logs["train/lr"] = scheduler.get_last_lr()[0]
                 accelerator.log(logs, step=global_step)
                 if accelerator.is_main_process:
                     with open(output_dir / "train_log.jsonl", "a") as f:
                         f.write(json.dumps({"step": global_step, "epoch": epoch, **logs}) + "\n")
-                running = {}
+                running, logged_steps = {}, 0
             done = global_step >= total_steps
             end_of_epoch = batch_index == sampler.num_batches
             if args.save_steps and global_step % args.save_steps == 0 and not end_of_epoch and not done:
@@ -499,12 +501,29 @@ def main(argv=None) -> dict:
                                args.prediction_threshold, accelerator.device)
         log(f"wrote {output_dir / 'prediction.png'}")
     if args.push_to_hub and accelerator.is_main_process:
-        final_model.push_to_hub(args.push_to_hub, private=args.hub_private)
-        processor.push_to_hub(args.push_to_hub, private=args.hub_private)
+        push_to_hub(args, final_model, processor, metrics)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     log(f"done: {global_step} steps in {time.time() - start_time:.0f}s; outputs in {output_dir}")
     return {"global_step": global_step, "history": history, "best_AP": best_ap, "metrics": metrics}
+
+
+def push_to_hub(args, model, processor, metrics) -> None:
+    """Push the final model + processor with a model card (``conversion/hub.py``: trust_remote_code repository);
+    plain ``push_to_hub`` of both when the repository's ``conversion/`` folder is not available."""
+    conversion = Path(__file__).resolve().parents[1] / "conversion"
+    if (conversion / "hub.py").is_file():
+        sys.path.insert(0, str(conversion))
+        from hub import push_finetuned_model
+
+        training_args = {k: getattr(args, k) for k in ("epochs", "lr", "lr_backbone", "weight_decay", "batch_size",
+                                                         "gradient_accumulation_steps", "lr_drop", "image_scale", "ema")}
+        push_finetuned_model(model, processor, args.push_to_hub, metrics=metrics, base_model=args.model_name_or_path,
+                             dataset_name=args.dataset_name or args.train_annotations, training_args=training_args,
+                             private=args.hub_private)
+    else:
+        model.push_to_hub(args.push_to_hub, private=args.hub_private)
+        processor.push_to_hub(args.push_to_hub, private=args.hub_private)
 
 
 @torch.no_grad()
