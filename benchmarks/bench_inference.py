@@ -1,0 +1,115 @@
+"""End-to-end inference latency: hf_dino DINO-R50-4scale with the compiled deformable attention kernel, the same
+model on the pure-PyTorch path, and transformers' DeformableDetrForObjectDetection (two-stage, box refinement,
+900 queries, same transformer sizes) for reference.
+
+Randomly initialised weights (latency does not depend on them; nothing is downloaded), batch 1, one
+800x1216 image, ``torch.no_grad``. The three models run interleaved (A, B, C, A, B, C, ...) so background
+load affects them alike; medians are reported.
+
+    python benchmarks/bench_inference.py [--threads 2] [--repeats 3] [--height 800 --width 1216] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+try:
+    import hf_dino  # noqa: F401
+except ImportError:  # running from a checkout without installation
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from hf_dino import DinoConfig  # noqa: E402
+from hf_dino.kernels import ENV_DISABLE, build_error, kernel_usable, load_extension  # noqa: E402
+from hf_dino.modeling_dino import DinoForObjectDetection  # noqa: E402
+
+
+class _PytorchPath:
+    """Runs a model with HF_DINO_DISABLE_CUSTOM_KERNELS=1 (the pure-PyTorch deformable attention)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, **inputs):
+        previous = os.environ.get(ENV_DISABLE)
+        os.environ[ENV_DISABLE] = "1"
+        try:
+            return self.model(**inputs)
+        finally:
+            if previous is None:
+                os.environ.pop(ENV_DISABLE)
+            else:
+                os.environ[ENV_DISABLE] = previous
+
+
+def deformable_detr():
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection
+
+    config = DeformableDetrConfig(
+        num_queries=900, two_stage=True, with_box_refine=True, two_stage_num_proposals=900,
+        encoder_ffn_dim=2048, decoder_ffn_dim=2048, dropout=0.0,
+    )
+    return DeformableDetrForObjectDetection(config)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--height", type=int, default=800)
+    parser.add_argument("--width", type=int, default=1216)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip-deformable-detr", action="store_true")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(0)
+    pixel_values = torch.randn(1, 3, args.height, args.width, device=device)
+    pixel_mask = torch.ones(1, args.height, args.width, dtype=torch.long, device=device)
+
+    probe = torch.zeros(1, 1, 1, 1, device=device)
+    if not kernel_usable(probe, probe.new_zeros(1, 1, 1, 1, 1, 2), probe.new_zeros(1, 1, 1, 1, 1)):
+        print(f"kernel unavailable on {device.type}: {build_error(device.type) or 'disabled'}")
+        return 1
+    load_extension(device.type)
+
+    dino = DinoForObjectDetection(DinoConfig()).to(device).eval()
+    candidates = {
+        "hf_dino (kernel)": dino,
+        "hf_dino (pytorch path)": _PytorchPath(dino),
+    }
+    if not args.skip_deformable_detr:
+        candidates["transformers DeformableDetr"] = deformable_detr().to(device).eval()
+
+    print(f"torch {torch.__version__}, device={device.type}, threads={torch.get_num_threads()}, "
+          f"image {args.height}x{args.width}, batch 1, repeats={args.repeats}")
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    with torch.no_grad():
+        for name, model in candidates.items():  # warm-up
+            model(pixel_values=pixel_values, pixel_mask=pixel_mask)
+        for _ in range(args.repeats):
+            for name, model in candidates.items():
+                synchronize()
+                start = time.perf_counter()
+                model(pixel_values=pixel_values, pixel_mask=pixel_mask)
+                synchronize()
+                times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["hf_dino (kernel)"])
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"{name:28s} median {median * 1e3:9.1f} ms   ({median / base:5.2f}x the kernel model's latency)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
