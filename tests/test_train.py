@@ -255,3 +255,21 @@ def test_fine_tune_91_class_model_on_new_classes(tmp_path, synthetic_dir):
         assert coco_map.mode == "category_id" and coco_map.num_labels == 91
         same_model = train.build_model(coco_args, coco_map, config)
         assert torch.equal(same_model.class_embed.weight, coco_model.class_embed.weight)
+
+
+def test_push_to_hub_is_wired(monkeypatch):
+    """--push-to-hub REPO hands the final model, processor and metrics to conversion/hub.py (no network here)."""
+    conversion = REPO / "conversion"
+    if not (conversion / "hub.py").is_file():
+        pytest.skip("conversion/hub.py not present")
+    monkeypatch.syspath_prepend(str(conversion))
+    import hub
+
+    calls = []
+    monkeypatch.setattr(hub, "push_finetuned_model", lambda *a, **k: calls.append((a, k)))
+    train = _load_train_module()
+    args = train.parse_args(["--push-to-hub", "me/dino-shapes", "--hub-private"])
+    train.push_to_hub(args, "MODEL", "PROCESSOR", {"AP": 0.5})
+    (positional, kwargs), = calls
+    assert positional == ("MODEL", "PROCESSOR", "me/dino-shapes")
+    assert kwargs["metrics"] == {"AP": 0.5} and kwargs["private"] is True and kwargs["training_args"]["epochs"] == 10
