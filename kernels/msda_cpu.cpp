@@ -6,6 +6,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -52,6 +53,12 @@ bool cpu_has_avx2() {
 std::atomic<bool>& avx2_enabled() {
   static std::atomic<bool> enabled{cpu_has_avx2()};
   return enabled;
+}
+
+// Backward decomposition: 0 = automatic, 1 = single pass over (batch, head), 2 = split (tests force both).
+std::atomic<int>& backward_mode() {
+  static std::atomic<int> mode{0};
+  return mode;
 }
 
 MsdaParams make_params(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& starts,
@@ -154,6 +161,18 @@ std::vector<at::Tensor> msda_cpu_backward(const at::Tensor& value_in, const at::
   const int64_t work = p.batch * p.heads;
   if (work == 0 || p.queries == 0 || p.head_dim == 0) return {grad_value, grad_locations, grad_weights};
   const bool avx2 = avx2_enabled().load();
+  // Single pass over (batch, head) when that gives every thread work; otherwise (e.g. batch 1 on a many-core
+  // machine) the split variant: sampling gradients over (batch, query, head), then grad_value over
+  // (batch, head, channel block).
+  const int mode = backward_mode().load();
+  const int64_t threads = at::get_num_threads();
+  const bool split = mode == 2 || (mode == 0 && work < threads);
+  int64_t block = p.head_dim;
+  if (split) {  // halve the channel blocks until there is a task per thread (forced: >= 4 blocks, for tests)
+    const int64_t target = mode == 2 ? std::max<int64_t>(threads, 4 * work) : threads;
+    while (block > 4 && work * ((p.head_dim + block - 1) / block) < target) block = (block + 1) / 2;
+  }
+  const int64_t value_tasks = work * ((p.head_dim + block - 1) / block);
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "msda_cpu_backward", [&] {
     std::vector<scalar_t> zeros(p.head_dim, scalar_t(0));
     const scalar_t* v = value.const_data_ptr<scalar_t>();
@@ -165,15 +184,36 @@ std::vector<at::Tensor> msda_cpu_backward(const at::Tensor& value_in, const at::
     scalar_t* ga = grad_weights.mutable_data_ptr<scalar_t>();
     dispatch_head_dim(p.head_dim, [&](auto dim) {
       constexpr int D = decltype(dim)::value;
-      at::parallel_for(0, work, 1, [&](int64_t begin, int64_t end) {
+      if (!split) {
+        at::parallel_for(0, work, 1, [&](int64_t begin, int64_t end) {
+#ifdef HF_DINO_MSDA_HAS_AVX2
+          if (avx2) {
+            cpu_avx2::msda_backward_range<scalar_t, D>(p, v, loc, att, g, gv, gl, ga, zeros.data(), begin, end);
+            return;
+          }
+#endif
+          (void)avx2;
+          cpu_baseline::msda_backward_range<scalar_t, D>(p, v, loc, att, g, gv, gl, ga, zeros.data(), begin, end);
+        });
+        return;
+      }
+      at::parallel_for(0, p.batch * p.queries * p.heads, kForwardGrain, [&](int64_t begin, int64_t end) {
 #ifdef HF_DINO_MSDA_HAS_AVX2
         if (avx2) {
-          cpu_avx2::msda_backward_range<scalar_t, D>(p, v, loc, att, g, gv, gl, ga, zeros.data(), begin, end);
+          cpu_avx2::msda_backward_sampling_range<scalar_t, D>(p, v, loc, att, g, gl, ga, zeros.data(), begin, end);
           return;
         }
 #endif
-        (void)avx2;
-        cpu_baseline::msda_backward_range<scalar_t, D>(p, v, loc, att, g, gv, gl, ga, zeros.data(), begin, end);
+        cpu_baseline::msda_backward_sampling_range<scalar_t, D>(p, v, loc, att, g, gl, ga, zeros.data(), begin, end);
+      });
+      at::parallel_for(0, value_tasks, 1, [&](int64_t begin, int64_t end) {
+#ifdef HF_DINO_MSDA_HAS_AVX2
+        if (avx2) {
+          cpu_avx2::msda_backward_value_range<scalar_t>(p, loc, att, g, gv, block, begin, end);
+          return;
+        }
+#endif
+        cpu_baseline::msda_backward_value_range<scalar_t>(p, loc, att, g, gv, block, begin, end);
       });
     });
   });
@@ -195,6 +235,14 @@ bool msda_cpu_set_simd(const std::string& level) {
   return false;
 }
 
+bool msda_cpu_set_backward_mode(const std::string& mode) {
+  if (mode == "auto") backward_mode().store(0);
+  else if (mode == "single") backward_mode().store(1);
+  else if (mode == "split") backward_mode().store(2);
+  else return false;
+  return true;
+}
+
 }  // namespace hf_dino_msda
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -202,5 +250,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &hf_dino_msda::msda_cpu_forward, "MSDA forward (CPU)");
   m.def("backward", &hf_dino_msda::msda_cpu_backward, "MSDA backward (CPU): grad value, locations, weights");
   m.def("simd", &hf_dino_msda::msda_cpu_simd, "vectorised variant in use");
+  m.def("set_backward_mode", &hf_dino_msda::msda_cpu_set_backward_mode,
+        "backward decomposition: 'auto', 'single' (over batch x head) or 'split'; False if unknown");
   m.def("set_simd", &hf_dino_msda::msda_cpu_set_simd, "select 'avx2' or 'baseline' loops; False if unavailable");
 }

@@ -129,8 +129,31 @@ void msda_forward_range(const MsdaParams& p, const T* value, const T* locations,
   }
 }
 
-// Backward for the flattened (batch, head) range [begin, end). grad_value, grad_locations and
-// grad_weights must be zero-initialised.
+// Gradients of one sampling point: attention weight and location gradients are written, and, when
+// `gvbase` is not null, the point's contribution to grad_value is accumulated.
+template <typename T, int D>
+inline void msda_point_backward(const MsdaCorners<T>& s, T a, int64_t height, int64_t width, const T* vbase,
+                                T* gvbase, int64_t token_stride, const T* g, const T* zeros, int64_t dim, T* gloc,
+                                T* gatt) {
+  const T* v[4];
+  for (int c = 0; c < 4; ++c) v[c] = s.valid[c] ? vbase + s.index[c] * token_stride : zeros;
+  T dots[4];
+  msda_dot4<T, D>(g, v[0], v[1], v[2], v[3], dim, dots);
+  *gatt = s.weight[0] * dots[0] + s.weight[1] * dots[1] + s.weight[2] * dots[2] + s.weight[3] * dots[3];
+  // d(sample)/d(x_pixel) and d(sample)/d(y_pixel), projected on g; corners outside read as zero.
+  const T dx = s.hh * (dots[1] - dots[0]) + s.lh * (dots[3] - dots[2]);
+  const T dy = s.hw * (dots[2] - dots[0]) + s.lw * (dots[3] - dots[1]);
+  gloc[0] = a * static_cast<T>(width) * dx;
+  gloc[1] = a * static_cast<T>(height) * dy;
+  if (gvbase != nullptr) {
+    for (int c = 0; c < 4; ++c) {
+      if (s.valid[c]) msda_axpy<T, D>(gvbase + s.index[c] * token_stride, g, a * s.weight[c], dim);
+    }
+  }
+}
+
+// Backward, single pass, for the flattened (batch, head) range [begin, end): a task owns grad_value[b, :, h, :].
+// grad_value, grad_locations and grad_weights must be zero-initialised.
 template <typename T, int D>
 void msda_backward_range(const MsdaParams& p, const T* value, const T* locations, const T* weights,
                          const T* grad_output, T* grad_value, T* grad_locations, T* grad_weights, const T* zeros,
@@ -145,29 +168,77 @@ void msda_backward_range(const MsdaParams& p, const T* value, const T* locations
     T* gvbase = grad_value + b * p.tokens * token_stride + h * dim;
     for (int64_t q = 0; q < p.queries; ++q) {
       const int64_t i = (b * p.queries + q) * p.heads + h;
-      const T* g = grad_output + i * dim;
       const T* loc = locations + i * lp * 2;
       const T* att = weights + i * lp;
-      T* gloc = grad_locations + i * lp * 2;
-      T* gatt = grad_weights + i * lp;
+      for (int64_t l = 0; l < p.levels; ++l) {
+        const int64_t height = p.shapes[2 * l], width = p.shapes[2 * l + 1], start = p.starts[l];
+        for (int64_t k = l * p.points; k < (l + 1) * p.points; ++k) {
+          MsdaCorners<T> s;
+          if (!msda_corners<T>(loc[2 * k], loc[2 * k + 1], height, width, start, s)) continue;
+          msda_point_backward<T, D>(s, att[k], height, width, vbase, gvbase, token_stride, grad_output + i * dim,
+                                    zeros, dim, grad_locations + (i * lp + k) * 2, grad_weights + i * lp + k);
+        }
+      }
+    }
+  }
+}
+
+// Backward, split variant (used when there are fewer (batch, head) pairs than threads), part 1: location and
+// attention-weight gradients for the flattened (batch, query, head) range [begin, end); reads value only.
+template <typename T, int D>
+void msda_backward_sampling_range(const MsdaParams& p, const T* value, const T* locations, const T* weights,
+                                  const T* grad_output, T* grad_locations, T* grad_weights, const T* zeros,
+                                  int64_t begin, int64_t end) {
+  const int64_t dim = D > 0 ? D : p.head_dim;
+  const int64_t token_stride = p.heads * dim;
+  const int64_t lp = p.levels * p.points;
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t h = i % p.heads;
+    const int64_t b = i / (p.queries * p.heads);
+    const T* vbase = value + b * p.tokens * token_stride + h * dim;
+    const T* loc = locations + i * lp * 2;
+    const T* att = weights + i * lp;
+    for (int64_t l = 0; l < p.levels; ++l) {
+      const int64_t height = p.shapes[2 * l], width = p.shapes[2 * l + 1], start = p.starts[l];
+      for (int64_t k = l * p.points; k < (l + 1) * p.points; ++k) {
+        MsdaCorners<T> s;
+        if (!msda_corners<T>(loc[2 * k], loc[2 * k + 1], height, width, start, s)) continue;
+        msda_point_backward<T, D>(s, att[k], height, width, vbase, nullptr, token_stride, grad_output + i * dim,
+                                  zeros, dim, grad_locations + (i * lp + k) * 2, grad_weights + i * lp + k);
+      }
+    }
+  }
+}
+
+// Split variant, part 2: grad_value for tasks (batch, head, channel block) in [begin, end); a task owns
+// grad_value[b, :, h, c0:c1], so blocks of channels give more race-free tasks than (batch, head) alone.
+template <typename T>
+void msda_backward_value_range(const MsdaParams& p, const T* locations, const T* weights, const T* grad_output,
+                               T* grad_value, int64_t block, int64_t begin, int64_t end) {
+  const int64_t dim = p.head_dim;
+  const int64_t blocks = (dim + block - 1) / block;
+  const int64_t token_stride = p.heads * dim;
+  const int64_t lp = p.levels * p.points;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t bh = task / blocks;
+    const int64_t c0 = (task % blocks) * block;
+    const int64_t len = (c0 + block < dim ? c0 + block : dim) - c0;
+    const int64_t b = bh / p.heads;
+    const int64_t h = bh % p.heads;
+    T* gvbase = grad_value + b * p.tokens * token_stride + h * dim + c0;
+    for (int64_t q = 0; q < p.queries; ++q) {
+      const int64_t i = (b * p.queries + q) * p.heads + h;
+      const T* g = grad_output + i * dim + c0;
+      const T* loc = locations + i * lp * 2;
+      const T* att = weights + i * lp;
       for (int64_t l = 0; l < p.levels; ++l) {
         const int64_t height = p.shapes[2 * l], width = p.shapes[2 * l + 1], start = p.starts[l];
         for (int64_t k = l * p.points; k < (l + 1) * p.points; ++k) {
           MsdaCorners<T> s;
           if (!msda_corners<T>(loc[2 * k], loc[2 * k + 1], height, width, start, s)) continue;
           const T a = att[k];
-          const T* v[4];
-          for (int c = 0; c < 4; ++c) v[c] = s.valid[c] ? vbase + s.index[c] * token_stride : zeros;
-          T dots[4];
-          msda_dot4<T, D>(g, v[0], v[1], v[2], v[3], dim, dots);
-          gatt[k] = s.weight[0] * dots[0] + s.weight[1] * dots[1] + s.weight[2] * dots[2] + s.weight[3] * dots[3];
-          // d(sample)/d(x_pixel) and d(sample)/d(y_pixel), projected on g; corners outside read as zero.
-          const T dx = s.hh * (dots[1] - dots[0]) + s.lh * (dots[3] - dots[2]);
-          const T dy = s.hw * (dots[2] - dots[0]) + s.lw * (dots[3] - dots[1]);
-          gloc[2 * k] = a * static_cast<T>(width) * dx;
-          gloc[2 * k + 1] = a * static_cast<T>(height) * dy;
           for (int c = 0; c < 4; ++c) {
-            if (s.valid[c]) msda_axpy<T, D>(gvbase + s.index[c] * token_stride, g, a * s.weight[c], dim);
+            if (s.valid[c]) msda_axpy<T, 0>(gvbase + s.index[c] * token_stride, g, a * s.weight[c], len);
           }
         }
       }

@@ -61,17 +61,21 @@ def cpu_extension():
 
 @pytest.fixture
 def simd_variants(cpu_extension):
-    """Run a test with every vectorised copy of the CPU loops this machine supports."""
+    """Run a test with every vectorised copy of the CPU loops this machine supports, and with both backward
+    decompositions (single pass over batch x head; split into sampling gradients + channel blocks of
+    grad_value, used automatically when there are more threads than batch x head)."""
     original = cpu_extension.simd()
-    variants = ["baseline"] + (["avx2"] if cpu_extension.set_simd("avx2") else [])
+    simds = ["baseline"] + (["avx2"] if cpu_extension.set_simd("avx2") else [])
 
     def each():
-        for variant in variants:
-            assert cpu_extension.set_simd(variant)
-            yield variant
+        for simd in simds:
+            for mode in ("single", "split"):
+                assert cpu_extension.set_simd(simd) and cpu_extension.set_backward_mode(mode)
+                yield simd, mode
 
     yield each
     cpu_extension.set_simd(original)
+    cpu_extension.set_backward_mode("auto")
 
 
 def make_inputs(levels, batch=2, queries=11, heads=3, head_dim=8, points=3, dtype=torch.float64, spread=0.3, seed=0):
