@@ -383,7 +383,7 @@ def test_import_compiles_nothing(tmp_path):
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
 
 
-@pytest.mark.parametrize("breakage", ["no_compiler", "no_sources"])
+@pytest.mark.parametrize("breakage", ["no_compiler", "no_ninja", "no_sources"])
 def test_impossible_build_warns_once_and_falls_back(tmp_path, monkeypatch, breakage):
     monkeypatch.setattr(_loader, "_modules", {})  # a fresh "process": nothing built or failed yet
     monkeypatch.setattr(_loader, "_errors", {})
@@ -391,6 +391,10 @@ def test_impossible_build_warns_once_and_falls_back(tmp_path, monkeypatch, break
     monkeypatch.delenv(_loader.ENV_DISABLE, raising=False)
     if breakage == "no_compiler":
         monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    elif breakage == "no_ninja":
+        from torch.utils import cpp_extension
+
+        monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
     else:
         monkeypatch.setenv(_loader.ENV_SOURCES, str(tmp_path / "missing"))
     value, shapes, starts, locations, weights = make_inputs(LEVEL_SETS["odd"], dtype=torch.float32)
@@ -401,7 +405,7 @@ def test_impossible_build_warns_once_and_falls_back(tmp_path, monkeypatch, break
         outputs.append(torch.ops.hf_dino.ms_deform_attn(value, shapes, starts, locations, weights))
     ours = [str(w.message) for w in caught if "hf_dino" in str(w.message)]
     assert len(ours) == 1, ours
-    assert ("compiler" if breakage == "no_compiler" else "sources") in ours[0]
+    assert {"no_compiler": "compiler", "no_ninja": "ninja", "no_sources": "sources"}[breakage] in ours[0]
     assert _loader.build_state("cpu") is False
     reference = da.multi_scale_deformable_attention_pytorch(value, shapes, locations, weights)
     for output in outputs:
