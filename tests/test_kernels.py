@@ -579,7 +579,7 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
         assert list((tmp_path / "cache").glob("cuda-*/BUILD_OK"))
         return
 
-    includes = cpp_extension.include_paths("cuda") + _loader._cuda_include_dirs()
+    includes = cpp_extension.include_paths("cuda")
     command = [
         nvcc, "-c", str(_loader.source_dir() / "msda_cuda.cu"), "-o", str(tmp_path / "msda_cuda.o"),
         "-std=c++20", "-O3", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",

@@ -106,16 +106,6 @@ def cuda_arch_list() -> str:
     return ""
 
 
-def _cuda_include_dirs() -> list[str]:
-    """Header directories of pip-installed CUDA components (``nvidia/*/include``), for tool kits with nvcc only."""
-    dirs = []
-    for entry in sys.path:
-        nvidia = Path(entry) / "nvidia"
-        if nvidia.is_dir():
-            dirs += [str(p) for p in sorted(nvidia.glob("*/include")) if p.is_dir()]
-    return dirs
-
-
 def _cuda_library_dirs() -> list[str]:
     """Directories with ``libcudart.so`` to link against, besides torch's guess of ``CUDA_HOME`` (which is wrong
     when ``nvcc`` on the PATH is a wrapper script outside the tool kit, e.g. /usr/local/bin/nvcc)."""
@@ -139,7 +129,6 @@ def _build_config(device_type: str) -> dict:
         config["extra_cflags"] = ["/O2"] if _is_msvc() else ["-O3"]
         config["extra_ldflags"] = [f"-L{d}" for d in _cuda_library_dirs()] if not _is_msvc() else []
         config["extra_cuda_cflags"] = ["-O3", "--expt-relaxed-constexpr"]
-        config["extra_include_paths"] = _cuda_include_dirs()
         config["arch_list"] = cuda_arch_list()
     return config
 
