@@ -155,6 +155,13 @@ def test_opcheck_fake_and_autograd_registration(cpu_extension):
         value, shapes, starts, locations, weights = make_inputs(LEVEL_SETS["odd"], queries=4, dtype=dtype)
         args = (value.requires_grad_(), shapes, starts, locations.requires_grad_(), weights.requires_grad_())
         torch.library.opcheck(torch.ops.hf_dino.ms_deform_attn.default, args)
+    # non-contiguous inputs: the fake implementations must describe the real outputs' strides
+    value, shapes, starts, locations, weights = make_inputs(LEVEL_SETS["odd"], queries=4, dtype=torch.float32)
+    value = value.transpose(0, 2).contiguous().transpose(0, 2)
+    grad_output = torch.randn(2, 4, value.shape[2] * value.shape[3]).transpose(0, 1).contiguous().transpose(0, 1)
+    torch.library.opcheck(torch.ops.hf_dino.ms_deform_attn.default, (value, shapes, starts, locations, weights))
+    torch.library.opcheck(torch.ops.hf_dino.ms_deform_attn_backward.default,
+                          (value, shapes, starts, locations, weights, grad_output))
 
 
 # --------------------------------------------------------------------------------------------------------------

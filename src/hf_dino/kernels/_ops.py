@@ -67,7 +67,9 @@ def _backward_impl(
             inputs = [t.detach().requires_grad_() for t in (value, sampling_locations, attention_weights)]
             output = _reference()(inputs[0], spatial_shapes, inputs[1], inputs[2])
             grads = torch.autograd.grad(output, inputs, grad_output, allow_unused=True)
-        return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs))  # type: ignore[return-value]
+        return tuple(  # type: ignore[return-value]
+            t.new_zeros(t.shape) if g is None else g.contiguous() for g, t in zip(grads, inputs)
+        )
     grad_value, grad_locations, grad_weights = extension.backward(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
     )
@@ -92,7 +94,12 @@ def _register():
 
     @backward.register_fake
     def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output):
-        return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+        # the kernels return contiguous gradients whatever the input strides
+        return (
+            value.new_empty(value.shape),
+            sampling_locations.new_empty(sampling_locations.shape),
+            attention_weights.new_empty(attention_weights.shape),
+        )
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
