@@ -57,7 +57,8 @@ def multi_scale_deformable_attention_pytorch(
     """
     batch, _, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in (spatial_shapes.tolist() if torch.is_tensor(spatial_shapes) else spatial_shapes)]
+    shape_list = spatial_shapes.tolist() if torch.is_tensor(spatial_shapes) else spatial_shapes
+    shapes = [(int(h), int(w)) for h, w in shape_list]
     value_per_level = value.split([h * w for h, w in shapes], dim=1)
     # grid_sample wants coordinates in [-1, 1]
     sampling_grids = 2 * sampling_locations - 1
@@ -93,6 +94,10 @@ def multi_scale_deformable_attention(
     variable ``HF_DINO_DISABLE_CUSTOM_KERNELS`` is not ``1``, the device type is CPU (float32 / float64) or CUDA
     (float32 / float64 / float16 / bfloat16) and its extension could be built; otherwise the pure-PyTorch path.
     """
-    if use_custom_kernel and _kernels is not None and _kernels.kernel_usable(value, sampling_locations, attention_weights):
-        return _kernels.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    kernels = _kernels
+    if use_custom_kernel and kernels is not None:
+        if kernels.kernel_usable(value, sampling_locations, attention_weights):
+            return kernels.ms_deform_attn(
+                value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+            )
     return multi_scale_deformable_attention_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
