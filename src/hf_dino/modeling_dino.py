@@ -131,6 +131,11 @@ def box_sine_embedding(boxes: torch.Tensor, num_features: int = 128, temperature
     return torch.cat((embed(y), embed(x), embed(w), embed(h)), dim=-1)
 
 
+def feed_forward_activation(name: str) -> nn.Module:
+    """The FFN activation; ReLU works in place on the (large) hidden activations of the encoder."""
+    return nn.ReLU(inplace=True) if name == "relu" else ACT2FN[name]
+
+
 class DinoMLPPredictionHead(nn.Module):
     """A small MLP (ReLU between layers): the box heads and the reference-point head. Layers are `layers.{i}`."""
 
@@ -416,6 +421,9 @@ class DinoBackbone(nn.Module):
                 module._is_hf_initialized = True
 
     def forward(self, pixel_values: torch.Tensor, padding_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if not isinstance(self.body, DinoSwinTransformer):
+            # convolutions run markedly faster on channels-last data (oneDNN / cuDNN); same values up to rounding
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         features = self.body(pixel_values)
         return [(f, F.interpolate(padding_mask[None].float(), size=f.shape[-2:])[0].bool()) for f in features]
 
@@ -521,7 +529,7 @@ class DinoEncoderLayer(GradientCheckpointingLayer):
         self.linear1 = nn.Linear(config.d_model, config.encoder_ffn_dim)
         self.linear2 = nn.Linear(config.encoder_ffn_dim, config.d_model)
         self.norm2 = nn.LayerNorm(config.d_model)
-        self.activation = ACT2FN[config.activation_function]
+        self.activation = feed_forward_activation(config.activation_function)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, hidden_states, position_embeddings, reference_points, padding_mask, spatial_shapes, level_start_index):
@@ -582,7 +590,7 @@ class DinoDecoderLayer(GradientCheckpointingLayer):
         self.linear1 = nn.Linear(d, config.decoder_ffn_dim)
         self.linear2 = nn.Linear(config.decoder_ffn_dim, d)
         self.norm3 = nn.LayerNorm(d)
-        self.activation = ACT2FN[config.activation_function]
+        self.activation = feed_forward_activation(config.activation_function)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, hidden_states, query_position, reference_points, self_attn_mask, memory, memory_padding_mask,
