@@ -146,7 +146,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--logging-steps", type=int, default=10)
     r.add_argument("--report-to", default="tensorboard", choices=["tensorboard", "none"])
     r.add_argument("--log-batches", action="store_true", help="write the image ids of every step to batch_log.jsonl")
-    r.add_argument("--prediction-threshold", type=float, default=0.3)
+    r.add_argument("--prediction-threshold", type=float, default=0.2, help="score threshold of prediction.png")
     r.add_argument("--push-to-hub", metavar="REPO", default=None, help="push the final model and processor to this repo")
     r.add_argument("--hub-private", action="store_true")
     r.add_argument("--no-progress", action="store_true")

@@ -497,16 +497,25 @@ class _nullcontext:
 # ----------------------------------------------------------------------------------------------------------------------
 
 def draw_predictions(image, detections: Mapping[str, Any], id2label: Mapping[int, str] | None = None,
-                     threshold: float = 0.3, min_side: int = 384):
+                     threshold: float = 0.2, min_side: int = 384, nms_iou: float | None = 0.5):
     """A copy of the PIL ``image`` with the detections (``scores``, ``labels``, ``boxes`` absolute xyxy) scoring at
-    least ``threshold`` drawn as labelled boxes (:func:`hf_dino.visualization.draw_detections`). Images smaller
-    than ``min_side`` are enlarged first (by an integer factor) so that the labels stay readable."""
+    least ``threshold`` drawn as labelled boxes (:func:`hf_dino.visualization.draw_detections`).
+
+    For a readable picture only (DINO itself uses no NMS): overlapping boxes of the same class above ``nms_iou`` are
+    drawn once (the best), and images smaller than ``min_side`` are enlarged by an integer factor first."""
+    from torchvision.ops import batched_nms
+
     from .visualization import draw_detections
 
     scores = torch.as_tensor(detections["scores"]).float().cpu()
+    labels = torch.as_tensor(detections["labels"]).cpu()
+    boxes = torch.as_tensor(detections["boxes"]).float().cpu().reshape(-1, 4)
     keep = scores >= threshold
-    kept = {"scores": scores[keep], "labels": torch.as_tensor(detections["labels"]).cpu()[keep],
-            "boxes": torch.as_tensor(detections["boxes"]).float().cpu()[keep]}
+    scores, labels, boxes = scores[keep], labels[keep], boxes[keep]
+    if nms_iou is not None and len(scores):
+        keep = batched_nms(boxes, scores, labels, nms_iou)
+        scores, labels, boxes = scores[keep], labels[keep], boxes[keep]
+    kept = {"scores": scores, "labels": labels, "boxes": boxes}
     factor = max(1, math.ceil(min_side / max(1, max(image.size))))
     if factor > 1:
         from PIL import Image
