@@ -135,6 +135,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     o.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"])
     o.add_argument("--cpu", action="store_true", help="train on the CPU even if an accelerator is present")
     o.add_argument("--seed", type=int, default=42)
+    o.add_argument("--num-threads", type=int, default=None,
+                   help="torch CPU threads (default: OMP_NUM_THREADS, else torch's; the demo uses 1, which is robust "
+                   "on a busy 2-core machine where 2 threads per process can be many times slower)")
 
     r = p.add_argument_group("outputs")
     r.add_argument("--output-dir", default="outputs/train")
@@ -303,6 +306,11 @@ def build_processor(args, recipe):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    threads = args.num_threads
+    if threads is None and args.demo and not os.environ.get("OMP_NUM_THREADS"):
+        threads = 1
+    if threads:
+        torch.set_num_threads(threads)
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
@@ -335,7 +343,7 @@ def main(argv=None) -> dict:
         model.gradient_checkpointing_enable()
     log(f"train: {len(train_set)} images, val: {len(val_set) if val_set else 0} images, {label_map.num_labels} labels "
         f"({label_map.mode}), model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-        f"processes: {accelerator.num_processes} ({accelerator.device})")
+        f"processes: {accelerator.num_processes} ({accelerator.device}, {torch.get_num_threads()} threads)")
 
     collate = DetectionCollator(processor)
     sampler = ResumableBatchSampler(len(train_set), args.batch_size, accelerator.num_processes, accelerator.process_index,
