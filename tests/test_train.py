@@ -198,7 +198,7 @@ def test_coco_mini_learning(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_train_coco_mini.py"), "--output-dir", str(tmp_path / "b"),
          "--json", str(tmp_path / "result.json")],
-        cwd=REPO, env=_env(OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=3600,
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=3600,
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
     result = json.loads((tmp_path / "result.json").read_text())
