@@ -11,8 +11,13 @@
 
 With no data argument the script generates a small synthetic COCO-format data set (coloured shapes on textured
 backgrounds, 5 classes; deterministic, nothing downloaded) and trains the compact preset
-(`hf_dino.data.compact_config`) on it in a few minutes on a CPU, printing the COCO AP table after each epoch and
-writing an annotated prediction image (`<output-dir>/prediction.png`).
+(`hf_dino.data.compact_config`, backbone trained from scratch) on it in about 4 minutes on a 2-core CPU (10 epochs,
+240 steps; one torch thread), printing the COCO AP table after each epoch (measured: AP 6.5 after the first epoch,
+32.3 after the last; AP50 16.5 -> 68.9) and writing an annotated prediction image (`<output-dir>/prediction.png`).
+
+Several processes: `accelerate launch --multi_gpu --num_processes 2 examples/train.py --cpu ...` runs two CPU
+processes (torchrun); `accelerate launch --cpu --num_processes 2` starts a single process unless accelerate is given
+an MPI hostfile.
 
 The recipe follows the paper: random horizontal flip + random resize (shorter side 480..800 step 32, longer
 <= 1333) or resize-crop-resize (`--image-scale` scales every size), AdamW (lr 1e-4, backbone 1e-5, weight decay
