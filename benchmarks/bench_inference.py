@@ -2,11 +2,12 @@
 model on the pure-PyTorch path, and transformers' DeformableDetrForObjectDetection (two-stage, box refinement,
 900 queries, same transformer sizes) for reference.
 
-Randomly initialised weights (latency does not depend on them; nothing is downloaded), batch 1, one
-800x1216 image, ``torch.no_grad``. The three models run interleaved (A, B, C, A, B, C, ...) so background
+Randomly initialised weights (latency does not depend on them; nothing is downloaded), batch 1, ``torch.no_grad``.
+The input is a real COCO image (the first of ../shared/data/coco-mini/val2017, or ``--image``) preprocessed by
+``DinoImageProcessor`` (shorter side 800); without one, a random 800x1216 tensor. The three models run interleaved (A, B, C, A, B, C, ...) so background
 load affects them alike; medians are reported.
 
-    python benchmarks/bench_inference.py [--threads 2] [--repeats 3] [--height 800 --width 1216] [--device cpu]
+    python benchmarks/bench_inference.py [--threads 2] [--repeats 3] [--image FILE] [--device cpu]
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ except ImportError:  # running from a checkout without installation
 from hf_dino import DinoConfig  # noqa: E402
 from hf_dino.kernels import ENV_DISABLE, build_error, kernel_usable, load_extension  # noqa: E402
 from hf_dino.modeling_dino import DinoForObjectDetection  # noqa: E402
+
+COCO_MINI_VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini" / "val2017"
 
 
 class _PytorchPath:
@@ -64,8 +67,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--height", type=int, default=800)
-    parser.add_argument("--width", type=int, default=1216)
+    parser.add_argument("--image", default=None, help="image file (default: first COCO-MINI val image)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-deformable-detr", action="store_true")
     args = parser.parse_args()
@@ -74,8 +76,20 @@ def main() -> int:
     device = torch.device(args.device)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
-    pixel_values = torch.randn(1, 3, args.height, args.width, device=device)
-    pixel_mask = torch.ones(1, args.height, args.width, dtype=torch.long, device=device)
+    image_path = Path(args.image) if args.image else next(iter(sorted(COCO_MINI_VAL.glob("*.jpg"))), None)
+    if image_path is not None and image_path.exists():
+        from PIL import Image
+
+        from hf_dino import DinoImageProcessor
+
+        inputs = DinoImageProcessor()(images=Image.open(image_path), return_tensors="pt")
+        pixel_values, pixel_mask = inputs["pixel_values"].to(device), inputs["pixel_mask"].to(device)
+        source = image_path.name
+    else:
+        pixel_values = torch.randn(1, 3, 800, 1216, device=device)
+        pixel_mask = torch.ones(1, 800, 1216, dtype=torch.long, device=device)
+        source = "random tensor (no COCO-MINI image found)"
+    height, width = pixel_values.shape[-2:]
 
     probe = torch.zeros(1, 1, 1, 1, device=device)
     if not kernel_usable(probe, probe.new_zeros(1, 1, 1, 1, 1, 2), probe.new_zeros(1, 1, 1, 1, 1)):
@@ -92,7 +106,7 @@ def main() -> int:
         candidates["transformers DeformableDetr"] = deformable_detr().to(device).eval()
 
     print(f"torch {torch.__version__}, device={device.type}, threads={torch.get_num_threads()}, "
-          f"image {args.height}x{args.width}, batch 1, repeats={args.repeats}")
+          f"image {source} -> {height}x{width}, batch 1, repeats={args.repeats}")
     times: dict[str, list[float]] = {name: [] for name in candidates}
     with torch.no_grad():
         for name, model in candidates.items():  # warm-up
@@ -107,7 +121,8 @@ def main() -> int:
     base = statistics.median(times["hf_dino (kernel)"])
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"{name:28s} median {median * 1e3:9.1f} ms   ({median / base:5.2f}x the kernel model's latency)")
+        print(f"{name:28s} median {median * 1e3:9.1f} ms   (kernel model / this = {base / median:4.2f}x; "
+              f"runs {', '.join(f'{v:.2f}' for v in values)} s)")
     return 0
 
 
