@@ -314,3 +314,33 @@ def test_bad_inputs_raise_clear_errors(tiny_model):
             tiny_model(images(11), labels=[{"class_labels": torch.tensor([9]), "boxes": torch.rand(1, 4)}] * 2)
         finally:
             tiny_model.eval()
+
+
+def test_new_model_gets_dino_initialisation():
+    """transformers skips parameter-less modules of custom-code models; DINO's own init must still happen."""
+    import math
+
+    model = DinoForObjectDetection(tiny_config())
+    prior = -math.log((1 - 0.01) / 0.01)
+    assert torch.allclose(model.class_embed.bias, torch.full_like(model.class_embed.bias, prior))
+    assert torch.allclose(model.model.enc_out_class_embed.bias, torch.full_like(model.model.enc_out_class_embed.bias, prior))
+    attentions = [layer.self_attn for layer in model.model.encoder.layers]
+    attentions += [layer.cross_attn for layer in model.model.decoder.layers]
+    for attention in attentions:
+        assert not attention.sampling_offsets.weight.any() and not attention.attention_weights.weight.any()
+        # the bias grid: head h points along angle 2*pi*h/heads, point p at distance p + 1
+        grid = attention.sampling_offsets.bias.view(attention.n_heads, attention.n_levels, attention.n_points, 2)
+        assert torch.allclose(grid[0, 0, :, 0], torch.arange(1.0, attention.n_points + 1))
+    assert not model.model.decoder.bbox_embed.layers[-1].weight.any()
+    # a randomly initialised ResNet keeps live residual branches (frozen norms start as identity)
+    assert torch.equal(model.model.backbone.body.layer1[0].bn2.weight, torch.ones(64))
+
+
+def test_new_label_set_reinitialises_class_heads(tmp_path):
+    import math
+
+    DinoForObjectDetection(tiny_config(num_labels=91)).save_pretrained(tmp_path)
+    model = DinoForObjectDetection.from_pretrained(tmp_path, num_labels=3, ignore_mismatched_sizes=True)
+    prior = -math.log((1 - 0.01) / 0.01)
+    assert model.class_embed.weight.shape == (3, 64) and model.model.denoising_class_embed.weight.shape == (4, 64)
+    assert torch.allclose(model.class_embed.bias, torch.full((3,), prior))

@@ -410,6 +410,9 @@ class DinoBackbone(nn.Module):
                 features_only=True,
                 out_indices=[i + 1 for i in config.backbone_out_indices],
                 in_chans=config.num_channels,
+                # frozen batch norms never move: a zero scale on each block's last norm (timm's default for
+                # training from scratch) would disable every residual branch of a randomly initialised backbone
+                zero_init_last=False,
             )
             self.body = DinoFrozenBatchNorm2d.replace_batch_norms(body)
             # As the original: the stem and layer1 are never trained.
@@ -672,6 +675,13 @@ class DinoPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = [r"DinoEncoderLayer", r"DinoDecoderLayer", r"DinoSwinBlock"]
+
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # transformers treats models defined outside the library as "custom code" and then skips every module that
+        # owns no parameter itself (the attention modules, the detection head) so that remote code writing tensors
+        # in place cannot overwrite loaded weights. `_init_weights` below only uses `transformers.initialization`,
+        # which already leaves loaded tensors alone, so every module is visited.
+        super()._initialize_weights(module, is_custom_code=False)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -37,8 +37,6 @@ __all__ = [
     "compact_config",
     "get_param_groups",
     "prepare_scratch_backbone",
-    "ensure_dino_initialisation",
-    "init_new_class_heads",
     "ModelEMA",
     "ResumableBatchSampler",
     "capture_rng_state",
@@ -64,70 +62,20 @@ def compact_config(**overrides):
     return _compact(**overrides)
 
 
-@torch.no_grad()
-def ensure_dino_initialisation(model: nn.Module) -> bool:
-    """Re-apply DINO's own initialisation (focal-loss prior of the class heads, zero sampling-offset weights with
-    the radial bias grid, zero attention weights, xavier feed-forwards, zero last box layers) to a freshly built
-    model when it is missing, i.e. when the generic ``nn.Linear`` initialisation ran after it.
+def prepare_scratch_backbone(model: nn.Module) -> int:
+    """Make every parameter of a randomly initialised backbone trainable (the compact demo preset).
 
-    Detected by the decoder class head bias not being at the prior; returns whether anything was re-applied. A model
-    loaded with ``from_pretrained`` keeps its weights (do not call it there).
-    """
-    head = getattr(model, "class_embed", None)
-    prior = -math.log((1 - 0.01) / 0.01)
-    if head is None or getattr(head, "bias", None) is None or torch.allclose(head.bias, torch.full_like(head.bias, prior)):
-        return False
-    names = {"DinoMultiscaleDeformableAttention", "DinoEncoderLayer", "DinoDecoderLayer", "DinoModel",
-             "DinoForObjectDetection"}
-    for module in model.modules():
-        if type(module).__name__ in names:
-            model._init_weights(module)
-    return True
-
-
-@torch.no_grad()
-def init_new_class_heads(model: nn.Module, prior_prob: float = 0.01) -> list[str]:
-    """After loading a checkpoint with a new label set (``ignore_mismatched_sizes``), give the re-created class
-    heads the focal-loss prior bias (``-log((1 - p) / p)``) when they came out with a zero bias. Returns their names."""
-    prior = -math.log((1 - prior_prob) / prior_prob)
-    fixed = []
-    for name in ("class_embed", "model.enc_out_class_embed"):
-        head = model.get_submodule(name) if _has_submodule(model, name) else None
-        if head is not None and getattr(head, "bias", None) is not None and not head.bias.any():
-            head.bias.fill_(prior)
-            fixed.append(name)
-    return fixed
-
-
-def _has_submodule(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
-
-
-@torch.no_grad()
-def prepare_scratch_backbone(model: nn.Module, residual_scale: float = 0.2) -> int:
-    """Make a randomly initialised ResNet backbone trainable from scratch (the compact demo preset).
-
-    The DINO backbone freezes its batch norms and its stem/layer1, which is right for ImageNet weights. From a
-    random initialisation it leaves dead residual branches: timm zero-initialises the last batch-norm scale of every
-    residual block, and frozen, that zero never moves. This sets those scales to ``residual_scale`` and makes every
-    backbone parameter trainable. Returns the number of batch norms changed. Do not use it on pretrained weights.
+    DINO trains neither the ResNet stem nor layer1, which is right for ImageNet weights but leaves a random
+    stem untrained from scratch. (The frozen batch norms start as the identity; see `DinoBackbone`.) Returns the
+    number of parameters unfrozen. Do not use it on pretrained weights.
     """
     backbone = getattr(getattr(model, "model", model), "backbone", None)
     if backbone is None:
         raise ValueError("model has no backbone at .model.backbone")
-    changed = 0
-    for module in backbone.modules():
-        weight = getattr(module, "weight", None)
-        if "BatchNorm" in type(module).__name__ and isinstance(weight, torch.Tensor) and not weight.any():
-            weight.fill_(residual_scale)
-            changed += 1
-    for param in backbone.parameters():
+    frozen = [p for p in backbone.parameters() if not p.requires_grad]
+    for param in frozen:
         param.requires_grad_(True)
-    return changed
+    return len(frozen)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
