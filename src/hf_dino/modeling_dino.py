@@ -424,9 +424,6 @@ class DinoBackbone(nn.Module):
                 module._is_hf_initialized = True
 
     def forward(self, pixel_values: torch.Tensor, padding_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if not isinstance(self.body, DinoSwinTransformer):
-            # convolutions run markedly faster on channels-last data (oneDNN / cuDNN); same values up to rounding
-            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         features = self.body(pixel_values)
         return [(f, F.interpolate(padding_mask[None].float(), size=f.shape[-2:])[0].bool()) for f in features]
 
