@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

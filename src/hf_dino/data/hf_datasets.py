@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 from collections import Counter
-from typing import Any, Callable
+from typing import Callable
 
 from PIL import Image
 
