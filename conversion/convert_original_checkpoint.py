@@ -3,7 +3,9 @@
 
     python conversion/convert_original_checkpoint.py --checkpoint FILE.pth --model-name dino-r50-4scale --output-dir DIR
 
-The checkpoint is read with `torch.load(..., map_location="cpu", weights_only=True)["model"]`. Every original key
+The checkpoint is read with `torch.load(..., map_location="cpu", weights_only=True)["model"]`, allowing the
+`argparse.Namespace` of arguments that the original `main.py` saves next to the weights (optimizer, scheduler and
+epoch are ignored; `--weights ema_model` converts the EMA copy instead). Every original key
 goes through the explicit rename table `RENAME_RULES` below; a key that no rule maps, or a model weight that no
 key fills, stops the conversion with the full list. The original stores the shared decoder heads under several
 aliases (`class_embed.{0-5}`, `transformer.decoder.class_embed.{0-5}`, and the same for `bbox_embed`); all
@@ -15,6 +17,7 @@ config, and the image processor's `preprocessor_config.json`).
 from __future__ import annotations
 
 import argparse
+import pickle
 import re
 import sys
 from pathlib import Path
@@ -127,26 +130,112 @@ def convert_state_dict(original: dict[str, torch.Tensor], model: DinoForObjectDe
         ("relative_position_index buffers that differ from the recomputed ones", index_errors),
     ]:
         if items:
-            problems.append(f"{len(items)} {title}:\n  " + "\n  ".join(items))
+            problems.append(f"{len(items)} {title}:\n  " + _listing(items))
     if problems:
         raise ConversionError("Cannot convert the checkpoint:\n" + "\n".join(problems))
     return {k: converted[k] for k in expected}
 
 
-def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        raise ConversionError(f"{path}: expected a dict with a 'model' state dict (the released DINO layout).")
-    return checkpoint["model"]
+# What the original `main.py` pickles next to the weights besides tensors and plain containers: its command-line
+# arguments. Only these classes are admitted by the `weights_only=True` unpickler; anything else needs
+# `--trust-checkpoint` (plain `torch.load`, which can run code from the file).
+RELEASE_CHECKPOINT_GLOBALS = [argparse.Namespace]
+WEIGHT_ENTRIES = ("model", "ema_model")
+_LIST_LIMIT = 20
 
 
-def convert(checkpoint: str | Path, model_name: str, output_dir: str | Path | None = None) -> DinoForObjectDetection:
-    """Build the model for `model_name`, load the converted weights strictly, optionally save it with its processor."""
+def _listing(items: list[str]) -> str:
+    shown = items[:_LIST_LIMIT]
+    more = f"\n  ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
+    return "\n  ".join(shown) + more
+
+
+def load_original_state_dict(
+    path: str | Path, weights: str = "model", trust_checkpoint: bool = False
+) -> dict[str, torch.Tensor]:
+    """The original state dict stored in an original DINO checkpoint file.
+
+    Reads the release layout the original `main.py` writes, `{"model", "optimizer", "lr_scheduler", "epoch", "args"}`
+    (`args` an `argparse.Namespace`, allow-listed for the `weights_only=True` unpickler; optimizer and scheduler are
+    ignored), and the bare `{"model": state_dict}` layout. `weights="ema_model"` takes the EMA copy that runs with
+    `use_ema=True` also save. Missing, empty, truncated or non-checkpoint files raise a one-line `ConversionError`
+    naming the file; a file that pickles other objects is refused unless `trust_checkpoint=True`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such file.")
+    if path.stat().st_size == 0:
+        raise ConversionError(f"{path}: the file is empty.")
+    try:
+        if trust_checkpoint:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            with torch.serialization.safe_globals(RELEASE_CHECKPOINT_GLOBALS):
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        unsafe = _unsafe_globals(path) or re.findall(r"GLOBAL ([\w.]+)", str(error))
+        if not unsafe:
+            raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({str(error).splitlines()[0]}).") from None
+        raise ConversionError(
+            f"{path}: the file stores objects other than tensors and the original's arguments ({', '.join(unsafe)}), "
+            "which loading with weights_only=True refuses; if the file comes from a source you trust, pass "
+            "--trust-checkpoint (this unpickles it with weights_only=False, which can run code from the file)."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        reason = str(error).split(". ")[0].splitlines()[0] if str(error) else type(error).__name__
+        raise ConversionError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({reason})") from None
+    if not isinstance(checkpoint, dict) or not any(key in checkpoint for key in WEIGHT_ENTRIES):
+        found = sorted(map(str, checkpoint)) if isinstance(checkpoint, dict) else [type(checkpoint).__name__]
+        raise ConversionError(
+            f"{path}: expected an original DINO checkpoint, a dict with a 'model' state dict; found {_preview(found)}."
+        )
+    if weights not in checkpoint:
+        raise ConversionError(f"{path}: has no {weights!r} entry (it has {_preview(sorted(map(str, checkpoint)))}).")
+    state_dict = checkpoint[weights]
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ConversionError(f"{path}: checkpoint[{weights!r}] is not a state dict of tensors.")
+    return state_dict
+
+
+def _preview(names: list[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    try:
+        return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                if g != "argparse.Namespace"]
+    except Exception:  # an old torch, or a file that is not a zip archive
+        return []
+
+
+def looks_like_dino(original: dict[str, torch.Tensor]) -> bool:
+    """Whether a state dict has the original DINO's transformer and heads (not some other network's weights)."""
+    return any(k.startswith("transformer.") for k in original) and any("class_embed" in k for k in original)
+
+
+def convert(
+    checkpoint: str | Path,
+    model_name: str,
+    output_dir: str | Path | None = None,
+    weights: str = "model",
+    trust_checkpoint: bool = False,
+) -> DinoForObjectDetection:
+    """Build the model for `model_name`, load the converted weights strictly, optionally save it with its processor.
+
+    The checkpoint file is read and checked before any model is built, so a wrong file fails in a second.
+    """
     if model_name not in MODEL_CONFIGS:
         raise ConversionError(f"Unknown --model-name {model_name!r}; choose one of {sorted(MODEL_CONFIGS)}.")
+    original = load_original_state_dict(checkpoint, weights=weights, trust_checkpoint=trust_checkpoint)
+    if not looks_like_dino(original):
+        raise ConversionError(
+            f"{checkpoint}: not an original DINO checkpoint: none of its {len(original)} keys is a DINO transformer "
+            f"or class-head weight (first keys: {_preview(list(original), 5)})."
+        )
     config = DinoConfig(**MODEL_CONFIGS[model_name])
     model = DinoForObjectDetection(config).eval()
-    state_dict = convert_state_dict(load_original_state_dict(checkpoint), model)
+    state_dict = convert_state_dict(original, model)
     result = model.load_state_dict(state_dict, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     if output_dir is not None:
@@ -161,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="original checkpoint (.pth with a 'model' state dict)")
     parser.add_argument("--model-name", required=True, choices=sorted(MODEL_CONFIGS))
     parser.add_argument("--output-dir", required=True, help="where to write the save_pretrained folder")
+    parser.add_argument("--weights", choices=WEIGHT_ENTRIES, default="model",
+                        help="which weights of the checkpoint to convert: 'model' (default; what the released files "
+                             "hold) or 'ema_model' (the EMA copy, present only in runs trained with use_ema=True)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load a checkpoint that pickles objects other than tensors and argparse.Namespace with "
+                             "weights_only=False; only for files from a source you trust (it can run code)")
     # --verify / --write-expected / --push-to-hub: conversion/verify.py, conversion/hub.py (format documented there)
     parser.add_argument("--verify", metavar="EXPECTED", default=None,
                         help="compare the converted model's outputs with an expected-output file (hf_dino-verify-v1 "
@@ -177,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--private", action="store_true", help="create the Hub repo private")
     args = parser.parse_args(argv)
     try:
-        model = convert(args.checkpoint, args.model_name, args.output_dir)
+        model = convert(args.checkpoint, args.model_name, args.output_dir, weights=args.weights,
+                        trust_checkpoint=args.trust_checkpoint)
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
