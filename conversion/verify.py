@@ -15,8 +15,8 @@ Expected-output file, format ``hf_dino-verify-v1`` (one safetensors file):
 safetensors metadata: ``format = "hf_dino-verify-v1"``, and informative ``model_name``, ``checkpoint``,
 ``torch_version``, ``created_by``.
 
-When ``encoder_topk_indices`` is present, the query selection (``torch.topk`` over the encoder scores) is forced to
-it during the verification forward pass: encoder proposals whose scores tie to ~1e-6 may come in another order under
+When ``encoder_topk_indices`` is present, the query selection is forced to it during the verification forward pass
+(``hf_dino.modeling_dino.forced_query_selection``, which replaces the ranking of that one model instance): encoder proposals whose scores tie to ~1e-6 may come in another order under
 other float arithmetic (threads, CPU kernels), and one swap changes whole queries (see the parity fixtures' README).
 The actual selection is still reported (positions that differ). Outputs must then agree within ``atol``.
 
@@ -40,6 +40,8 @@ from typing import Sequence
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from hf_dino.modeling_dino import forced_query_selection
 
 FORMAT = "hf_dino-verify-v1"
 DEFAULT_ATOL = 1e-4
@@ -144,44 +146,16 @@ def load_expected(path: str | Path) -> dict[str, torch.Tensor]:
     raise ValueError(f"{path}: neither an {FORMAT} file nor a parity fixture (expected.safetensors + inputs.safetensors)")
 
 
-@contextlib.contextmanager
-def forced_query_selection(indices: torch.Tensor):
-    """While active, ``torch.topk(scores [B, S], k=Q, dim=1)`` returns ``indices`` [B, Q] (other calls untouched)."""
-    original = torch.topk
-    state = {"own": None, "calls": 0}
-
-    def topk(input, k, dim=-1, largest=True, sorted=True, **kwargs):
-        if (
-            input.dim() == 2
-            and dim in (1, -1)
-            and largest
-            and k == indices.shape[1]
-            and input.shape[0] == indices.shape[0]
-            and input.shape[1] >= k
-        ):
-            state["calls"] += 1
-            state["own"] = original(input, k, dim=dim)[1]
-            forced = indices.to(input.device)
-            return torch.return_types.topk((input.gather(1, forced), forced))
-        return original(input, k, dim=dim, largest=largest, sorted=sorted, **kwargs)
-
-    torch.topk = topk
-    try:
-        yield state
-    finally:
-        torch.topk = original
-
-
 def verify(model, expected: str | Path | dict, atol: float = DEFAULT_ATOL) -> VerifyReport:
     """Run ``model`` on the stored inputs and compare with the stored outputs (max absolute difference)."""
     data = load_expected(expected) if not isinstance(expected, dict) else expected
     model.eval()
     forced = "encoder_topk_indices" in data
     with torch.no_grad():
-        with forced_query_selection(data["encoder_topk_indices"]) if forced else contextlib.nullcontext() as state:
+        with forced_query_selection(model, data["encoder_topk_indices"]) if forced else contextlib.nullcontext() as record:
             outputs = model(pixel_values=data["pixel_values"].float(), pixel_mask=data["pixel_mask"].long())
-    if forced and state["calls"] != 1:
-        raise RuntimeError(f"query selection was intercepted {state['calls']} times (expected 1)")
+    if forced and record.calls != 1:
+        raise RuntimeError(f"query selection was replaced {record.calls} times (expected 1)")
     diffs = {}
     pairs = [("logits", outputs.logits), ("pred_boxes", outputs.pred_boxes)]
     if "encoder_logits" in data and getattr(outputs, "encoder_logits", None) is not None:
@@ -192,10 +166,10 @@ def verify(model, expected: str | Path | dict, atol: float = DEFAULT_ATOL) -> Ve
             raise ValueError(f"{key}: model output {tuple(actual.shape)} vs expected {tuple(reference.shape)}")
         diffs[key] = float((actual.float() - reference.float()).abs().max())
     differing = None
-    if forced and state["own"] is not None:
-        differing = int((state["own"] != data["encoder_topk_indices"].to(state["own"].device)).sum())
+    if forced and record.own is not None:
+        differing = int((record.own != data["encoder_topk_indices"].to(record.own.device)).sum())
     ok = all(d <= atol for d in diffs.values())
     return VerifyReport(ok=ok, max_abs_diff=diffs, atol=atol, forced_selection=forced, selection_positions_differing=differing)
 
 
-__all__ = ["FORMAT", "DEFAULT_ATOL", "VerifyReport", "forced_query_selection", "load_expected", "verify", "write_expected"]
+__all__ = ["FORMAT", "DEFAULT_ATOL", "VerifyReport", "load_expected", "verify", "write_expected"]

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
@@ -42,27 +41,3 @@ def convert_with_cli(checkpoint: Path, model_name: str, output_dir: Path) -> sub
          "--checkpoint", str(checkpoint), "--model-name", model_name, "--output-dir", str(output_dir)],
         capture_output=True, text=True,
     )
-
-
-class ForcedSelection:
-    """While active, `torch.topk(scores[B, S], K, dim=1)` returns the fixture's recorded selection (README protocol:
-    near-tied encoder scores may swap order under float noise, which changes whole queries)."""
-
-    def __init__(self, indices: torch.Tensor):
-        self.indices = indices
-        self.calls = 0
-
-    def __enter__(self):
-        self.original = torch.topk
-
-        def topk(x, k, dim=-1, largest=True, sorted=True):
-            if x.dim() == 2 and k == self.indices.shape[1] and dim in (1, -1) and x.shape[0] == self.indices.shape[0]:
-                self.calls += 1
-                return torch.return_types.topk((x.gather(1, self.indices), self.indices))
-            return self.original(x, k, dim=dim, largest=largest, sorted=sorted)
-
-        torch.topk = topk
-        return self
-
-    def __exit__(self, *exc):
-        torch.topk = self.original

@@ -204,6 +204,37 @@ def test_boxes_are_relative_to_the_unpadded_image(tiny_model):
     assert out.intermediate_reference_points.shape == (1, 3, 30, 4)
 
 
+def test_forced_query_selection_replays_indices_on_one_instance_only(tiny_model):
+    """The seam used by the parity tests and conversion/verify.py: the given selection is used by this instance (its
+    encoder outputs are the forced tokens' own), the model's own ranking is reported, nothing else is touched."""
+    from hf_dino.modeling_dino import forced_query_selection
+
+    torch.manual_seed(0)
+    other = DinoForObjectDetection(tiny_config()).eval()
+    x = images(12, (1, 3, 96, 128))
+    token_logits = {}
+    hook = tiny_model.model.enc_out_class_embed.register_forward_hook(lambda m, a, o: token_logits.update(all=o))
+    with torch.no_grad():
+        own = tiny_model(x)
+        forced_indices = torch.randperm(own.encoder_last_hidden_state.shape[1], generator=torch.Generator().manual_seed(0))[:30][None]
+        with forced_query_selection(tiny_model, forced_indices) as record:
+            forced = tiny_model(x)
+            other_inside = other(x)
+        after = tiny_model(x)
+    hook.remove()
+    assert record.calls == 1 and torch.equal(record.own, own.encoder_topk_indices)
+    assert torch.equal(forced.encoder_topk_indices, forced_indices)
+    expected_logits = token_logits["all"].gather(1, forced_indices[..., None].expand(-1, -1, 5))
+    assert torch.equal(forced.encoder_logits, expected_logits)
+    assert not torch.equal(forced.logits, own.logits)
+    assert torch.equal(after.logits, own.logits) and "rank_encoder_tokens" not in vars(tiny_model.model)
+    with torch.no_grad():
+        assert torch.equal(other_inside.logits, other(x).logits)
+    with pytest.raises(ValueError, match="forced selection has shape"):
+        with forced_query_selection(tiny_model, forced_indices[:, :10]), torch.no_grad():
+            tiny_model(x)
+
+
 # ---- training forward: denoising isolation, losses, gradients ------------------------------------------------------
 def _labels():
     return [

@@ -17,7 +17,9 @@ The flow of one batch (each step is one named module or function below):
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -550,11 +552,16 @@ class DinoModel(DinoPreTrainedModel):
         output_memory = self.enc_output_norm(self.enc_output(memory))
         logits = self.enc_out_class_embed(output_memory)
         boxes_logit = self.enc_out_bbox_embed(output_memory) + proposals
-        # torch.topk (not Tensor.topk): descending order is the query order
-        topk_indices = torch.topk(logits.max(-1)[0], self.config.num_queries, dim=1)[1]
+        topk_indices = self.rank_encoder_tokens(logits.max(-1)[0], self.config.num_queries)
         selected_boxes_logit = torch.gather(boxes_logit, 1, topk_indices.unsqueeze(-1).expand(-1, -1, 4))
         selected_logits = torch.gather(logits, 1, topk_indices.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
         return selected_boxes_logit.detach(), selected_logits, selected_boxes_logit.sigmoid(), topk_indices
+
+    def rank_encoder_tokens(self, scores: torch.Tensor, k: int) -> torch.LongTensor:
+        """The query-selection ranking: indices `[B, k]` of the `k` best encoder tokens by `scores` `[B, S]`,
+        best first (descending order is the query order). [`forced_query_selection`] replaces this method on one
+        instance to replay a recorded selection."""
+        return torch.topk(scores, k, dim=1)[1]
 
     def forward(
         self,
@@ -740,4 +747,51 @@ class DinoForObjectDetection(DinoPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-__all__ = ["DinoPreTrainedModel", "DinoModel", "DinoForObjectDetection", "DinoModelOutput", "DinoObjectDetectionOutput"]
+@dataclass
+class ForcedSelectionRecord:
+    """What [`forced_query_selection`] saw: `calls` (rankings replaced) and `own` (`[B, K]`, the selection the model
+    would have made itself in the last call)."""
+
+    calls: int = 0
+    own: torch.LongTensor | None = None
+
+
+@contextlib.contextmanager
+def forced_query_selection(model: nn.Module, indices: torch.Tensor) -> Iterator[ForcedSelectionRecord]:
+    """Replay a recorded query selection on ONE model instance: while active, `DinoModel.rank_encoder_tokens` of
+    `model` (a [`DinoModel`] or a model holding one as `.model`) returns `indices` `[B, K]` instead of the top-K of
+    its own encoder scores. Nothing else (other instances, `torch.topk`, other threads) is affected.
+
+    Why: encoder scores that tie to ~1e-6 can come out in another order under other float arithmetic (threads, CPU
+    kernels, exported graphs), and one swap changes whole queries. Comparisons with a reference run (the parity
+    tests, `conversion/verify.py`, exports) force the reference's selection so that the rest of the network is
+    compared on equal inputs; the record reports how the model's own selection differs.
+
+    ```python
+    >>> with forced_query_selection(model, expected_indices) as record:
+    ...     outputs = model(pixel_values, pixel_mask)
+    >>> record.calls, (record.own != expected_indices).sum()
+    ```
+    """
+    inner = model if isinstance(model, DinoModel) else getattr(model, "model", None)
+    if not isinstance(inner, DinoModel):
+        raise TypeError(f"forced_query_selection needs a DinoModel or DinoForObjectDetection, got {type(model).__name__}.")
+    record = ForcedSelectionRecord()
+    own_ranking = inner.rank_encoder_tokens
+
+    def replay(scores: torch.Tensor, k: int) -> torch.LongTensor:
+        if tuple(indices.shape) != (scores.shape[0], k):
+            raise ValueError(f"forced selection has shape {tuple(indices.shape)}, the model selects {(scores.shape[0], k)}.")
+        record.calls += 1
+        record.own = own_ranking(scores, k)
+        return indices.to(device=scores.device, dtype=torch.long)
+
+    inner.rank_encoder_tokens = replay  # an instance attribute shadows the method for this instance only
+    try:
+        yield record
+    finally:
+        del inner.rank_encoder_tokens
+
+
+__all__ = ["DinoPreTrainedModel", "DinoModel", "DinoForObjectDetection", "DinoModelOutput", "DinoObjectDetectionOutput",
+           "ForcedSelectionRecord", "forced_query_selection"]
