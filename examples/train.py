@@ -33,12 +33,15 @@ processor), `metrics.json`, tensorboard logs under `runs/`, `prediction.png`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -299,19 +302,62 @@ def build_processor(args, recipe):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# main
+# the run: set-up, resume, epochs, finish
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+@dataclass
+class TrainState:
+    """Where the run stands; saved in every checkpoint (the data position is the NEXT batch to train on)."""
+
+    epoch: int = 0
+    start_batch: int = 0
+    global_step: int = 0
+    best_ap: float = -1.0
+    history: list = field(default_factory=list)
+    metrics: dict | None = None
+
+
+@dataclass
+class TrainingRun:
+    """Everything one run holds, built once by `set_up_run`."""
+
+    args: argparse.Namespace
+    accelerator: Any
+    output_dir: Path
+    train_set: Any
+    val_set: Any
+    label_map: Any
+    processor: DinoImageProcessor
+    model: torch.nn.Module  # as prepared by accelerate (maybe wrapped)
+    unwrapped: DinoForObjectDetection
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: ResumableBatchSampler
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader | None
+    coco_gt: Any
+    ema: ModelEMA | None
+    total_steps: int
+
+    def log(self, message: str) -> None:
+        self.accelerator.print(message)
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights that are evaluated and exported: the EMA when kept, else the trained model."""
+        return self.ema.module if self.ema is not None else self.unwrapped
+
+
+def make_accelerator(args):
+    """Torch threads, the `accelerate` Accelerator (precision, accumulation, trackers, DDP), logging, output dir."""
     threads = args.num_threads
     if threads is None and args.demo and not os.environ.get("OMP_NUM_THREADS"):
         threads = 1
     if threads:
         torch.set_num_threads(threads)
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
@@ -324,12 +370,16 @@ def main(argv=None) -> dict:
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    log = accelerator.print
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-    set_seed(args.seed)  # same initial weights in every process
+    return accelerator
 
-    # ---- data, model, processor ----
+
+def set_up_run(args, accelerator) -> TrainingRun:
+    """Data, model, processor, loaders, optimizer and LR schedule, EMA: everything before the first step."""
+    from accelerate.utils import set_seed
+
+    set_seed(args.seed)  # same initial weights in every process
     config = initial_config(args)
     with accelerator.main_process_first():  # the demo data is generated once
         try:
@@ -340,9 +390,11 @@ def main(argv=None) -> dict:
     processor = build_processor(args, recipe)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    log(f"train: {len(train_set)} images, val: {len(val_set) if val_set else 0} images, {label_map.num_labels} labels "
+    accelerator.print(
+        f"train: {len(train_set)} images, val: {len(val_set) if val_set else 0} images, {label_map.num_labels} labels "
         f"({label_map.mode}), model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-        f"processes: {accelerator.num_processes} ({accelerator.device}, {torch.get_num_threads()} threads)")
+        f"processes: {accelerator.num_processes} ({accelerator.device}, {torch.get_num_threads()} threads)"
+    )
 
     collate = DetectionCollator(processor)
     sampler = ResumableBatchSampler(len(train_set), args.batch_size, accelerator.num_processes, accelerator.process_index,
@@ -350,7 +402,7 @@ def main(argv=None) -> dict:
     # own generator: creating the loader iterator must not consume the global RNG (exact resumption)
     train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate,
                                                num_workers=args.num_workers, generator=torch.Generator())
-    val_loader = None
+    val_loader = coco_gt = None
     if val_set is not None and not args.no_eval:
         shard = torch.utils.data.Subset(val_set, shard_indices(len(val_set), accelerator.num_processes, accelerator.process_index))
         val_loader = torch.utils.data.DataLoader(shard, batch_size=args.eval_batch_size, collate_fn=collate,
@@ -369,150 +421,210 @@ def main(argv=None) -> dict:
     unwrapped = accelerator.unwrap_model(model)
     ema = ModelEMA(unwrapped, args.ema_decay) if args.ema else None
     set_seed(args.seed + accelerator.process_index)  # different denoising noise per process
+    return TrainingRun(args, accelerator, Path(args.output_dir), train_set, val_set, label_map, processor, model,
+                       unwrapped, optimizer, scheduler, sampler, train_loader, val_loader, coco_gt, ema, total_steps)
 
-    # ---- resume ----
-    epoch, start_batch, global_step, best_ap, history = 0, 0, 0, -1.0, []
-    if args.resume:
-        path = find_latest_checkpoint(output_dir / "checkpoints") if args.resume == "auto" else Path(args.resume)
-        if path is None:
-            log("--resume auto: no checkpoint yet, starting from scratch")
-        else:
-            state = load_checkpoint(path, rank=accelerator.process_index)
-            unwrapped.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if state.get("scaler") is not None and accelerator.scaler is not None:
-                accelerator.scaler.load_state_dict(state["scaler"])
-            if ema is not None and state.get("ema") is not None:
-                ema.load_state_dict(state["ema"])
-            epoch, start_batch, global_step = state["epoch"], state["start_batch"], state["global_step"]
-            best_ap, history = state.get("best_ap", -1.0), state.get("history", [])
-            log(f"resumed from {path}: epoch {epoch}, batch {start_batch}, step {global_step}")
 
+def checkpoint_state(run: TrainingRun, state: TrainState) -> dict:
+    """What a checkpoint holds: every state dict, the data position and the run's history."""
+    scaler = run.accelerator.scaler
+    return {
+        "model": run.unwrapped.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+        "ema": run.ema.state_dict() if run.ema is not None else None, "epoch": state.epoch,
+        "start_batch": state.start_batch, "global_step": state.global_step, "best_ap": state.best_ap,
+        "history": state.history, "args": vars(run.args),
+    }
+
+
+def save(run: TrainingRun, state: TrainState) -> None:
+    """`checkpoints/checkpoint-<step>/` (every process takes part; only the main one writes the training state)."""
+    save_checkpoint(run.output_dir / "checkpoints", state.global_step,
+                    checkpoint_state(run, state) if run.accelerator.is_main_process else {}, run.accelerator,
+                    keep_last=run.args.save_total_limit)
+
+
+def resume(run: TrainingRun) -> TrainState:
+    """The state of `--resume` (a checkpoint folder, or `auto`: the latest in the output dir), loaded into the run."""
+    args = run.args
+    path = find_latest_checkpoint(run.output_dir / "checkpoints") if args.resume == "auto" else Path(args.resume)
+    if path is None:
+        run.log("--resume auto: no checkpoint yet, starting from scratch")
+        return TrainState()
+    saved = load_checkpoint(path, rank=run.accelerator.process_index)
+    run.unwrapped.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    if saved.get("scaler") is not None and run.accelerator.scaler is not None:
+        run.accelerator.scaler.load_state_dict(saved["scaler"])
+    if run.ema is not None and saved.get("ema") is not None:
+        run.ema.load_state_dict(saved["ema"])
+    state = TrainState(epoch=saved["epoch"], start_batch=saved["start_batch"], global_step=saved["global_step"],
+                       best_ap=saved.get("best_ap", -1.0), history=saved.get("history", []))
+    run.log(f"resumed from {path}: epoch {state.epoch}, batch {state.start_batch}, step {state.global_step}")
+    return state
+
+
+def export(run: TrainingRun, folder: Path, module) -> None:
+    """`save_pretrained` of a model and the processor (main process)."""
+    if run.accelerator.is_main_process:
+        module.save_pretrained(folder)
+        run.processor.save_pretrained(folder)
+
+
+class StepLogger:
+    """Running means of the loss terms, written every `--logging-steps` to the trackers and `train_log.jsonl`;
+    the image ids of each step to `batch_log.jsonl` (`--log-batches`); the progress bar."""
+
+    TERMS = ("loss_ce", "loss_bbox", "loss_giou")
+
+    def __init__(self, run: TrainingRun, state: TrainState):
+        self.run = run
+        self.running: dict[str, float] = {}
+        self.steps = 0
+        main = run.accelerator.is_main_process
+        self.batch_log = open(run.output_dir / "batch_log.jsonl", "a") if run.args.log_batches and main else None
+        self.progress = None
+        if main and not run.args.no_progress:
+            from tqdm.auto import tqdm
+
+            self.progress = tqdm(total=run.total_steps, initial=state.global_step, desc="train", dynamic_ncols=True)
+
+    def add_batch(self, state: TrainState, batch_index: int, batch: dict, outputs) -> None:
+        terms = [("loss", outputs.loss)] + [(k, v) for k, v in (outputs.loss_dict or {}).items() if k in self.TERMS]
+        for key, value in terms:
+            self.running[key] = self.running.get(key, 0.0) + float(value.detach()) / self.run.args.gradient_accumulation_steps
+        if self.batch_log is not None:
+            self.batch_log.write(json.dumps({"step": state.global_step + 1, "epoch": state.epoch, "batch": batch_index,
+                                             "image_ids": batch["image_ids"].tolist()}) + "\n")
+            self.batch_log.flush()
+
+    def add_step(self, state: TrainState, loss: torch.Tensor) -> None:
+        run = self.run
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix(epoch=state.epoch, loss=f"{float(loss.detach()):.3f}")
+        self.steps += 1
+        if state.global_step % run.args.logging_steps == 0 or state.global_step == run.total_steps:
+            logs = {f"train/{k}": v / self.steps for k, v in self.running.items()}
+            logs["train/lr"] = run.scheduler.get_last_lr()[0]
+            run.accelerator.log(logs, step=state.global_step)
+            if run.accelerator.is_main_process:
+                with open(run.output_dir / "train_log.jsonl", "a") as f:
+                    f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+            self.running, self.steps = {}, 0
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.batch_log is not None:
+            self.batch_log.close()
+
+
+def train_step(run: TrainingRun, state: TrainState, batch: dict) -> Any:
+    """Forward, backward, clipping and the optimizer step of one batch (gradient accumulation by `accelerate`)."""
+    accelerator, model = run.accelerator, run.model
+    labels = [{k: v.to(accelerator.device) for k, v in t.items()} for t in batch["labels"]]
+    with accelerator.accumulate(model):
+        outputs = model(pixel_values=batch["pixel_values"].to(accelerator.device),
+                        pixel_mask=batch["pixel_mask"].to(accelerator.device), labels=labels)
+        if not torch.isfinite(outputs.loss):
+            raise FloatingPointError(
+                f"non-finite loss {outputs.loss.item()} at step {state.global_step}, images {batch['image_ids'].tolist()}: "
+                f"{ {k: float(v) for k, v in outputs.loss_dict.items()} }"
+            )
+        accelerator.backward(outputs.loss)
+        if accelerator.sync_gradients and run.args.clip_max_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), run.args.clip_max_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return outputs
+
+
+def train_epoch(run: TrainingRun, state: TrainState, logger_: StepLogger) -> tuple[int, bool]:
+    """Train from `state.start_batch` to the end of the epoch (or to the last step). Saves `--save-steps`
+    checkpoints mid-epoch. Returns the number of batches of this epoch consumed and whether training is done."""
+    run.sampler.set_epoch(state.epoch, state.start_batch)
+    batch_index, done = state.start_batch, state.global_step >= run.total_steps
+    for batch in run.train_loader:
+        batch_index += 1
+        outputs = train_step(run, state, batch)
+        logger_.add_batch(state, batch_index, batch, outputs)
+        if not run.accelerator.sync_gradients:
+            continue
+        state.global_step += 1
+        if not run.accelerator.optimizer_step_was_skipped:
+            run.scheduler.step()
+        if run.ema is not None:
+            run.ema.update(run.unwrapped)
+        logger_.add_step(state, outputs.loss)
+        done = state.global_step >= run.total_steps
+        end_of_epoch = batch_index == run.sampler.num_batches
+        save_steps = run.args.save_steps
+        if save_steps and state.global_step % save_steps == 0 and not end_of_epoch and not done:
+            save(run, dataclasses.replace(state, start_batch=batch_index))
+        if done:
+            break
+    return batch_index, done
+
+
+def end_epoch(run: TrainingRun, state: TrainState, batch_index: int, done: bool, start_time: float) -> None:
+    """Evaluate (every `--eval-every` epochs and at the end), keep `best/`, checkpoint, write `metrics.json`."""
+    args = run.args
+    entry = {"epoch": state.epoch, "step": state.global_step, "time_s": round(time.time() - start_time, 1)}
+    if run.val_loader is not None and (done or (state.epoch + 1) % args.eval_every == 0 or state.epoch + 1 == args.epochs):
+        metrics = evaluate_coco(run.ema.module if run.ema is not None else run.model, run.val_loader, run.coco_gt,
+                                run.label_map.label_to_category_id, run.processor, accelerator=run.accelerator,
+                                progress=not args.no_progress and run.accelerator.is_main_process)
+        state.metrics = metrics
+        entry.update(metrics)
+        run.log(format_metrics_table(metrics, title=f"epoch {state.epoch} (step {state.global_step})"))
+        run.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.global_step)
+        if metrics["AP"] > state.best_ap:
+            state.best_ap = metrics["AP"]
+            export(run, run.output_dir / "best", run.eval_model)
+    state.history.append(entry)
+    if batch_index == run.sampler.num_batches:  # the next position: the next epoch, or later in this one
+        state.epoch, state.start_batch = state.epoch + 1, 0
+    else:
+        state.start_batch = batch_index
+    save(run, state)
+    if run.accelerator.is_main_process:
+        write_json(run.output_dir / "metrics.json", {"history": state.history, "best_AP": state.best_ap})
+
+
+def finish(run: TrainingRun, state: TrainState) -> None:
+    """`final/`, the prediction image, the Hub push; the trackers are closed."""
+    export(run, run.output_dir / "final", run.eval_model)
+    if run.accelerator.is_main_process and run.val_set is not None:
+        write_prediction_image(run.eval_model, run.processor, run.val_set, run.output_dir / "prediction.png",
+                               run.label_map, run.args.prediction_threshold, run.accelerator.device)
+        run.log(f"wrote {run.output_dir / 'prediction.png'}")
+    if run.args.push_to_hub and run.accelerator.is_main_process:
+        push_to_hub(run.args, run.eval_model, run.processor, state.metrics)
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    accelerator = make_accelerator(args)
+    run = set_up_run(args, accelerator)
+    state = resume(run) if args.resume else TrainState()
     if args.report_to != "none":
         accelerator.init_trackers("hf_dino", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                      for k, v in vars(args).items()})
-
-    def checkpoint_state(next_epoch: int, next_batch: int) -> dict:
-        return {
-            "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-            "ema": ema.state_dict() if ema is not None else None, "epoch": next_epoch, "start_batch": next_batch,
-            "global_step": global_step, "best_ap": best_ap, "history": history, "args": vars(args),
-        }
-
-    def save(next_epoch: int, next_batch: int) -> None:
-        save_checkpoint(output_dir / "checkpoints", global_step, checkpoint_state(next_epoch, next_batch) if
-                        accelerator.is_main_process else {}, accelerator, keep_last=args.save_total_limit)
-
-    def export(folder: Path, module) -> None:
-        if accelerator.is_main_process:
-            module.save_pretrained(folder)
-            processor.save_pretrained(folder)
-
-    kill_at = int(os.environ.get("HF_DINO_TEST_KILL_AT_STEP", "0"))  # tests: simulate a crash after this step
-    batch_log = open(output_dir / "batch_log.jsonl", "a") if args.log_batches and accelerator.is_main_process else None
-    progress = None
-    if accelerator.is_main_process and not args.no_progress:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=total_steps, initial=global_step, desc="train", dynamic_ncols=True)
-
-    model.train()
+    step_logger = StepLogger(run, state)
+    run.model.train()
     start_time = time.time()
-    running: dict[str, float] = {}
-    logged_steps = 0
-    metrics = None
-    done = global_step >= total_steps
-    while epoch < args.epochs and not done:
-        sampler.set_epoch(epoch, start_batch)
-        batch_index = start_batch
-        for batch in train_loader:
-            batch_index += 1
-            labels = [{k: v.to(accelerator.device) for k, v in t.items()} for t in batch["labels"]]
-            with accelerator.accumulate(model):
-                outputs = model(pixel_values=batch["pixel_values"].to(accelerator.device),
-                                pixel_mask=batch["pixel_mask"].to(accelerator.device), labels=labels)
-                loss = outputs.loss
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite loss {loss.item()} at step {global_step}, images {batch['image_ids'].tolist()}: "
-                        f"{ {k: float(v) for k, v in outputs.loss_dict.items()} }"
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.clip_max_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.clip_max_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            for key, value in [("loss", loss)] + [(k, v) for k, v in (outputs.loss_dict or {}).items()
-                                                  if k in ("loss_ce", "loss_bbox", "loss_giou")]:
-                running[key] = running.get(key, 0.0) + float(value.detach()) / args.gradient_accumulation_steps
-            if batch_log is not None:
-                batch_log.write(json.dumps({"step": global_step + 1, "epoch": epoch, "batch": batch_index,
-                                            "image_ids": batch["image_ids"].tolist()}) + "\n")
-                batch_log.flush()
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            if not accelerator.optimizer_step_was_skipped:
-                scheduler.step()
-            if ema is not None:
-                ema.update(unwrapped)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(epoch=epoch, loss=f"{float(loss):.3f}")
-            logged_steps += 1
-            if global_step % args.logging_steps == 0 or global_step == total_steps:
-                logs = {f"train/{k}": v / logged_steps for k, v in running.items()}
-                logs["train/lr"] = scheduler.get_last_lr()[0]
-                accelerator.log(logs, step=global_step)
-                if accelerator.is_main_process:
-                    with open(output_dir / "train_log.jsonl", "a") as f:
-                        f.write(json.dumps({"step": global_step, "epoch": epoch, **logs}) + "\n")
-                running, logged_steps = {}, 0
-            done = global_step >= total_steps
-            end_of_epoch = batch_index == sampler.num_batches
-            if args.save_steps and global_step % args.save_steps == 0 and not end_of_epoch and not done:
-                save(epoch, batch_index)
-            if kill_at and global_step == kill_at:
-                os.kill(os.getpid(), 9)
-            if done:
-                break
-        # ---- end of epoch: evaluate, checkpoint, best model ----
-        finished_epoch = batch_index == sampler.num_batches
-        entry = {"epoch": epoch, "step": global_step, "time_s": round(time.time() - start_time, 1)}
-        if val_loader is not None and (done or (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            eval_model = ema.module if ema is not None else model
-            metrics = evaluate_coco(eval_model, val_loader, coco_gt, label_map.label_to_category_id, processor,
-                                    accelerator=accelerator, progress=progress is not None)
-            entry.update(metrics)
-            log(format_metrics_table(metrics, title=f"epoch {epoch} (step {global_step})"))
-            accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=global_step)
-            if metrics["AP"] > best_ap:
-                best_ap = metrics["AP"]
-                export(output_dir / "best", ema.module if ema is not None else unwrapped)
-        history.append(entry)
-        epoch, start_batch = (epoch + 1, 0) if finished_epoch else (epoch, batch_index)  # next position
-        save(epoch, start_batch)
-        if accelerator.is_main_process:
-            write_json(output_dir / "metrics.json", {"history": history, "best_AP": best_ap})
-
-    if progress is not None:
-        progress.close()
-    if batch_log is not None:
-        batch_log.close()
-    final_model = ema.module if ema is not None else unwrapped
-    export(output_dir / "final", final_model)
-    if accelerator.is_main_process and val_set is not None:
-        write_prediction_image(final_model, processor, val_set, output_dir / "prediction.png", label_map,
-                               args.prediction_threshold, accelerator.device)
-        log(f"wrote {output_dir / 'prediction.png'}")
-    if args.push_to_hub and accelerator.is_main_process:
-        push_to_hub(args, final_model, processor, metrics)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    log(f"done: {global_step} steps in {time.time() - start_time:.0f}s; outputs in {output_dir}")
-    return {"global_step": global_step, "history": history, "best_AP": best_ap, "metrics": metrics}
+    done = state.global_step >= run.total_steps
+    while state.epoch < args.epochs and not done:
+        batch_index, done = train_epoch(run, state, step_logger)
+        end_epoch(run, state, batch_index, done, start_time)
+    step_logger.close()
+    finish(run, state)
+    run.log(f"done: {state.global_step} steps in {time.time() - start_time:.0f}s; outputs in {run.output_dir}")
+    return {"global_step": state.global_step, "history": state.history, "best_AP": state.best_ap, "metrics": state.metrics}
 
 
 def push_to_hub(args, model, processor, metrics) -> None:

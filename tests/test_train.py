@@ -6,8 +6,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,26 @@ def _run(args, env=None, launcher=(sys.executable,), check=True, timeout=300) ->
     return proc
 
 
+def _run_until_checkpoint(args, checkpoint: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run train.py and SIGKILL it the moment `checkpoint` is complete (checkpoints are renamed into place whole)."""
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not (checkpoint / "training_state.pt").is_file():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                out, err = proc.communicate()
+                raise AssertionError(f"train.py ended ({proc.returncode}) before {checkpoint.name}:\n{out[-3000:]}\n{err[-3000:]}")
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        out, err = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def _load_train_module():
     spec = importlib.util.spec_from_file_location("hf_dino_train_script", TRAIN)
     module = importlib.util.module_from_spec(spec)
@@ -69,12 +91,17 @@ def test_tiny_demo_run(tmp_path, synthetic_dir):
     proc = _run(["--output-dir", str(out), "--synthetic-dir", str(synthetic_dir), "--epochs", "1", "--ema", *TINY],
                 launcher=(sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"))
-    assert "| AP | AP50 | AP75 | APs | APm | APl |" in proc.stdout.replace("  ", " ") or "AP50" in proc.stdout
     for name in ("final/model.safetensors", "final/config.json", "final/preprocessor_config.json",
                  "best/model.safetensors", "prediction.png", "metrics.json"):
         assert (out / name).is_file(), name
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert len(history) == 1 and {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(history[0])
+    # the table printed after the epoch shows the metrics that were recorded
+    lines = [" ".join(line.split()) for line in proc.stdout.splitlines()]
+    header = lines.index("| AP | AP50 | AP75 | APs | APm | APl |")
+    printed = lines[header + 2].strip("| ").split(" | ")
+    names = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    assert printed == [f"{history[0][k] * 100:.1f}" if history[0][k] >= 0 else "-" for k in names]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-4"]
     assert list((out / "runs").rglob("events.out.tfevents*"))  # tensorboard tracker
     assert Image.open(out / "prediction.png").size == (384, 384)  # the 128-pixel image, enlarged 3x
@@ -85,13 +112,13 @@ def test_tiny_demo_run(tmp_path, synthetic_dir):
 
 
 def test_kill_and_resume_is_exact(tmp_path, synthetic_dir):
-    """8 steps over 2 epochs (4 per epoch), checkpoints every 3 steps: a run killed (SIGKILL) after step 7 resumes
-    from checkpoint-6 (mid-epoch 2) and ends with the same batches and bit-identical weights as an uninterrupted run."""
+    """8 steps over 2 epochs (4 per epoch), checkpoints every 3 steps: a run killed (SIGKILL) as soon as checkpoint-6
+    is complete (so during step 7 or 8) resumes from checkpoint-6 (mid-epoch 2) and ends with the same batches and bit-identical weights as an uninterrupted run."""
     common = ["--synthetic-dir", str(synthetic_dir), "--epochs", "2", "--save-steps", "3", "--save-total-limit", "5",
               "--log-batches", "--ema", "--report-to", "none", *TINY]
     ref, crash = tmp_path / "ref", tmp_path / "crash"
     _run(["--output-dir", str(ref), *common])
-    killed = _run(["--output-dir", str(crash), *common], env=_env(HF_DINO_TEST_KILL_AT_STEP="7"), check=False)
+    killed = _run_until_checkpoint(["--output-dir", str(crash), *common], crash / "checkpoints" / "checkpoint-6")
     assert killed.returncode != 0 and not (crash / "final").exists()
     assert sorted(p.name for p in (crash / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-4", "checkpoint-6"]
     resumed = _run(["--output-dir", str(crash), "--resume", *common])
