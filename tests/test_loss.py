@@ -12,20 +12,10 @@ import pytest
 import torch
 import torchvision
 
-try:
-    import hf_dino  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from hf_dino.configuration_dino import DinoConfig  # noqa: E402
-from hf_dino.denoising import build_contrastive_denoising_queries  # noqa: E402
-from hf_dino.loss_dino import (  # noqa: E402
-    DinoHungarianMatcher,
-    DinoLoss,
-    box_cxcywh_to_xyxy,
-    elementwise_generalized_box_iou,
-    generalized_box_iou,
-)
+from hf_dino.box_ops import box_cxcywh_to_xyxy, check_detection_labels, elementwise_generalized_box_iou, generalized_box_iou
+from hf_dino.configuration_dino import DinoConfig
+from hf_dino.denoising import build_contrastive_denoising_queries
+from hf_dino.loss_dino import DinoHungarianMatcher, DinoLoss
 
 PARITY = Path(__file__).resolve().parents[1].parent / "shared" / "parity"
 FIXTURES = ["r50_4scale", "swinl_4scale"]
@@ -66,7 +56,7 @@ def load_fixture(name):
 @pytest.fixture(scope="module", params=FIXTURES)
 def fixture_result(request):
     labels, outputs, expected, meta = load_fixture(request.param)
-    criterion = DinoLoss(DinoConfig())
+    criterion = DinoLoss(DinoConfig(), original_log_terms=True)  # the fixture logs the original's 79 terms
     matches = []  # every assignment the criterion computes, in call order
     matcher_forward = criterion.matcher.forward
 
@@ -271,8 +261,12 @@ def test_total_is_weighted_sum_and_differentiable():
     total, losses = criterion(model_outputs(logits, boxes), labels)
     want = sum(float(losses[k].detach()) * w for k, w in criterion.weight_dict.items() if k in losses)
     assert float(total.detach()) == pytest.approx(want, rel=1e-6)
-    # eval-like call: final (7) + 2 aux x (6 + 6 dn placeholders) + interm (6) + 6 dn placeholders
-    assert len(losses) == 7 + 2 * 12 + 6 + 6
+    # eval-like call: final (ce, bbox, giou, xy, hw, class_error) + 2 aux x 5 + interm 5; no placeholders
+    assert len(losses) == 6 + 2 * 5 + 5 and not any("_dn" in k or "cardinality" in k for k in losses)
+    # the original's uninformative log terms are opt-in and never weighted: same total
+    logged_total, logged = DinoLoss(small_config(), original_log_terms=True)(model_outputs(logits, boxes), labels)
+    assert len(logged) == 7 + 2 * 12 + 6 + 6 and float(logged_total.detach()) == float(total.detach())
+    assert all(float(v) == 0 for k, v in logged.items() if "_dn" in k)
     total.backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
     assert torch.isfinite(boxes.grad).all() and boxes.grad.abs().sum() > 0
@@ -307,7 +301,7 @@ def test_denoising_terms():
     criterion = DinoLoss(config)
     total, losses = criterion(outputs, labels)
     for suffix, layer in (("_dn", 2), ("_dn_0", 0), ("_dn_1", 1)):
-        assert {f"{k}{suffix}" for k in ("loss_ce", "loss_bbox", "loss_giou", "loss_xy", "loss_hw", "cardinality_error")} <= set(losses)
+        assert {f"{k}{suffix}" for k in ("loss_ce", "loss_bbox", "loss_giou", "loss_xy", "loss_hw")} <= set(losses)
         # independent recomputation: positive query (group g, target t) at g * group_size + t supervised with
         # target t; negatives and padding are background; normalised by num_boxes * num_groups
         norm = sum(counts) * meta.num_groups
@@ -375,27 +369,42 @@ def test_non_finite_costs_do_not_crash_the_matcher():
 
 
 def test_bad_labels_raise_clear_errors():
-    logits, boxes, labels = random_case()
-    criterion = DinoLoss(small_config())
-    outputs = model_outputs(logits, boxes)
+    """`check_detection_labels` (run once per model forward; the criterion takes labels as validated)."""
+    _, _, labels = random_case()
     bad = [dict(t) for t in labels]
     bad[0] = {"class_labels": labels[0]["class_labels"], "boxes": labels[0]["boxes"].clone()}
     bad[0]["boxes"][1, 3] = -0.2
     with pytest.raises(ValueError, match=r"labels\[0\]\['boxes'\] has a negative width or height"):
-        criterion(outputs, bad)
+        check_detection_labels(bad, 7)
     bad[0] = {"class_labels": labels[0]["class_labels"], "boxes": labels[0]["boxes"].clone()}
     bad[0]["boxes"][0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
-        criterion(outputs, bad)
+        check_detection_labels(bad, 7)
     bad[0] = {"class_labels": torch.tensor([0, 1, 7]), "boxes": labels[0]["boxes"]}
     with pytest.raises(ValueError, match=r"must be in \[0, 7\)"):
-        criterion(outputs, bad)
+        check_detection_labels(bad, 7)
     with pytest.raises(ValueError, match="expected class_labels \\[n\\] and boxes \\[n, 4\\]"):
-        criterion(outputs, [{"class_labels": torch.tensor([1]), "boxes": torch.zeros(2, 4)}] + labels[1:])
+        check_detection_labels([{"class_labels": torch.tensor([1]), "boxes": torch.zeros(2, 4)}] + labels[1:], 7)
     with pytest.raises(ValueError, match="needs 'class_labels' and 'boxes'"):
-        criterion(outputs, [{"labels": torch.tensor([1]), "boxes": torch.zeros(1, 4)}] + labels[1:])
+        check_detection_labels([{"labels": torch.tensor([1]), "boxes": torch.zeros(1, 4)}] + labels[1:], 7)
+    check_detection_labels(labels, 7)  # the valid ones pass
+    logits, boxes, _ = random_case()
     with pytest.raises(ValueError, match="label dicts for a batch of 3"):
-        criterion(outputs, labels[:2])
+        DinoLoss(small_config())(model_outputs(logits, boxes), labels[:2])
+
+
+@pytest.mark.parametrize(
+    "boxes, where",
+    [
+        ([[120.0, 80.0, 40.0, 30.0]], "pixels"),  # (cx, cy, w, h) in pixels
+        ([[0.5, 0.5, 1.2, 0.3]], "wider than the image"),
+        ([[-0.1, 0.5, 0.2, 0.3]], "centre left of the image"),
+    ],
+)
+def test_labels_outside_unit_range_are_rejected(boxes, where):
+    labels = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor(boxes)}]
+    with pytest.raises(ValueError, match=r"outside \[0, 1\].*normalized by the image size as \(cx, cy, w, h\)"):
+        check_detection_labels(labels, 7)
 
 
 def test_inconsistent_denoising_outputs_raise():

@@ -3,6 +3,7 @@ batch independence, denoising isolation, bad configs, training forward."""
 
 from __future__ import annotations
 
+import copy
 import importlib
 import re
 import sys
@@ -96,7 +97,10 @@ def test_auto_classes_and_double_import(tiny_model, tmp_path):
     assert type(AutoModelForObjectDetection.from_pretrained(tmp_path)) is DinoForObjectDetection
     base = AutoModel.from_pretrained(tmp_path)
     assert type(base) is DinoModel
-    assert DinoConfig.model_type not in ("deformable_detr", "grounding-dino", "dinov2", "dino")
+    # our model type must not shadow one that transformers itself defines (DINOv2, Grounding DINO, ...)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    assert DinoConfig.model_type not in CONFIG_MAPPING_NAMES
 
 
 def test_missing_and_unexpected_keys_in_saved_folder_are_reported(tiny_model, tmp_path):
@@ -196,10 +200,39 @@ def test_outputs_do_not_depend_on_batch_partner_or_order(tiny_model):
 
 
 def test_boxes_are_relative_to_the_unpadded_image(tiny_model):
-    """Valid ratios make predicted boxes normalized by the real image size, as in the original."""
+    """Valid ratios: boxes are normalized by the real (unpadded) image, as in the original. With the box heads at
+    zero (their initialisation) every detection is its encoder proposal, centred on its token and normalized by the
+    valid part of its level (paper, Deformable DETR two-stage): computed here independently for an image whose right
+    half is padding. Normalizing by the padded canvas would halve every cx."""
+    model = copy.deepcopy(tiny_model)
+    for head in (model.model.enc_out_bbox_embed, model.model.decoder.bbox_embed):
+        torch.nn.init.zeros_(head.layers[-1].weight)
+        torch.nn.init.zeros_(head.layers[-1].bias)
+    x = images(6, (1, 3, 128, 128))
+    mask = torch.zeros(1, 128, 128, dtype=torch.long)
+    mask[:, :, :64] = 1  # the image is the left half of the canvas
+    x = x * mask[:, None]
+    shapes = []
+    hooks = [p.register_forward_hook(lambda m, a, o: shapes.append(tuple(o.shape[-2:]))) for p in model.model.input_projections]
     with torch.no_grad():
-        out = tiny_model(images(6, (1, 3, 96, 128)))
-    assert out.pred_boxes.min() >= 0 and out.pred_boxes.max() <= 1
+        out = model(x, mask)
+    for hook in hooks:
+        hook.remove()
+    assert [w for _, w in shapes] == [16, 8, 4, 2]  # strides 8, 16, 32, 64
+    starts = torch.tensor([0] + [h * w for h, w in shapes]).cumsum(0)
+    checked = 0
+    for query, token in enumerate(out.encoder_topk_indices[0].tolist()):
+        level = int((starts[1:] <= token).sum())
+        h, w = shapes[level]
+        row, col = divmod(token - int(starts[level]), w)
+        valid_w = w // 2
+        expected = torch.tensor([(col + 0.5) / valid_w, (row + 0.5) / h, 0.05 * 2**level, 0.05 * 2**level])
+        if col >= valid_w or not ((expected > 0.01) & (expected < 0.99)).all():
+            continue  # a padded / border token: no proposal (its box saturates)
+        checked += 1
+        torch.testing.assert_close(out.encoder_pred_boxes[0, query], expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(out.pred_boxes[0, query], expected, rtol=0, atol=1e-4)
+    assert checked >= 10
     assert out.logits.shape == (1, 30, 5) and out.intermediate_logits.shape == (1, 2, 30, 5)
     assert out.intermediate_reference_points.shape == (1, 3, 30, 4)
 
@@ -345,6 +378,41 @@ def test_bad_inputs_raise_clear_errors(tiny_model):
             tiny_model(images(11), labels=[{"class_labels": torch.tensor([9]), "boxes": torch.rand(1, 4)}] * 2)
         finally:
             tiny_model.eval()
+
+
+def test_unknown_keyword_arguments_raise_type_error(tiny_model):
+    """A typo must not silently drop an input (a `pixel_maks=` run would ignore the padding)."""
+    x, mask = images(13, (1, 3, 96, 128)), torch.ones(1, 96, 128, dtype=torch.long)
+    for module in (tiny_model, tiny_model.model):
+        with pytest.raises(TypeError, match="pixel_maks"):
+            module(x, pixel_maks=mask)
+    with pytest.raises(ValueError, match="output_attentions=True is not supported"):
+        tiny_model(x, output_attentions=True)
+
+
+def test_labels_in_pixels_or_outside_the_image_are_rejected(tiny_model):
+    x = images(14)
+    pixels = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[60.0, 40.0, 30.0, 20.0]])}] * 2
+    with pytest.raises(ValueError, match=r"labels\[0\]\['boxes'\] has values outside \[0, 1\].*\(cx, cy, w, h\)"):
+        tiny_model(x, labels=pixels)
+
+
+def test_labels_are_validated_once_per_training_forward(monkeypatch):
+    import hf_dino.box_ops
+    import hf_dino.modeling_dino as modeling
+
+    calls = []
+    check = hf_dino.box_ops.check_detection_labels
+    monkeypatch.setattr(modeling, "check_detection_labels", lambda *a: calls.append(1) or check(*a))
+    torch.manual_seed(0)
+    model = DinoForObjectDetection(tiny_config()).train()
+    out = model(images(15), labels=_labels())
+    assert calls == [1] and out.denoising_meta is not None and torch.isfinite(out.loss)
+    # the denoising queries and the loss do not validate again
+    import hf_dino.denoising
+    import hf_dino.loss_dino
+
+    assert not hasattr(hf_dino.denoising, "check_detection_labels") and not hasattr(hf_dino.loss_dino, "check_detection_labels")
 
 
 def test_new_model_gets_dino_initialisation():

@@ -140,6 +140,7 @@ def run_predict(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
+    from .box_ops import box_xyxy_to_xywh
     from .image_processing_dino import load_image_file, pil_to_rgb
     from .visualization import draw_detections
 
@@ -197,14 +198,13 @@ def run_predict(args: argparse.Namespace) -> int:
             used_ids.add(image_id)
             record = {"id": image_id, "file_name": str(path), "width": image.width, "height": image.height,
                       "num_detections": len(result["scores"])}
-            rows = zip(result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist())
+            rows = zip(result["scores"].tolist(), result["labels"].tolist(), box_xyxy_to_xywh(result["boxes"].double()).tolist())
             for score, label, box in rows:
-                x0, y0, x1, y1 = box
                 coco_results.append(
                     {
                         "image_id": image_id,
                         "category_id": int(label),
-                        "bbox": [round(x0, 3), round(y0, 3), round(x1 - x0, 3), round(y1 - y0, 3)],
+                        "bbox": [round(v, 3) for v in box],
                         "score": round(float(score), 5),
                     }
                 )

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .loss_dino import check_detection_labels
 
 __all__ = ["DenoisingMeta", "DenoisingQueries", "build_contrastive_denoising_queries", "inverse_sigmoid"]
 
@@ -136,7 +135,8 @@ def build_contrastive_denoising_queries(
 
     Args:
         labels (`list[dict]`): per image, `"class_labels"` LongTensor [n_b] (class ids in [0, num_classes)) and
-            `"boxes"` FloatTensor [n_b, 4], normalized (cx, cy, w, h).
+            `"boxes"` FloatTensor [n_b, 4], normalized (cx, cy, w, h); validated by the caller
+            (`hf_dino.box_ops.check_detection_labels`, run once per forward pass by `DinoModel`).
         num_denoising (`int`): the denoising budget (`dn_number`); see `denoising_group_count`.
         label_noise_ratio (`float`): each query's label is replaced by a uniformly random class in
             [0, num_classes) with probability `label_noise_ratio * 0.5` (the new class may equal the old one).
@@ -156,7 +156,6 @@ def build_contrastive_denoising_queries(
     """
     if num_denoising <= 0:
         return None
-    check_detection_labels(labels, num_classes)
     device = class_embed.weight.device
     gt_labels = [t["class_labels"].to(device=device, dtype=torch.long) for t in labels]
     gt_boxes = [t["boxes"].to(device=device, dtype=torch.float32) for t in labels]

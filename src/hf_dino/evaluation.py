@@ -42,6 +42,9 @@ import os
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+import torch
+
+from .box_ops import box_xyxy_to_xywh
 
 METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 RECALL_NAMES: tuple[str, ...] = ("AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -52,7 +55,6 @@ __all__ = [
     "RECALL_NAMES",
     "format_metrics_table",
     "build_label_to_category_id",
-    "xyxy_to_xywh",
 ]
 
 
@@ -61,12 +63,6 @@ def _to_numpy(value: Any, dtype=None) -> np.ndarray:
         value = value.detach().float().cpu().numpy() if value.is_floating_point() else value.detach().cpu().numpy()
     array = np.asarray(value)
     return array.astype(dtype) if dtype is not None else array
-
-
-def xyxy_to_xywh(boxes: Any) -> np.ndarray:
-    """``[N, 4]`` (x_min, y_min, x_max, y_max) -> COCO ``[N, 4]`` (x, y, width, height), float64."""
-    boxes = _to_numpy(boxes, np.float64).reshape(-1, 4)
-    return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
 
 
 def build_label_to_category_id(id2label: Mapping[int, str], coco_gt) -> dict[int, int] | None:
@@ -124,7 +120,7 @@ class CocoEvaluator:
             image_id = int(_to_numpy(prediction["image_id"]).reshape(-1)[0])
             scores = _to_numpy(prediction["scores"], np.float64).reshape(-1)
             labels = _to_numpy(prediction["labels"], np.int64).reshape(-1)
-            boxes = xyxy_to_xywh(prediction["boxes"])
+            boxes = box_xyxy_to_xywh(torch.from_numpy(_to_numpy(prediction["boxes"], np.float64).reshape(-1, 4))).numpy()
             if not (len(scores) == len(labels) == len(boxes)):
                 raise ValueError(
                     f"image {image_id}: scores ({len(scores)}), labels ({len(labels)}) and boxes ({len(boxes)}) "

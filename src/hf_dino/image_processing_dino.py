@@ -44,6 +44,8 @@ from transformers.image_utils import (
 from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import TensorType
 
+from .box_ops import box_cxcywh_to_xyxy, box_xywh_to_xyxy, box_xyxy_to_cxcywh
+
 
 __all__ = [
     "DinoImageProcessor",
@@ -290,8 +292,7 @@ def prepare_coco_detection_target(target: dict, height: int, width: int) -> dict
         )
     annotations = [obj for obj in target["annotations"] if obj.get("iscrowd", 0) == 0]
 
-    boxes = torch.as_tensor([obj["bbox"] for obj in annotations], dtype=torch.float32).reshape(-1, 4)
-    boxes[:, 2:] += boxes[:, :2]
+    boxes = box_xywh_to_xyxy(torch.as_tensor([obj["bbox"] for obj in annotations], dtype=torch.float32).reshape(-1, 4))
     boxes[:, 0::2].clamp_(min=0, max=width)
     boxes[:, 1::2].clamp_(min=0, max=height)
     classes = torch.as_tensor([obj["category_id"] for obj in annotations], dtype=torch.int64).reshape(-1)
@@ -328,10 +329,8 @@ def resize_target(target: dict, orig_size: Sequence[int], new_size: Sequence[int
 def normalize_target_boxes(target: dict, size: Sequence[int]) -> dict:
     """Absolute xyxy -> `(cx, cy, w, h)` divided by the (unpadded) image width/height, as the original `Normalize`."""
     h, w = int(size[0]), int(size[1])
-    x0, y0, x1, y1 = target["boxes"].unbind(-1)
-    boxes = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0), (y1 - y0)], dim=-1)
     target = dict(target)
-    target["boxes"] = boxes / torch.tensor([w, h, w, h], dtype=torch.float32)
+    target["boxes"] = box_xyxy_to_cxcywh(target["boxes"]) / torch.tensor([w, h, w, h], dtype=torch.float32)
     return target
 
 
@@ -393,9 +392,7 @@ def post_process_object_detection(
     topk_boxes = torch.div(topk_indexes, num_classes, rounding_mode="floor")
     labels = topk_indexes % num_classes
 
-    cx, cy, w, h = pred_boxes.unbind(-1)
-    boxes = torch.stack([(cx - 0.5 * w), (cy - 0.5 * h), (cx + 0.5 * w), (cy + 0.5 * h)], dim=-1)
-    boxes = torch.gather(boxes, 1, topk_boxes.unsqueeze(-1).repeat(1, 1, 4))
+    boxes = torch.gather(box_cxcywh_to_xyxy(pred_boxes), 1, topk_boxes.unsqueeze(-1).repeat(1, 1, 4))
     if target_sizes is not None:
         img_h, img_w = target_sizes.unbind(1)
         scale_fct = torch.stack([img_w, img_h, img_w, img_h], dim=1)

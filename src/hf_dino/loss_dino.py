@@ -7,15 +7,19 @@ original implementation (IDEA-Research/DINO) term for term:
   `scipy.optimize.linear_sum_assignment`;
 * `loss_ce`: sigmoid focal loss summed over queries x classes and divided by the number of target boxes;
   `loss_bbox`: L1 of matched (cx, cy, w, h); `loss_giou`: 1 - GIoU of matched boxes; `loss_xy`, `loss_hw`
-  (parts of the L1), `class_error`, `cardinality_error`: logging only;
+  (parts of the L1), `class_error`: logging only;
 * these terms for the last decoder layer (no suffix), every other decoder layer (`_{i}`), the encoder proposals
   (`_interm`) and, in training with contrastive denoising, the positive denoising queries (`_dn`, `_dn_{i}`),
   which are matched to their ground truth by construction instead of by the Hungarian algorithm.
+
+The original also logs terms that carry no information here; they are opt-in (`DinoLoss(config,
+original_log_terms=True)`), off by default, and never weighted, so the total is the same either way:
+`cardinality_error` (a softmax-DETR count of queries whose arg-max is not the last class: for a sigmoid classifier
+without a "no object" class it counts almost every query) and, without denoising queries (evaluation, or a batch
+without objects), the constant-zero `*_dn` placeholders.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,103 +27,15 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
-if TYPE_CHECKING:
-    from .denoising import DenoisingMeta
+from .box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou, generalized_box_iou
+from .denoising import DenoisingMeta
 
-__all__ = [
-    "DinoHungarianMatcher",
-    "DinoLoss",
-    "box_cxcywh_to_xyxy",
-    "check_detection_labels",
-    "generalized_box_iou",
-    "elementwise_generalized_box_iou",
-]
+__all__ = ["DinoHungarianMatcher", "DinoLoss"]
 
 # Replacement for NaN / +inf / -inf entries of a matching cost matrix: scipy's linear_sum_assignment rejects
 # non-finite costs ("matrix contains invalid numeric entries"). A NaN cost (e.g. from a diverged prediction) is
 # treated as "worst possible" so that such a query is matched only if nothing else is left.
 _LARGE_COST = 1e8
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Boxes
-# ---------------------------------------------------------------------------------------------------------------
-def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    """(cx, cy, w, h) -> (x0, y0, x1, y1), [..., 4]."""
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
-
-
-def _box_area(boxes: torch.Tensor) -> torch.Tensor:
-    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-
-
-def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """Pairwise GIoU of xyxy boxes [N, 4] x [M, 4] -> [N, M], exactly as the original `util/box_ops.py`.
-
-    Not `torchvision.ops.generalized_box_iou`: the original adds 1e-6 to the union (IoU denominator) and to the
-    enclosing area, torchvision does not; the eps changes losses in the 7th digit and keeps zero-area boxes finite
-    (two identical zero-area boxes give GIoU 0 here, NaN in torchvision). The arithmetic order follows the
-    original so that matching costs, and hence near-tied assignments, are bit-identical.
-    """
-    area1 = _box_area(boxes1)
-    area2 = _box_area(boxes2)
-    inter_wh = (torch.min(boxes1[:, None, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, None, :2], boxes2[:, :2])).clamp(min=0)
-    inter = inter_wh[..., 0] * inter_wh[..., 1]
-    union = area1[:, None] + area2 - inter
-    iou = inter / (union + 1e-6)
-    enclose_wh = (torch.max(boxes1[:, None, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, None, :2], boxes2[:, :2])).clamp(min=0)
-    enclose = enclose_wh[..., 0] * enclose_wh[..., 1]
-    return iou - (enclose - union) / (enclose + 1e-6)
-
-
-def elementwise_generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """GIoU of corresponding xyxy boxes [N, 4], [N, 4] -> [N]; the diagonal of `generalized_box_iou`, same
-    arithmetic (the original takes `torch.diag` of the full N x N matrix)."""
-    area1 = _box_area(boxes1)
-    area2 = _box_area(boxes2)
-    inter_wh = (torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
-    inter = inter_wh[:, 0] * inter_wh[:, 1]
-    union = area1 + area2 - inter
-    iou = inter / (union + 1e-6)
-    enclose_wh = (torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
-    enclose = enclose_wh[:, 0] * enclose_wh[:, 1]
-    return iou - (enclose - union) / (enclose + 1e-6)
-
-
-def check_detection_labels(labels: list[dict], num_classes: int) -> None:
-    """Raise a `ValueError` naming the image and the problem if `labels` cannot be used for training.
-
-    Each entry needs `"class_labels"` (integer [n]) with ids in [0, num_classes) and `"boxes"` [n, 4], finite,
-    normalized (cx, cy, w, h) with `w, h >= 0`. Images without annotations (n = 0) are fine, and so are zero-area
-    boxes (GIoU stays finite thanks to the 1e-6 terms; the original dataset code drops them, a re-implementation's
-    data pipeline may not).
-    """
-    if not isinstance(labels, (list, tuple)):
-        raise ValueError(f"labels must be a list with one dict per image, got {type(labels).__name__}.")
-    for b, target in enumerate(labels):
-        if "class_labels" not in target or "boxes" not in target:
-            raise ValueError(f"labels[{b}] needs 'class_labels' and 'boxes', got keys {sorted(target)}.")
-        cls, boxes = target["class_labels"], target["boxes"]
-        if cls.dim() != 1 or boxes.dim() != 2 or boxes.shape[-1] != 4 or boxes.shape[0] != cls.shape[0]:
-            raise ValueError(
-                f"labels[{b}]: expected class_labels [n] and boxes [n, 4], got {tuple(cls.shape)} and {tuple(boxes.shape)}."
-            )
-        if cls.is_floating_point() or cls.is_complex():
-            raise ValueError(f"labels[{b}]['class_labels'] must be integer class ids, got {cls.dtype}.")
-        if cls.numel() == 0:
-            continue
-        if int(cls.min()) < 0 or int(cls.max()) >= num_classes:
-            raise ValueError(
-                f"labels[{b}]['class_labels'] must be in [0, {num_classes}), got min {int(cls.min())}, max {int(cls.max())}."
-            )
-        if not torch.isfinite(boxes).all():
-            raise ValueError(f"labels[{b}]['boxes'] contains NaN or inf.")
-        if (boxes[:, 2:] < 0).any():
-            raise ValueError(
-                f"labels[{b}]['boxes'] has a negative width or height; boxes must be normalized (cx, cy, w, h) with "
-                "w, h >= 0 (drop degenerate annotations in the data pipeline)."
-            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,6 +136,9 @@ class DinoLoss(nn.Module):
         config (`DinoConfig`): uses `num_labels`, `focal_alpha`, `focal_gamma`, `class_cost`, `bbox_cost`,
             `giou_cost`, `class_loss_coefficient`, `bbox_loss_coefficient`, `giou_loss_coefficient`,
             `encoder_loss_coefficient`, `auxiliary_loss`, `decoder_layers`, `num_denoising`.
+        original_log_terms (`bool`, defaults to `False`): also report the original's uninformative logging terms,
+            `cardinality_error*` and the constant-zero `*_dn` placeholders (see the module docstring), e.g. to
+            compare a log with the original's term for term. They are not weighted: the total does not change.
 
     Attributes:
         weight_dict (`dict[str, float]`): coefficient of every weighted term, the original's names and values:
@@ -228,8 +147,9 @@ class DinoLoss(nn.Module):
             `loss_{ce,bbox,giou}_interm` (coefficients times `encoder_loss_coefficient`).
     """
 
-    def __init__(self, config):
+    def __init__(self, config, original_log_terms: bool = False):
         super().__init__()
+        self.original_log_terms = original_log_terms
         self.num_classes = config.num_labels
         self.focal_alpha = config.focal_alpha
         self.focal_gamma = config.focal_gamma
@@ -298,7 +218,8 @@ class DinoLoss(nn.Module):
     def _terms(self, logits, pred_boxes, labels, indices, num_boxes, log: bool) -> dict[str, torch.Tensor]:
         losses = self.loss_labels(logits, labels, indices, num_boxes, log=log)
         losses.update(self.loss_boxes(pred_boxes, labels, indices, num_boxes))
-        losses.update(self.loss_cardinality(logits, labels))
+        if self.original_log_terms:
+            losses.update(self.loss_cardinality(logits, labels))
         return losses
 
     def _matched_terms(self, logits, pred_boxes, labels, num_boxes, log: bool, suffix: str) -> dict[str, torch.Tensor]:
@@ -320,17 +241,18 @@ class DinoLoss(nn.Module):
                 - `"denoising_meta"`: the `DenoisingMeta` of the denoising queries, or None.
                 Missing keys count as None.
             labels (`list[dict]`): per image `"class_labels"` LongTensor [n_b] in [0, num_labels) and `"boxes"`
-                [n_b, 4] normalized (cx, cy, w, h); see `check_detection_labels`.
+                [n_b, 4] normalized (cx, cy, w, h), as validated by `hf_dino.box_ops.check_detection_labels` (the model
+                validates them once per forward pass; call it yourself when you use the loss on its own labels).
 
         Returns:
             `(loss, loss_dict)`: `loss` = sum over `weight_dict` of coefficient x term (the terms present), and
-            `loss_dict` with every raw (unweighted) term, the original's names. Without denoising outputs the
-            original's constant-zero placeholders `*_dn` (and `*_dn_{i}` for each auxiliary layer) are included.
+            `loss_dict` with every raw (unweighted) term, the original's names. With `original_log_terms`, also
+            `cardinality_error*` and, without denoising outputs, the original's constant-zero placeholders `*_dn`
+            (and `*_dn_{i}` for each auxiliary layer).
 
         `num_boxes` = number of targets in the batch, averaged over processes when `torch.distributed` is
         initialised, at least 1; the denoising terms divide by `num_boxes * num_groups`.
         """
-        check_detection_labels(labels, self.num_classes)
         logits, pred_boxes = outputs["logits"], outputs["pred_boxes"]
         if len(labels) != logits.shape[0]:
             raise ValueError(f"Got {len(labels)} label dicts for a batch of {logits.shape[0]} images.")
@@ -357,6 +279,8 @@ class DinoLoss(nn.Module):
 
         def dn_terms(layer: int, suffix: str) -> dict[str, torch.Tensor]:
             if not use_dn:
+                if not self.original_log_terms:
+                    return {}
                 zero = torch.zeros((), device=device)
                 return {k + suffix: zero for k in _DN_PLACEHOLDER_TERMS}
             terms = self._terms(dn_logits[:, layer], dn_boxes[:, layer], labels, dn_indices, dn_num_boxes, log=False)

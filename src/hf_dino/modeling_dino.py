@@ -21,7 +21,6 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +35,8 @@ from .backbone_dino import DinoBackbone, DinoSwinWindowAttention
 from .configuration_dino import DinoConfig
 from .deformable_attention import multi_scale_deformable_attention
 from .denoising import DenoisingMeta, build_contrastive_denoising_queries, inverse_sigmoid
-from .loss_dino import DinoLoss, check_detection_labels
+from .box_ops import check_detection_labels
+from .loss_dino import DinoLoss
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -117,6 +117,14 @@ class DinoObjectDetectionOutput(ModelOutput):
 # ------------------------------------------------------------------------------------------------------------------
 # Small shared pieces
 # ------------------------------------------------------------------------------------------------------------------
+def _reject_output_attentions(output_attentions: bool | None) -> None:
+    if output_attentions:
+        raise ValueError(
+            "output_attentions=True is not supported: DINO's deformable attention samples a few points per query "
+            "and never forms an attention matrix. Use output_hidden_states=True for per-layer states."
+        )
+
+
 def box_sine_embedding(boxes: torch.Tensor, num_features: int = 128, temperature: float = 10000.0) -> torch.Tensor:
     """Sine embedding of boxes `[..., 4]` (cx, cy, w, h in [0, 1]) -> `[..., 4 * num_features]`, ordered (y, x, w, h).
 
@@ -569,20 +577,31 @@ class DinoModel(DinoPreTrainedModel):
         pixel_mask: torch.Tensor | None = None,
         labels: list[dict[str, torch.Tensor]] | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs: Any,
     ) -> DinoModelOutput | tuple:
         r"""
         Args:
             pixel_values (`[B, 3, H, W]`): normalized images, zero-padded bottom/right to a common size.
             pixel_mask (`[B, H, W]`, *optional*): 1 for real pixels, 0 for padding (all ones if omitted).
             labels (`list[dict]`, *optional*): per image `class_labels` `[n]` and `boxes` `[n, 4]` (normalized
-                cx, cy, w, h); in training mode they feed the contrastive denoising queries.
+                cx, cy, w, h); in training mode they feed the contrastive denoising queries. Validated here, once
+                per forward pass (`hf_dino.box_ops.check_detection_labels`).
+            output_hidden_states (`bool`, *optional*): also return every encoder and decoder layer's states.
+            output_attentions: not supported (only `None`/`False`): deformable attention samples a few points per
+                query instead of forming an attention matrix, so there are no attention maps to return.
+
+        Unknown keyword arguments raise a `TypeError` (a typo such as `pixel_maks=` must not silently drop an input).
         """
         if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.num_channels:
             raise ValueError(
                 f"pixel_values must be [batch, {self.config.num_channels}, height, width], got {tuple(pixel_values.shape)}."
             )
+        _reject_output_attentions(output_attentions)
+        if labels is not None:
+            if len(labels) != pixel_values.shape[0]:
+                raise ValueError(f"Got {len(labels)} label dicts for a batch of {pixel_values.shape[0]} images.")
+            check_detection_labels(labels, self.config.num_labels)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = bool(output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states)
         b, _, h, w = pixel_values.shape
@@ -671,15 +690,18 @@ class DinoForObjectDetection(DinoPreTrainedModel):
         pixel_mask: torch.Tensor | None = None,
         labels: list[dict[str, torch.Tensor]] | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs: Any,
     ) -> DinoObjectDetectionOutput | tuple:
         r"""
         Args:
             pixel_values (`[B, 3, H, W]`), pixel_mask (`[B, H, W]`, 1 = pixel): see [`DinoModel.forward`].
             labels (`list[dict]`, *optional*): per image `class_labels` (int64 `[n]`) and `boxes` (`[n, 4]`,
-                normalized cx, cy, w, h). When given, `loss` and `loss_dict` are returned (denoising queries are
-                added in training mode).
+                normalized cx, cy, w, h, every value in [0, 1]). When given, `loss` and `loss_dict` are returned
+                (denoising queries are added in training mode).
+            output_hidden_states, output_attentions: see [`DinoModel.forward`] (attention maps are not supported).
+
+        Unknown keyword arguments raise a `TypeError`.
 
         Example:
 
@@ -693,10 +715,8 @@ class DinoForObjectDetection(DinoPreTrainedModel):
         ```
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if labels is not None:
-            if len(labels) != pixel_values.shape[0]:
-                raise ValueError(f"Got {len(labels)} label dicts for a batch of {pixel_values.shape[0]} images.")
-            check_detection_labels(labels, self.config.num_labels)
+        _reject_output_attentions(output_attentions)
+        # labels are validated once, by DinoModel.forward; the denoising queries and the loss take them as they are
         outputs = self.model(pixel_values, pixel_mask, labels, output_hidden_states=output_hidden_states, return_dict=True)
         intermediate_logits = self.class_embed(outputs.intermediate_hidden_states)
         logits, pred_boxes = intermediate_logits[:, -1], outputs.intermediate_pred_boxes[:, -1]

@@ -48,6 +48,8 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
+from ..box_ops import box_xyxy_to_cxcywh
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -258,11 +260,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         boxes[:, 1::2] = boxes[:, 1::2].clamp(max=new_h)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         boxes, labels = boxes[keep], target["labels"][keep]
-        cxcywh = torch.stack(
-            [(boxes[:, 0] + boxes[:, 2]) / 2 / new_w, (boxes[:, 1] + boxes[:, 3]) / 2 / new_h,
-             (boxes[:, 2] - boxes[:, 0]) / new_w, (boxes[:, 3] - boxes[:, 1]) / new_h],
-            dim=-1,
-        ).reshape(-1, 4)
+        cxcywh = (box_xyxy_to_cxcywh(boxes) / torch.tensor([new_w, new_h, new_w, new_h], dtype=boxes.dtype)).reshape(-1, 4)
         return pixels.as_subclass(torch.Tensor), {
             "image_id": int(image_id),
             "class_labels": labels.to(torch.int64),
