@@ -24,11 +24,7 @@ from pathlib import Path
 
 import torch
 
-try:  # the package (src layout) when run from a checkout without installation
-    import hf_dino  # noqa: F401
-except ImportError:  # pragma: no cover
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
+import verify as verify_outputs  # conversion/verify.py, beside this script
 from hf_dino import DinoConfig, DinoForObjectDetection, DinoImageProcessor
 
 # name -> DinoConfig arguments (everything else: DINO_4scale defaults)
@@ -256,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="load a checkpoint that pickles objects other than tensors and argparse.Namespace with "
                              "weights_only=False; only for files from a source you trust (it can run code)")
-    # --verify / --write-expected / --push-to-hub: conversion/verify.py, conversion/hub.py (format documented there)
+    # --verify / --write-expected / --push-to-hub: conversion/verify.py, hf_dino/hub.py (format documented there)
     parser.add_argument("--verify", metavar="EXPECTED", default=None,
                         help="compare the converted model's outputs with an expected-output file (hf_dino-verify-v1 "
                              "safetensors from --write-expected, or a parity fixture folder); exit 2 on mismatch")
@@ -278,9 +274,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"Converted {args.checkpoint} ({args.model_name}) -> {args.output_dir}")
-    if args.write_expected or args.verify or args.push_to_hub:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import verify as verify_outputs
     if args.write_expected:
         verify_outputs.write_expected(
             model, args.write_expected, images=args.expected_images,
@@ -297,10 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.push_to_hub:
         import json
 
-        import hub
+        from hf_dino.hub import push_converted_checkpoint
 
         metrics = json.loads(Path(args.measured_metrics).read_text()) if args.measured_metrics else None
-        info = hub.push_converted_checkpoint(
+        info = push_converted_checkpoint(
             model, DinoImageProcessor.from_pretrained(args.output_dir), args.push_to_hub,
             checkpoint_file=args.checkpoint, model_name=args.model_name, measured_metrics=metrics,
             private=args.private or None,

@@ -23,18 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-try:
-    import hf_dino  # noqa: F401 - registers DINO with the Auto classes
-except ImportError:  # a checkout without installation
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    import hf_dino  # noqa: F401
-
+import hf_dino  # noqa: F401 - registers DINO with the Auto classes (`pip install -e .` in a checkout)
 from hf_dino.evaluation import CocoEvaluator, build_label_to_category_id, format_metrics_table
 
 

@@ -11,7 +11,7 @@
 
 With no data argument the script generates a small synthetic COCO-format data set (coloured shapes on textured
 backgrounds, 5 classes; deterministic, nothing downloaded) and trains the compact preset
-(`hf_dino.data.compact_config`, backbone trained from scratch) on it in about 4 minutes on a 2-core CPU (10 epochs,
+(`hf_dino.configuration_dino.compact_config`, backbone trained from scratch) on it in about 4 minutes on a 2-core CPU (10 epochs,
 240 steps; one torch thread), printing the COCO AP table after each epoch (measured: AP 0.9 after the first epoch,
 21.2 after the last; AP50 2.9 -> 50.9) and writing an annotated prediction image (`<output-dir>/prediction.png`).
 
@@ -37,7 +37,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +50,6 @@ from hf_dino.data import (
     DetectionCollator,
     HFDetectionDataset,
     build_label_map,
-    compact_config,
     generate_synthetic_coco,
     hf_categories,
     load_coco,
@@ -60,12 +58,12 @@ from hf_dino.data import (
     scaled_recipe,
     synthetic_paths,
 )
-from hf_dino.evaluation import format_metrics_table
+from hf_dino.configuration_dino import compact_config
+from hf_dino.evaluation import evaluate_coco, format_metrics_table
+from hf_dino.visualization import draw_predictions
 from hf_dino.training import (
     ModelEMA,
     ResumableBatchSampler,
-    draw_predictions,
-    evaluate_coco,
     find_latest_checkpoint,
     get_param_groups,
     prepare_scratch_backbone,
@@ -155,7 +153,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--report-to", default="tensorboard", choices=["tensorboard", "none"])
     r.add_argument("--log-batches", action="store_true", help="write the image ids of every step to batch_log.jsonl")
     r.add_argument("--prediction-threshold", type=float, default=0.2, help="score threshold of prediction.png")
-    r.add_argument("--push-to-hub", metavar="REPO", default=None, help="push the final model and processor to this repo")
+    r.add_argument("--push-to-hub", metavar="REPO", default=None, help="push the final model, processor, model card and remote code to this repo")
     r.add_argument("--hub-private", action="store_true")
     r.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -628,21 +626,13 @@ def main(argv=None) -> dict:
 
 
 def push_to_hub(args, model, processor, metrics) -> None:
-    """Push the final model + processor with a model card (``conversion/hub.py``: trust_remote_code repository);
-    plain ``push_to_hub`` of both when the repository's ``conversion/`` folder is not available."""
-    conversion = Path(__file__).resolve().parents[1] / "conversion"
-    if (conversion / "hub.py").is_file():
-        sys.path.insert(0, str(conversion))
-        from hub import push_finetuned_model
-
-        training_args = {k: getattr(args, k) for k in ("epochs", "lr", "lr_backbone", "weight_decay", "batch_size",
-                                                         "gradient_accumulation_steps", "lr_drop", "image_scale", "ema")}
-        push_finetuned_model(model, processor, args.push_to_hub, metrics=metrics, base_model=args.model_name_or_path,
-                             dataset_name=args.dataset_name or args.train_annotations, training_args=training_args,
-                             private=args.hub_private)
-    else:
-        model.push_to_hub(args.push_to_hub, private=args.hub_private)
-        processor.push_to_hub(args.push_to_hub, private=args.hub_private)
+    """Push the final model with its processor, a model card (metrics, label map, training settings) and the remote
+    code (`DinoForObjectDetection.push_to_hub`, i.e. `hf_dino.hub.push_finetuned_model`)."""
+    training_args = {k: getattr(args, k) for k in ("epochs", "lr", "lr_backbone", "weight_decay", "batch_size",
+                                                     "gradient_accumulation_steps", "lr_drop", "image_scale", "ema")}
+    model.push_to_hub(args.push_to_hub, image_processor=processor, metrics=metrics, base_model=args.model_name_or_path,
+                      dataset_name=args.dataset_name or args.train_annotations, training_args=training_args,
+                      private=args.hub_private)
 
 
 @torch.no_grad()

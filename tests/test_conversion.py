@@ -14,9 +14,9 @@ import time
 import pytest
 import torch
 
-from parity_utils import PARITY, REPO_ROOT, require_parity
+from conftest import PARITY, REPO, require_parity
 
-CONVERTER = REPO_ROOT / "conversion" / "convert_original_checkpoint.py"
+CONVERTER = REPO / "conversion" / "convert_original_checkpoint.py"
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +17,7 @@ pycocotools = pytest.importorskip("pycocotools")
 from pycocotools.coco import COCO  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_dino import save_tiny_model_dir  # noqa: E402  (also puts src/ on sys.path if hf_dino is not installed)
-
+from conftest import COCO_MINI, REPO, save_tiny_model_dir  # noqa: E402
 from hf_dino.evaluation import (  # noqa: E402
     METRIC_NAMES,
     CocoEvaluator,
@@ -28,8 +25,6 @@ from hf_dino.evaluation import (  # noqa: E402
     format_metrics_table,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-COCO_MINI = REPO.parent / "shared" / "data" / "coco-mini"
 VAL_JSON = COCO_MINI / "annotations" / "instances_val2017.json"
 needs_coco_mini = pytest.mark.skipif(
     not VAL_JSON.is_file(), reason=f"COCO-MINI not found at {COCO_MINI} (the shared data folder is absent)"

@@ -1,5 +1,5 @@
-"""conversion/: the released-checkpoint table, model cards, Hub push (intercepted at HfApi's public API, offline),
-and the converter's --write-expected / --verify / --push-to-hub."""
+"""hf_dino.hub / model_card / released_checkpoints: the released-checkpoint table, model cards, Hub push (intercepted at
+HfApi's public API, offline), `model.push_to_hub`, and the converter's --write-expected / --verify / --push-to-hub."""
 
 from __future__ import annotations
 
@@ -13,25 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_dino import REPO, tiny_model, tiny_processor  # noqa: E402
-
-sys.path.insert(0, str(REPO / "conversion"))
-import hub  # noqa: E402
-import verify  # noqa: E402
-from checkpoints import (  # noqa: E402
-    BY_FILE_NAME,
-    RELEASED_CHECKPOINTS,
-    find_checkpoint,
-    markdown_table,
-)
-from model_card import (  # noqa: E402
-    CITATION,
-    finetuned_model_card,
-    metrics_table,
-    released_model_card,
-    usage_snippet,
-)
+import verify
+from conftest import REPO, tiny_model, tiny_processor
+from hf_dino import hub
+from hf_dino.model_card import CITATION, finetuned_model_card, metrics_table, released_model_card, usage_snippet
+from hf_dino.released_checkpoints import BY_FILE_NAME, RELEASED_CHECKPOINTS, find_checkpoint, markdown_table
 
 ORIGINAL_MIRROR = Path("/work/.mirror/IDEA-Research+DINO/repo")
 
@@ -258,6 +244,23 @@ def test_push_finetuned_model_sends_exact_files(monkeypatch, tmp_path):
     assert getattr(model.config, "auto_map", None) is None  # the caller's model is left as it was
 
 
+def test_model_push_to_hub_sends_the_same_repo(monkeypatch, tmp_path):
+    """A user with their own training loop calls `model.push_to_hub(...)` and gets what --push-to-hub produces:
+    weights, config, processor, card and remote code (compared with `push_finetuned_model` byte for byte)."""
+    fake = FakeHub(monkeypatch)
+    model = tiny_model(seed=2, id2label={0: "balloon", 1: "kite"}, label2id={"balloon": 0, "kite": 1})
+    metrics = {"AP": 0.25, "AP50": 0.5, "AP75": 0.2, "APs": 0.1, "APm": 0.2, "APl": 0.4}
+    model.push_to_hub("me/own-loop", image_processor=tiny_processor(), metrics=metrics, dataset_name="balloons")
+    hub.push_finetuned_model(model, tiny_processor(), "me/own-loop", metrics=metrics, dataset_name="balloons")
+    via_model, via_hub = (commit["files"] for commit in fake.commits)
+    assert via_model == via_hub
+    card = finetuned_model_card("me/own-loop", model.config.id2label, metrics, dataset_name="balloons",
+                                architecture="DINO 4-scale, resnet18 backbone")
+    _check_repo_files(via_model, model, card, tmp_path)
+    with pytest.raises(TypeError, match="max_shard_sizes"):
+        model.push_to_hub("me/own-loop", max_shard_sizes="1GB")  # no argument is swallowed
+
+
 # ---- the converter CLI: --write-expected, --verify, --push-to-hub --------------------------------------------------
 
 
@@ -268,7 +271,7 @@ def converter(monkeypatch):
     module = _load_converter()
     state = {"perturb": False}
 
-    def fake_convert(checkpoint, model_name, output_dir=None):
+    def fake_convert(checkpoint, model_name, output_dir=None, weights="model", trust_checkpoint=False):
         model = tiny_model(seed=7)
         if state["perturb"]:
             with torch.no_grad():

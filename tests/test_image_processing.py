@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,22 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-try:
-    import hf_dino  # noqa: F401
-except ImportError:  # not installed: use the source tree
-    sys.path.insert(0, str(REPO / "src"))
-
-from hf_dino.image_processing_dino import (  # noqa: E402
+from conftest import COCO_MINI, PARITY
+from hf_dino.image_processing_dino import (
     DinoImageProcessor,
     DinoImageProcessorPil,
     get_dino_resize_output_size,
     post_process_object_detection,
 )
-
-SHARED = REPO / ".." / "shared"
-PARITY = SHARED / "parity"
-COCO_MINI = SHARED / "data" / "coco-mini"
 
 needs_parity = pytest.mark.skipif(
     not (PARITY / "preprocess" / "preprocess.json").is_file(),
@@ -569,11 +558,8 @@ def test_auto_image_processor_pil_backend(tmp_path):
     import hf_dino  # noqa: F401
     from transformers import AutoImageProcessor
 
-    if _registered_dino_backends().get("pil") is not DinoImageProcessorPil:
-        pytest.skip(
-            "hf_dino/__init__.py registers only the torchvision backend; register "
-            "image_processor_classes={'torchvision': DinoImageProcessor, 'pil': DinoImageProcessorPil}"
-        )
+    # hf_dino/__init__.py registers both backends: image_processor_classes={'torchvision': ..., 'pil': ...}
+    assert _registered_dino_backends().get("pil") is DinoImageProcessorPil
     DinoImageProcessor(size={"shortest_edge": 320, "longest_edge": 512}).save_pretrained(tmp_path)
     loaded = AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
     assert type(loaded) is DinoImageProcessorPil and loaded.size.shortest_edge == 320

@@ -20,15 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-try:
-    import hf_dino.kernels  # noqa: F401
-except ImportError:  # not installed: use the source tree
-    sys.path.insert(0, str(REPO / "src"))
-
-import hf_dino.deformable_attention as da  # noqa: E402
-import hf_dino.kernels as K  # noqa: E402
-from hf_dino.kernels import _loader  # noqa: E402
+import hf_dino.deformable_attention as da
+import hf_dino.kernels as K
+from conftest import REPO, tiny_model
+from hf_dino.kernels import _loader
 
 SRC = Path(da.__file__).resolve().parents[1]  # the directory holding the hf_dino package
 
@@ -282,11 +277,6 @@ def test_use_custom_kernel_false_selects_pytorch_path(cpu_extension, monkeypatch
 
 
 def _tiny_model(**overrides):
-    sys.path.insert(0, str(REPO / "tests"))
-    try:
-        from tiny_dino import tiny_model
-    except Exception as error:  # the model is developed separately
-        pytest.skip(f"model not available: {error}")
     return tiny_model(**overrides)
 
 

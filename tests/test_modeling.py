@@ -6,25 +6,21 @@ from __future__ import annotations
 import copy
 import importlib
 import re
-import sys
 
 import pytest
 import torch
 
 import hf_dino
+from conftest import TINY_CONFIG
+from convert_original_checkpoint import MODEL_CONFIGS, ConversionError, convert, main as convert_main
 from hf_dino import DinoConfig, DinoForObjectDetection, DinoModel
-from parity_utils import REPO_ROOT
-
-sys.path.insert(0, str(REPO_ROOT / "conversion"))
-from convert_original_checkpoint import MODEL_CONFIGS, ConversionError, convert, main as convert_main  # noqa: E402
 
 
 def tiny_config(**overrides) -> DinoConfig:
-    values = dict(
-        backbone="resnet18", d_model=64, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_queries=30, num_denoising=10,
-        num_labels=5,
-    )
+    """The tests' tiny config (conftest) with what these tests need: two decoder layers (auxiliary outputs), denoising
+    queries, 5 labels, the default 4 sampling points."""
+    values = dict(TINY_CONFIG, decoder_layers=2, num_queries=30, num_denoising=10, num_labels=5, encoder_n_points=4,
+                  decoder_n_points=4)
     values.update(overrides)
     return DinoConfig(**values)
 
@@ -363,6 +359,15 @@ def test_images_without_objects_train():
 def test_bad_configs_raise_value_error(overrides, message):
     with pytest.raises(ValueError, match=message):
         DinoConfig(**overrides)
+
+
+def test_compact_config():
+    from hf_dino.configuration_dino import compact_config
+
+    config = compact_config(id2label={0: "a", 1: "b"})
+    assert config.backbone == "resnet18" and config.d_model % 32 == 0 and config.num_labels == 2
+    assert not config.use_pretrained_backbone
+
 
 
 def test_bad_inputs_raise_clear_errors(tiny_model):

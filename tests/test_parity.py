@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from hf_dino import DinoForObjectDetection
 from hf_dino.modeling_dino import forced_query_selection
-from parity_utils import FIXTURE_MODEL_NAMES, convert_with_cli, require_parity, write_original_checkpoint
+from conftest import FIXTURE_MODEL_NAMES, convert_with_cli, require_parity, write_original_checkpoint
 
 ATOL = 1e-4  # the issue's target; observed values are printed (pytest -s) and quoted in the closing note
 SCORE_ATOL = 1e-4
@@ -109,11 +109,11 @@ def test_encoder_memory_matches_original(parity_run):
     assert memory.shape[1] == sum(h * w for h, w in shapes)
 
 
-def test_pure_pytorch_attention_path_matches_original(parity_run, monkeypatch):
+def test_pure_pytorch_attention_path_matches_original(parity_run, monkeypatch, force_selection):
     """The same parity with the compiled kernel switched off (the path used where it cannot be built)."""
     _, expected, _, _, model = parity_run
     monkeypatch.setenv("HF_DINO_DISABLE_CUSTOM_KERNELS", "1")
-    with torch.no_grad(), forced_query_selection(model, expected["internals.enc_topk_indices"]):
+    with torch.no_grad(), force_selection(model, expected["internals.enc_topk_indices"]):
         outputs = model(*model.parity_inputs)
     assert max_diff(outputs.logits, expected["pred_logits"]) <= ATOL
     assert max_diff(outputs.pred_boxes, expected["pred_boxes"]) <= ATOL

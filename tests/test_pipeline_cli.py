@@ -10,7 +10,6 @@ import functools
 import http.server
 import io
 import json
-import sys
 import threading
 from pathlib import Path
 
@@ -19,13 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-try:
-    import hf_dino  # noqa: F401
-except ImportError:  # not installed: use the source tree
-    sys.path.insert(0, str(REPO / "src"))
-
-COCO_MINI = REPO / ".." / "shared" / "data" / "coco-mini"
+from conftest import COCO_MINI, REPO
 VAL = COCO_MINI / "val2017"
 IMAGE_A = VAL / "000000000139.jpg"  # 640x426
 IMAGE_B = VAL / "000000000802.jpg"  # 424x640
@@ -39,10 +32,8 @@ SMALL_SIZE = {"shortest_edge": 128, "longest_edge": 192}  # keeps the forward pa
 
 
 def _import_model():
-    try:
-        from hf_dino import DinoConfig, DinoForObjectDetection, DinoImageProcessor
-    except ImportError as error:  # the model is written concurrently; only this may skip these tests
-        pytest.skip(f"hf_dino model not importable yet: {error}")
+    from hf_dino import DinoConfig, DinoForObjectDetection, DinoImageProcessor  # an import error fails the tests
+
     return DinoConfig, DinoForObjectDetection, DinoImageProcessor
 
 

@@ -19,12 +19,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_dino import REPO, tiny_model, tiny_processor  # noqa: E402
-
-sys.path.insert(0, str(REPO / "conversion"))
-import hub  # noqa: E402
-from model_card import finetuned_model_card  # noqa: E402
+from conftest import REPO, tiny_model, tiny_processor
+from hf_dino import hub
+from hf_dino.model_card import finetuned_model_card
 
 COCO_IMAGE = REPO.parent / "shared" / "data" / "coco-mini" / "val2017" / "000000000139.jpg"
 REPO_ID = "hf-dino-test/tiny-dino"

@@ -158,7 +158,7 @@ def test_accelerate_launch_two_processes(tmp_path, synthetic_dir):
     # the evaluation gathered both processes' shards: the same numbers as one process on all 5 images
     from hf_dino import DinoForObjectDetection, DinoImageProcessor
     from hf_dino.data import CocoDetectionDataset, DetectionCollator, make_eval_transforms, scaled_recipe
-    from hf_dino.training import evaluate_coco
+    from hf_dino.evaluation import evaluate_coco
 
     model = DinoForObjectDetection.from_pretrained(out / "final")
     processor = DinoImageProcessor.from_pretrained(out / "final")
@@ -205,7 +205,8 @@ def test_bad_data_gives_clear_messages(tmp_path):
     with pytest.warns(UserWarning, match="fixed up"):
         train_set, _, label_map, _ = train.build_data(train.parse_args(argv + ["--image-scale", "0.05"]), None)
     from hf_dino import DinoForObjectDetection
-    from hf_dino.data import DetectionCollator, compact_config
+    from hf_dino.configuration_dino import compact_config
+    from hf_dino.data import DetectionCollator
 
     batch = DetectionCollator()([train_set[(0, 1)], train_set[(1, 2)]])
     assert batch["labels"][1]["boxes"].shape == (0, 4)
@@ -256,7 +257,7 @@ def test_fine_tune_91_class_model_on_new_classes(tmp_path, synthetic_dir):
     """A COCO-style 91-class model fine-tuned on the 5 synthetic classes: class heads and label embedding are
     re-initialised with the new size, everything else is loaded; on COCO data the labels are kept as they are."""
     from hf_dino import DinoForObjectDetection
-    from hf_dino.data import compact_config
+    from hf_dino.configuration_dino import compact_config
 
     train = _load_train_module()
     torch.manual_seed(0)
@@ -287,18 +288,18 @@ def test_fine_tune_91_class_model_on_new_classes(tmp_path, synthetic_dir):
 
 
 def test_push_to_hub_is_wired(monkeypatch):
-    """--push-to-hub REPO hands the final model, processor and metrics to conversion/hub.py (no network here)."""
-    conversion = REPO / "conversion"
-    if not (conversion / "hub.py").is_file():
-        pytest.skip("conversion/hub.py not present")
-    monkeypatch.syspath_prepend(str(conversion))
-    import hub
+    """--push-to-hub REPO hands the final model, processor and metrics to hf_dino.hub (no network here)."""
+    import hf_dino.hub
 
     calls = []
-    monkeypatch.setattr(hub, "push_finetuned_model", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(hf_dino.hub, "push_finetuned_model", lambda *a, **k: calls.append((a, k)))
     train = _load_train_module()
     args = train.parse_args(["--push-to-hub", "me/dino-shapes", "--hub-private"])
-    train.push_to_hub(args, "MODEL", "PROCESSOR", {"AP": 0.5})
+    from hf_dino import DinoForObjectDetection
+    from hf_dino.configuration_dino import compact_config
+
+    model = DinoForObjectDetection(compact_config(num_queries=10, num_denoising=0, encoder_layers=1, decoder_layers=1))
+    train.push_to_hub(args, model, "PROCESSOR", {"AP": 0.5})
     (positional, kwargs), = calls
-    assert positional == ("MODEL", "PROCESSOR", "me/dino-shapes")
+    assert positional == (model, "PROCESSOR", "me/dino-shapes")
     assert kwargs["metrics"] == {"AP": 0.5} and kwargs["private"] is True and kwargs["training_args"]["epochs"] == 10

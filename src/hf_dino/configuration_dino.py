@@ -194,4 +194,33 @@ class DinoConfig(PreTrainedConfig):
             raise ValueError("The config needs at least one label (id2label / num_labels).")
 
 
-__all__ = ["DinoConfig", "COCO_ID2LABEL", "SWIN_ARCHITECTURES", "RESNET_CHANNELS"]
+def compact_config(**overrides) -> DinoConfig:
+    """The compact DINO preset for CPU training (the default run of ``examples/train.py``, tests, benchmarks).
+
+    ResNet-18 backbone (from scratch: no download), 3 feature levels, ``d_model=128``, 2 encoder + 3 decoder layers,
+    50 queries, a reduced denoising budget. Any :class:`~hf_dino.DinoConfig` field can be overridden, e.g.
+    ``compact_config(id2label={0: "cat", 1: "dog"})``.
+    """
+    kwargs = dict(
+        backbone="resnet18",
+        use_pretrained_backbone=False,
+        num_feature_levels=3,
+        backbone_out_indices=[1, 2, 3],
+        d_model=128,
+        encoder_layers=2,
+        decoder_layers=3,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=512,
+        decoder_ffn_dim=512,
+        encoder_n_points=4,
+        decoder_n_points=4,
+        num_queries=50,
+        num_denoising=20,
+        backbone_drop_path_rate=0.0,
+    )
+    kwargs.update(overrides)
+    return DinoConfig(**kwargs)
+
+
+__all__ = ["DinoConfig", "COCO_ID2LABEL", "SWIN_ARCHITECTURES", "RESNET_CHANNELS", "compact_config"]

@@ -55,11 +55,12 @@ __all__ = [
     "RECALL_NAMES",
     "format_metrics_table",
     "build_label_to_category_id",
+    "evaluate_coco",
 ]
 
 
 def _to_numpy(value: Any, dtype=None) -> np.ndarray:
-    if hasattr(value, "detach"):  # torch.Tensor, without importing torch at module import
+    if isinstance(value, torch.Tensor):
         value = value.detach().float().cpu().numpy() if value.is_floating_point() else value.detach().cpu().numpy()
     array = np.asarray(value)
     return array.astype(dtype) if dtype is not None else array
@@ -246,3 +247,47 @@ def format_metrics_table(metrics: Mapping[str, float], percent: bool = False, ti
     row = "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
     lines = ([title] if title else []) + [header, rule, row]
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def evaluate_coco(
+    model: torch.nn.Module,
+    dataloader: Iterable[Mapping[str, Any]],
+    coco_gt,
+    label_to_category_id: Mapping[int, int] | None,
+    image_processor,
+    accelerator=None,
+    device: torch.device | str | None = None,
+    top_k: int = 300,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Box AP of ``model`` on ``dataloader`` (batches of :class:`hf_dino.data.DetectionCollator`) with pycocotools.
+
+    Each process evaluates its own shard; detections are gathered across processes before scoring, so every
+    process returns the metrics of the whole set. Returns fractions ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}``.
+    """
+    was_training = model.training
+    model.eval()
+    if device is None:
+        device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    evaluator = CocoEvaluator(coco_gt, label_to_category_id)
+    iterator = dataloader
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(dataloader, desc="eval", leave=False, dynamic_ncols=True)
+    for batch in iterator:
+        autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+        with autocast:
+            outputs = model(pixel_values=batch["pixel_values"].to(device), pixel_mask=batch["pixel_mask"].to(device))
+        results = image_processor.post_process_object_detection(
+            outputs, threshold=0.0, target_sizes=batch["orig_sizes"].to(device), top_k=top_k
+        )
+        evaluator.update(
+            [{"image_id": int(i), **{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in r.items()}}
+             for i, r in zip(batch["image_ids"].tolist(), results)]
+        )
+    evaluator.synchronize(accelerator)
+    metrics = evaluator.summarize()
+    model.train(was_training)
+    return metrics

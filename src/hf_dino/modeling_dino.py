@@ -684,6 +684,39 @@ class DinoForObjectDetection(DinoPreTrainedModel):
         self.class_embed = nn.Linear(config.d_model, config.num_labels)
         self.post_init()
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        image_processor=None,
+        metrics: dict[str, float] | None = None,
+        base_model: str | None = None,
+        dataset_name: str | None = None,
+        training_args: dict | None = None,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+    ):
+        """Upload a complete, self-contained repo in one commit (`hf_dino.hub.push_finetuned_model`): safetensors
+        weights, config, the image processor (`image_processor`, default `DinoImageProcessor()`), a model card with
+        `metrics` (COCO fractions, e.g. from `CocoEvaluator.summarize()`) and the label map, and the remote code, so
+        that `pipeline("object-detection", model=repo_id, trust_remote_code=True)` works where hf_dino is not
+        installed. `examples/train.py --push-to-hub` produces the same repo. `hf_dino.hub.save_for_hub` writes
+        that content into a local folder instead."""
+        from .hub import push_finetuned_model
+
+        if image_processor is None:
+            from .image_processing_dino import DinoImageProcessor
+
+            image_processor = DinoImageProcessor()
+        return push_finetuned_model(
+            self, image_processor, repo_id, metrics=metrics, base_model=base_model, dataset_name=dataset_name,
+            training_args=training_args, commit_message=commit_message, private=private, token=token,
+            revision=revision, create_pr=create_pr,
+        )
+
     def forward(
         self,
         pixel_values: torch.Tensor,

@@ -1,5 +1,7 @@
 """Library side of ``examples/train.py``: optimizer parameter groups, EMA, a resumable/shardable batch sampler, RNG
-capture, atomic checkpoints and resume state, evaluation and the annotated prediction image.
+capture, atomic checkpoints and resume state. (Evaluation: :func:`hf_dino.evaluation.evaluate_coco`; the annotated
+prediction image: :func:`hf_dino.visualization.draw_predictions`; the compact preset:
+:func:`hf_dino.configuration_dino.compact_config`.)
 
 The training loop itself stays in ``examples/train.py`` (argument parsing + the ``accelerate`` loop).
 
@@ -34,7 +36,6 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "compact_config",
     "get_param_groups",
     "prepare_scratch_backbone",
     "ModelEMA",
@@ -45,21 +46,14 @@ __all__ = [
     "load_checkpoint",
     "find_latest_checkpoint",
     "atomic_torch_save",
-    "evaluate_coco",
-    "draw_predictions",
+    "shard_indices",
+    "write_json",
 ]
 
 # parameters trained at `lr * linear_proj_lr_multiplier`: the deformable attention sampling-offset projections and
 # the reference-point projections (the original `lr_linear_proj_names`)
 LINEAR_PROJ_NAMES: tuple[str, ...] = ("sampling_offsets", "reference_points")
 BACKBONE_NAMES: tuple[str, ...] = ("backbone.",)
-
-
-def compact_config(**overrides):
-    """The compact CPU preset (see :func:`hf_dino.data.synthetic.compact_config`)."""
-    from .data.synthetic import compact_config as _compact
-
-    return _compact(**overrides)
 
 
 def prepare_scratch_backbone(model: nn.Module) -> int:
@@ -382,95 +376,8 @@ def load_checkpoint(path: str | os.PathLike, rank: int = 0, restore_rng: bool = 
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Evaluation
+# Files
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate_coco(
-    model: nn.Module,
-    dataloader: Iterable[Mapping[str, Any]],
-    coco_gt,
-    label_to_category_id: Mapping[int, int] | None,
-    image_processor,
-    accelerator=None,
-    device: torch.device | str | None = None,
-    top_k: int = 300,
-    progress: bool = False,
-) -> dict[str, float]:
-    """Box AP of ``model`` on ``dataloader`` (batches of :class:`hf_dino.data.DetectionCollator`) with pycocotools.
-
-    Each process evaluates its own shard; detections are gathered across processes before scoring, so every
-    process returns the metrics of the whole set. Returns fractions ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}``.
-    """
-    from .evaluation import CocoEvaluator
-
-    was_training = model.training
-    model.eval()
-    if device is None:
-        device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    evaluator = CocoEvaluator(coco_gt, label_to_category_id)
-    iterator = dataloader
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(dataloader, desc="eval", leave=False, dynamic_ncols=True)
-    for batch in iterator:
-        autocast = accelerator.autocast() if accelerator is not None else _nullcontext()
-        with autocast:
-            outputs = model(pixel_values=batch["pixel_values"].to(device), pixel_mask=batch["pixel_mask"].to(device))
-        results = image_processor.post_process_object_detection(
-            outputs, threshold=0.0, target_sizes=batch["orig_sizes"].to(device), top_k=top_k
-        )
-        evaluator.update(
-            [{"image_id": int(i), **{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in r.items()}}
-             for i, r in zip(batch["image_ids"].tolist(), results)]
-        )
-    evaluator.synchronize(accelerator)
-    metrics = evaluator.summarize()
-    model.train(was_training)
-    return metrics
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Prediction image
-# ----------------------------------------------------------------------------------------------------------------------
-
-def draw_predictions(image, detections: Mapping[str, Any], id2label: Mapping[int, str] | None = None,
-                     threshold: float = 0.2, min_side: int = 384, nms_iou: float | None = 0.5):
-    """A copy of the PIL ``image`` with the detections (``scores``, ``labels``, ``boxes`` absolute xyxy) scoring at
-    least ``threshold`` drawn as labelled boxes (:func:`hf_dino.visualization.draw_detections`).
-
-    For a readable picture only (DINO itself uses no NMS): overlapping boxes of the same class above ``nms_iou`` are
-    drawn once (the best), and images smaller than ``min_side`` are enlarged by an integer factor first."""
-    from torchvision.ops import batched_nms
-
-    from .visualization import draw_detections
-
-    scores = torch.as_tensor(detections["scores"]).float().cpu()
-    labels = torch.as_tensor(detections["labels"]).cpu()
-    boxes = torch.as_tensor(detections["boxes"]).float().cpu().reshape(-1, 4)
-    keep = scores >= threshold
-    scores, labels, boxes = scores[keep], labels[keep], boxes[keep]
-    if nms_iou is not None and len(scores):
-        keep = batched_nms(boxes, scores, labels, nms_iou)
-        scores, labels, boxes = scores[keep], labels[keep], boxes[keep]
-    kept = {"scores": scores, "labels": labels, "boxes": boxes}
-    factor = max(1, math.ceil(min_side / max(1, max(image.size))))
-    if factor > 1:
-        from PIL import Image
-
-        image = image.resize((image.width * factor, image.height * factor), Image.Resampling.BILINEAR)
-        kept["boxes"] = kept["boxes"] * factor
-    return draw_detections(image, kept, id2label)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import colorsys
+import math
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
@@ -12,7 +13,7 @@ import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 
-__all__ = ["color_for_label", "draw_detections", "normalize_detections"]
+__all__ = ["color_for_label", "draw_detections", "draw_predictions", "normalize_detections"]
 
 
 def color_for_label(label: Any) -> tuple[int, int, int]:
@@ -114,3 +115,31 @@ def draw_detections(
         draw.rectangle([tag_x, tag_y, tag_x + tag_w, tag_y + tag_h], fill=color)
         draw.text((tag_x + pad - left, tag_y + pad - top), text, fill=_text_color(color), font=font)
     return canvas
+
+
+def draw_predictions(image, detections: Mapping[str, Any], id2label: Mapping[int, str] | None = None,
+                     threshold: float = 0.2, min_side: int = 384, nms_iou: float | None = 0.5):
+    """A copy of the PIL ``image`` with the detections (``scores``, ``labels``, ``boxes`` absolute xyxy) scoring at
+    least ``threshold`` drawn as labelled boxes (:func:`hf_dino.visualization.draw_detections`).
+
+    For a readable picture only (DINO itself uses no NMS): overlapping boxes of the same class above ``nms_iou`` are
+    drawn once (the best), and images smaller than ``min_side`` are enlarged by an integer factor first."""
+    import torch
+    from torchvision.ops import batched_nms
+
+    scores = torch.as_tensor(detections["scores"]).float().cpu()
+    labels = torch.as_tensor(detections["labels"]).cpu()
+    boxes = torch.as_tensor(detections["boxes"]).float().cpu().reshape(-1, 4)
+    keep = scores >= threshold
+    scores, labels, boxes = scores[keep], labels[keep], boxes[keep]
+    if nms_iou is not None and len(scores):
+        keep = batched_nms(boxes, scores, labels, nms_iou)
+        scores, labels, boxes = scores[keep], labels[keep], boxes[keep]
+    kept = {"scores": scores, "labels": labels, "boxes": boxes}
+    factor = max(1, math.ceil(min_side / max(1, max(image.size))))
+    if factor > 1:
+        from PIL import Image
+
+        image = image.resize((image.width * factor, image.height * factor), Image.Resampling.BILINEAR)
+        kept["boxes"] = kept["boxes"] * factor
+    return draw_detections(image, kept, id2label)

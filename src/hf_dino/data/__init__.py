@@ -4,7 +4,7 @@ deterministic synthetic data set."""
 from .collate import DetectionCollator
 from .dataset import CocoDetectionDataset, DetectionDataset, LabelMap, build_label_map, clean_annotations, load_coco
 from .hf_datasets import HFDetectionDataset, hf_categories
-from .synthetic import SYNTHETIC_CLASSES, compact_config, generate_synthetic_coco, synthetic_paths
+from .synthetic import SYNTHETIC_CLASSES, generate_synthetic_coco, synthetic_paths
 from .transforms import RandomResize, RandomSizeCrop, make_eval_transforms, make_train_transforms, scaled_recipe
 
 __all__ = [
@@ -18,7 +18,6 @@ __all__ = [
     "SYNTHETIC_CLASSES",
     "build_label_map",
     "clean_annotations",
-    "compact_config",
     "generate_synthetic_coco",
     "hf_categories",
     "load_coco",

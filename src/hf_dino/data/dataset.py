@@ -9,7 +9,7 @@ Every data set yields ``(image, target)`` where ``image`` is a uint8 tensor ``[3
   augmentation.
 
 Index it with an int, or with ``(index, seed)`` to seed the augmentation of that one sample (what
-:class:`hf_dino.training.ResumableSampler` does, so that augmentation is reproducible, independent of the number of
+:class:`hf_dino.training.ResumableBatchSampler` does, so that augmentation is reproducible, independent of the number of
 workers, and identical after ``--resume``).
 
 Bad data is reported when the data set is built, not deep inside the loss:

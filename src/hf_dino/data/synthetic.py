@@ -1,4 +1,4 @@
-"""A small synthetic COCO-format detection data set, generated deterministically, and the compact CPU preset.
+"""A small synthetic COCO-format detection data set, generated deterministically (the demo data of `examples/train.py`).
 
 The default run of ``examples/train.py`` (no data arguments) trains on this data: coloured shapes on textured
 backgrounds, one class per shape kind. Nothing is downloaded; the same ``seed`` writes byte-identical files.
@@ -19,6 +19,7 @@ it within minutes. Objects may overlap a little; boxes are the tight pixel exten
 
 from __future__ import annotations
 
+import colorsys
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-__all__ = ["SYNTHETIC_CLASSES", "generate_synthetic_coco", "compact_config", "synthetic_paths"]
+__all__ = ["SYNTHETIC_CLASSES", "generate_synthetic_coco", "synthetic_paths"]
 
 # class name -> (shape kind, hue centre in degrees)
 SYNTHETIC_CLASSES: dict[str, tuple[str, float]] = {
@@ -54,13 +55,8 @@ def synthetic_paths(root: str | os.PathLike) -> dict[str, str]:
     }
 
 
-def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
-    h = (h % 360.0) / 60.0
-    c = v * s
-    x = c * (1 - abs(h % 2 - 1))
-    m = v - c
-    r, g, b = [(c, x, 0), (x, c, 0), (0, c, x), (0, x, c), (x, 0, c), (c, 0, x)][int(h) % 6]
-    return tuple(int(round((val + m) * 255)) for val in (r, g, b))
+def _hsv_to_rgb(hue_degrees: float, s: float, v: float) -> tuple[int, int, int]:
+    return tuple(int(round(val * 255)) for val in colorsys.hsv_to_rgb((hue_degrees % 360.0) / 360.0, s, v))
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> Image.Image:
@@ -225,34 +221,3 @@ def generate_synthetic_coco(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return synthetic_paths(root)
-
-
-def compact_config(**overrides):
-    """The compact DINO preset for CPU training (the default run of ``examples/train.py``, tests, benchmarks).
-
-    ResNet-18 backbone (from scratch: no download), 3 feature levels, ``d_model=128``, 2 encoder + 3 decoder layers,
-    50 queries, a reduced denoising budget. Any :class:`~hf_dino.DinoConfig` field can be overridden, e.g.
-    ``compact_config(id2label={0: "cat", 1: "dog"})``.
-    """
-    from ..configuration_dino import DinoConfig
-
-    kwargs = dict(
-        backbone="resnet18",
-        use_pretrained_backbone=False,
-        num_feature_levels=3,
-        backbone_out_indices=[1, 2, 3],
-        d_model=128,
-        encoder_layers=2,
-        decoder_layers=3,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=512,
-        decoder_ffn_dim=512,
-        encoder_n_points=4,
-        decoder_n_points=4,
-        num_queries=50,
-        num_denoising=20,
-        backbone_drop_path_rate=0.0,
-    )
-    kwargs.update(overrides)
-    return DinoConfig(**kwargs)

@@ -1,6 +1,6 @@
 """Model cards (the Hub repo's README.md) for converted DINO checkpoints and for fine-tuned models.
 
-* :func:`released_model_card`: a checkpoint of the original release (see `checkpoints.py`): what the model is,
+* :func:`released_model_card`: a checkpoint of the original release (see `released_checkpoints.py`): what the model is,
   training data and schedule, the reported COCO AP of every released checkpoint (this one in bold), optionally the
   AP measured with this port, intended use and limits, a `pipeline` snippet, citation and license.
 * :func:`finetuned_model_card`: a model trained with `examples/train.py`: the measured metrics, the label map, the
@@ -16,14 +16,12 @@ Every card starts with YAML metadata (license, library, pipeline tag, data sets,
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Mapping
 
 from huggingface_hub import EvalResult, ModelCardData
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from checkpoints import (  # noqa: E402
+from .released_checkpoints import (
     MODEL_ZOO_URL,
     ORIGINAL_REPO,
     PAPER_URL,

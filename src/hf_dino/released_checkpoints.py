@@ -13,7 +13,7 @@ Sources (checked, not guessed):
   and `checkpoint0027_5scale_swin.pth`.
 * Hub repo names are this project's: ``{HUB_NAMESPACE}/dino-{r50|swinl}-{4|5}scale-{12|24|36}ep``.
 
-Run ``python conversion/checkpoints.py`` to print the table (markdown).
+Run ``python -m hf_dino.released_checkpoints`` to print the table (markdown).
 """
 
 from __future__ import annotations

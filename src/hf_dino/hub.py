@@ -6,8 +6,9 @@ What a pushed repo holds (one commit, exactly these files):
   AutoModelForObjectDetection: modeling_dino.DinoForObjectDetection};
 * ``model.safetensors`` (``save_pretrained``; larger models may be sharded with an index file);
 * ``preprocessor_config.json`` with ``auto_map`` {AutoImageProcessor: image_processing_dino.DinoImageProcessor};
-* the ``.py`` files of those classes and everything they import relatively (configuration, modeling,
-  deformable attention, denoising, loss, image processing), so that
+* the ``.py`` files of those classes and everything they import relatively (configuration, modeling, backbones,
+  deformable attention, denoising, loss, box ops, image processing, and this module with the model card, which
+  ``DinoForObjectDetection.push_to_hub`` imports), so that
   ``AutoModelForObjectDetection.from_pretrained(repo, trust_remote_code=True)`` and
   ``pipeline("object-detection", model=repo, trust_remote_code=True)`` work where `hf_dino` is not installed;
 * ``README.md``: the model card (`model_card.py`).
@@ -15,23 +16,22 @@ What a pushed repo holds (one commit, exactly these files):
 The upload goes through the public client API: ``HfApi.create_repo(exist_ok=True)`` then ``HfApi.create_commit``
 with one ``CommitOperationAdd`` per file of the staged folder (see :func:`push_to_hub`).
 
-Used by ``conversion/convert_original_checkpoint.py --push-to-hub REPO`` (:func:`push_converted_checkpoint`) and by
-``examples/train.py --push-to-hub REPO`` (:func:`push_finetuned_model`). Both scripts put this folder on
-``sys.path`` (``conversion/`` is not a package).
+Entry points: ``model.push_to_hub(repo_id, image_processor=..., metrics=...)`` of a `DinoForObjectDetection`
+(:func:`push_finetuned_model`), :func:`save_for_hub` for the same content in a local folder, the
+converter ``conversion/convert_original_checkpoint.py --push-to-hub REPO`` (:func:`push_converted_checkpoint`) and
+``examples/train.py --push-to-hub REPO``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from checkpoints import ARCHITECTURES, ORIGINAL_REPO, find_checkpoint  # noqa: E402
-from model_card import finetuned_model_card, released_model_card  # noqa: E402
+from .model_card import finetuned_model_card, released_model_card
+from .released_checkpoints import ARCHITECTURES, ORIGINAL_REPO, find_checkpoint
 
 MODEL_AUTO_CLASS = "AutoModelForObjectDetection"
 CONFIG_AUTO_CLASS = "AutoConfig"
@@ -128,7 +128,7 @@ def push_converted_checkpoint(
 ):
     """Push a converted original checkpoint with its generated card.
 
-    The card comes from the `checkpoints.py` entry of ``checkpoint_file`` (looked up by base name). A file that is
+    The card comes from the `released_checkpoints.py` entry of ``checkpoint_file`` (looked up by base name). A file that is
     not in the table gets a card built from ``model_name`` without a reported AP.
     """
     entry = find_checkpoint(checkpoint_file) if checkpoint_file is not None else None
@@ -164,8 +164,9 @@ def push_finetuned_model(
     training_args: Mapping[str, object] | None = None,
     **push_kwargs,
 ):
-    """Push a model fine-tuned with `examples/train.py`; its card carries ``metrics`` (fractions from
-    `CocoEvaluator.summarize()`) and the model's ``config.id2label``."""
+    """Push a fine-tuned model (your own loop, or `examples/train.py`): weights, config, ``processor``, the remote
+    code and a card that carries ``metrics`` (fractions from `CocoEvaluator.summarize()`) and the model's
+    ``config.id2label``. `DinoForObjectDetection.push_to_hub` calls this."""
     config = model.config
     architecture = f"DINO {config.num_feature_levels}-scale, {config.backbone} backbone"
     card = finetuned_model_card(
