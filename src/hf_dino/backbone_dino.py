@@ -65,16 +65,6 @@ class DinoSwinWindowAttention(nn.Module):
         return self.proj((attn @ v).transpose(1, 2).reshape(bw, n, c))
 
 
-class DinoSwinMlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class DinoSwinBlock(nn.Module):
     """A Swin block. As in the original DINO, the map is padded to the window size first, then (for shifted
     blocks) rolled; timm rolls before padding and transformers shrinks windows on small maps, which both give
@@ -82,14 +72,14 @@ class DinoSwinBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int, drop_path: float):
         super().__init__()
-        from timm.layers import DropPath
+        from timm.layers import DropPath, Mlp
 
         self.window_size, self.shift_size = window_size, shift_size
         self.norm1 = nn.LayerNorm(dim)
         self.attn = DinoSwinWindowAttention(dim, window_size, num_heads)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = DinoSwinMlp(dim, 4 * dim)
+        self.mlp = Mlp(dim, 4 * dim)  # fc1, exact GELU, fc2 (timm's dropouts are identities at p=0)
 
     def forward(self, x: torch.Tensor, height: int, width: int, shift_mask: torch.Tensor) -> torch.Tensor:
         b, _, c = x.shape

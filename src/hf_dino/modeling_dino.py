@@ -125,21 +125,24 @@ def _reject_output_attentions(output_attentions: bool | None) -> None:
         )
 
 
+def sine_embedding(positions: torch.Tensor, num_features: int, temperature: float) -> torch.Tensor:
+    """The transformer sine embedding of scalar positions `[...]` -> `[..., num_features]`: feature `2i` is
+    `sin(p / temperature^(2i / num_features))`, feature `2i + 1` the cosine at the same frequency (DETR's layout).
+    Shared by the feature-map position embedding and the anchor-box embedding."""
+    dim_t = torch.arange(num_features, dtype=torch.float32, device=positions.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_features)
+    pos = positions[..., None] / dim_t
+    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
+
+
 def box_sine_embedding(boxes: torch.Tensor, num_features: int = 128, temperature: float = 10000.0) -> torch.Tensor:
     """Sine embedding of boxes `[..., 4]` (cx, cy, w, h in [0, 1]) -> `[..., 4 * num_features]`, ordered (y, x, w, h).
 
     This is how DINO turns an anchor box into the positional part of a decoder query.
     """
     scale = 2 * math.pi
-    dim_t = torch.arange(num_features, dtype=torch.float32, device=boxes.device)
-    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_features)
-
-    def embed(coordinate: torch.Tensor) -> torch.Tensor:
-        pos = coordinate[..., None] * scale / dim_t
-        return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
-
     x, y, w, h = boxes.unbind(-1)
-    return torch.cat((embed(y), embed(x), embed(w), embed(h)), dim=-1)
+    return torch.cat([sine_embedding(c * scale, num_features, temperature) for c in (y, x, w, h)], dim=-1)
 
 
 def feed_forward_activation(name: str) -> nn.Module:
@@ -181,12 +184,8 @@ class DinoSinePositionEmbedding(nn.Module):
         scale, eps = 2 * math.pi, 1e-6
         y_embed = y_embed / (y_embed[:, -1:, :] + eps) * scale
         x_embed = x_embed / (x_embed[:, :, -1:] + eps) * scale
-        dim_t = torch.arange(self.num_features, dtype=torch.float32, device=padding_mask.device)
-        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_features)
-        pos_x = x_embed[..., None] / dim_t
-        pos_y = y_embed[..., None] / dim_t
-        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
-        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+        pos_x = sine_embedding(x_embed, self.num_features, self.temperature)
+        pos_y = sine_embedding(y_embed, self.num_features, self.temperature)
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
 
 
