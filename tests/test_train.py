@@ -65,6 +65,7 @@ def _run_until_checkpoint(args, checkpoint: Path, timeout: float = 300) -> subpr
 def _load_train_module():
     spec = importlib.util.spec_from_file_location("hf_dino_train_script", TRAIN)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
