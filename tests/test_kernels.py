@@ -276,10 +276,6 @@ def test_use_custom_kernel_false_selects_pytorch_path(cpu_extension, monkeypatch
     assert not calls and not _ran_kernel(out)
 
 
-def _tiny_model(**overrides):
-    return tiny_model(**overrides)
-
-
 def _count_kernel_calls(monkeypatch):
     calls = []
     original = da._kernels.ms_deform_attn
@@ -295,7 +291,7 @@ def _count_kernel_calls(monkeypatch):
 @pytest.mark.parametrize("disable", [False, True])
 def test_config_switch_and_environment_variable_in_the_model(cpu_extension, monkeypatch, disable):
     monkeypatch.delenv(_loader.ENV_DISABLE, raising=False)
-    model = _tiny_model(disable_custom_kernels=disable)
+    model = tiny_model(disable_custom_kernels=disable)
     pixel_values = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
     calls = _count_kernel_calls(monkeypatch)
     with torch.no_grad():
@@ -351,7 +347,7 @@ def test_torch_compile_model_same_outputs(cpu_extension, monkeypatch):
     """torch.compile of the whole tiny model (aot_eager backend: dynamo + AOTAutograd tracing with the op's fake
     implementation, without inductor's minutes of C++ code generation for the whole model)."""
     monkeypatch.delenv(_loader.ENV_DISABLE, raising=False)
-    model = _tiny_model()
+    model = tiny_model()
     pixel_values = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         eager = model(pixel_values=pixel_values)
