@@ -36,6 +36,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -59,14 +60,18 @@ from hf_dino.data import (
 )
 from hf_dino.evaluation import format_metrics_table
 from hf_dino.training import (
+    CheckpointError,
+    GracefulInterrupt,
     ModelEMA,
     ResumableBatchSampler,
     draw_predictions,
     evaluate_coco,
-    find_latest_checkpoint,
+    drop_unreadable_images,
     get_param_groups,
+    prepare_output_dir,
     prepare_scratch_backbone,
     load_checkpoint,
+    load_latest_checkpoint,
     save_checkpoint,
     shard_indices,
     write_json,
@@ -102,6 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--skip-missing-images", action="store_true", help="leave out images whose file is missing")
     d.add_argument("--ignore-unknown-categories", action="store_true", help="drop annotations with unknown category ids")
     d.add_argument("--skip-empty-images", action="store_true", help="drop images without annotations (default: negatives)")
+    d.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out images that cannot be read (truncated, corrupt); every image is checked before "
+                   "training starts, and by default an unreadable one stops the run there")
     d.add_argument("--image-scale", type=float, default=None,
                    help="multiply every augmentation size (480..800/1333, 400..600, 384..600) and the eval size 800")
     d.add_argument("--eval-size", type=int, default=None, help="shorter side at evaluation (default 800 * image-scale)")
@@ -143,7 +151,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     r = p.add_argument_group("outputs")
     r.add_argument("--output-dir", default="outputs/train")
-    r.add_argument("--save-steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: per epoch only)")
+    r.add_argument("--overwrite-output-dir", action="store_true",
+                   help="delete the outputs of a previous run in --output-dir and start a new one (without it, or "
+                   "--resume, a folder holding a run is refused)")
+    r.add_argument("--save-steps", type=int, default=0,
+                   help="also checkpoint every N optimizer steps (0: per epoch only). Ctrl-C / SIGTERM save a "
+                   "checkpoint at the current step whatever this is")
     r.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept")
     r.add_argument("--resume", nargs="?", const="auto", default=None, help="checkpoint folder, or auto (latest in output dir)")
     r.add_argument("--no-eval", action="store_true")
@@ -171,6 +184,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.eval_batch_size = args.batch_size
     if not args.demo and args.dataset_name is None and not (args.train_images and args.train_annotations):
         p.error("--train-images and --train-annotations go together")
+    if args.resume and args.overwrite_output_dir:
+        p.error("--resume continues the run in --output-dir, --overwrite-output-dir deletes it: choose one")
     return args
 
 
@@ -325,6 +340,12 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     log = accelerator.print
+    try:
+        prepare_output_dir(output_dir, resume=bool(args.resume), overwrite=args.overwrite_output_dir,
+                           is_main=accelerator.is_main_process)
+    except FileExistsError as error:
+        raise SystemExit(f"train.py: {error}") from None
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)  # same initial weights in every process
@@ -334,6 +355,10 @@ def main(argv=None) -> dict:
     with accelerator.main_process_first():  # the demo data is generated once
         try:
             train_set, val_set, label_map, recipe = build_data(args, config.id2label if config else None)
+            # unreadable images stop the run now, not when their batch comes (maybe hours later)
+            train_set = drop_unreadable_images(train_set, "training", args.skip_bad_images)
+            if val_set is not None:
+                val_set = drop_unreadable_images(val_set, "validation", args.skip_bad_images)
         except (FileNotFoundError, ValueError, OSError) as error:  # bad data: the message says what to do
             raise SystemExit(f"train.py: data error: {error}") from error
     model = build_model(args, label_map, config)
@@ -373,11 +398,17 @@ def main(argv=None) -> dict:
     # ---- resume ----
     epoch, start_batch, global_step, best_ap, history = 0, 0, 0, -1.0, []
     if args.resume:
-        path = find_latest_checkpoint(output_dir / "checkpoints") if args.resume == "auto" else Path(args.resume)
-        if path is None:
+        try:
+            if args.resume == "auto":  # the newest intact checkpoint (a corrupt newer one is skipped with a warning)
+                found = load_latest_checkpoint(output_dir / "checkpoints", rank=accelerator.process_index)
+            else:
+                found = Path(args.resume), load_checkpoint(args.resume, rank=accelerator.process_index)
+        except CheckpointError as error:
+            raise SystemExit(f"train.py: cannot resume: {error}") from None
+        if found is None:
             log("--resume auto: no checkpoint yet, starting from scratch")
         else:
-            state = load_checkpoint(path, rank=accelerator.process_index)
+            path, state = found
             unwrapped.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -398,7 +429,8 @@ def main(argv=None) -> dict:
             "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             "ema": ema.state_dict() if ema is not None else None, "epoch": next_epoch, "start_batch": next_batch,
-            "global_step": global_step, "best_ap": best_ap, "history": history, "args": vars(args),
+            "global_step": global_step, "best_ap": best_ap, "history": history,
+            "args": json.loads(json.dumps(vars(args), default=str)),  # plain values: weights_only=True reads them
         }
 
     def save(next_epoch: int, next_batch: int) -> None:
@@ -418,6 +450,20 @@ def main(argv=None) -> dict:
 
         progress = tqdm(total=total_steps, initial=global_step, desc="train", dynamic_ncols=True)
 
+    def stop_interrupted(next_epoch: int, next_batch: int, saved: bool = False) -> None:
+        if not saved:
+            save(next_epoch, next_batch)
+        if progress is not None:
+            progress.close()
+        accelerator.end_training()
+        name = signal.Signals(interrupt.received).name if interrupt.received else "a signal on another process"
+        log(f"stopped by {name} after step {global_step}: saved {output_dir / 'checkpoints' / f'checkpoint-{global_step}'};"
+            f" continue the run with --resume")
+        raise SystemExit(interrupt.exit_code)
+
+    # Ctrl-C / SIGTERM: finish the current step, save a checkpoint, stop
+    interrupt = GracefulInterrupt()
+    interrupt.install()
     model.train()
     start_time = time.time()
     running: dict[str, float] = {}
@@ -460,7 +506,7 @@ def main(argv=None) -> dict:
                 ema.update(unwrapped)
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(epoch=epoch, loss=f"{float(loss):.3f}")
+                progress.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.3f}")
             logged_steps += 1
             if global_step % args.logging_steps == 0 or global_step == total_steps:
                 logs = {f"train/{k}": v / logged_steps for k, v in running.items()}
@@ -474,6 +520,8 @@ def main(argv=None) -> dict:
             end_of_epoch = batch_index == sampler.num_batches
             if args.save_steps and global_step % args.save_steps == 0 and not end_of_epoch and not done:
                 save(epoch, batch_index)
+            if interrupt.requested(accelerator) and not done:
+                stop_interrupted(epoch, batch_index)
             if kill_at and global_step == kill_at:
                 os.kill(os.getpid(), 9)
             if done:
@@ -496,7 +544,10 @@ def main(argv=None) -> dict:
         save(epoch, start_batch)
         if accelerator.is_main_process:
             write_json(output_dir / "metrics.json", {"history": history, "best_AP": best_ap})
+        if interrupt.requested(accelerator) and not done:
+            stop_interrupted(epoch, start_batch, saved=True)
 
+    interrupt.uninstall()
     if progress is not None:
         progress.close()
     if batch_log is not None:
