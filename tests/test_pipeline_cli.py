@@ -321,6 +321,46 @@ def test_cli_unloadable_model_is_a_clear_error(tmp_path, capsys):
     assert "cannot load model" in capsys.readouterr().err
 
 
+def test_cli_model_folder_that_does_not_exist(tmp_path, capsys):
+    from hf_dino.cli import main
+
+    for missing in (tmp_path / "no_model_here", "./runs/final", "~/models/dino"):
+        rc = main(["predict", str(IMAGE_A), "--model", str(missing), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert rc == 1 and f"cannot load model {str(missing)!r}: the model folder {str(missing)!r} does not exist" in err
+        assert "Repo id must" not in err
+
+
+def test_cli_refuses_models_that_are_not_dino(tmp_path, capsys):
+    from transformers import DetrConfig
+
+    from hf_dino.cli import main
+
+    folder = tmp_path / "detr"
+    DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False).save_pretrained(folder)
+    rc = main(["predict", str(IMAGE_A), "--model", str(folder), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "it is a 'detr' model" in err and "hf-dino predict runs DINO models only" in err
+    assert "pipeline('object-detection'" in err
+
+
+def test_cli_rejects_top_k_zero(model_dir, tmp_path, capsys):
+    from hf_dino.cli import main
+
+    rc = main(["predict", str(IMAGE_A), "--model", str(model_dir), "--top-k", "0", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--top-k must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_forward_on_an_empty_batch_is_a_clear_error(model_dir):
+    from hf_dino import DinoForObjectDetection
+
+    model = DinoForObjectDetection.from_pretrained(model_dir).eval()
+    with pytest.raises(ValueError, match=r"pixel_values is empty \(shape \(0, 3, 64, 64\)\): DINO needs at least one"):
+        model(pixel_values=torch.zeros(0, 3, 64, 64))
+
+
 def test_draw_detections_colours_and_clipping():
     from hf_dino.visualization import color_for_label, draw_detections
 

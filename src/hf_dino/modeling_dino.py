@@ -576,6 +576,11 @@ class DinoModel(DinoPreTrainedModel):
             raise ValueError(
                 f"pixel_values must be [batch, {self.config.num_channels}, height, width], got {tuple(pixel_values.shape)}."
             )
+        if pixel_values.numel() == 0:
+            raise ValueError(
+                f"pixel_values is empty (shape {tuple(pixel_values.shape)}): DINO needs at least one image of at least "
+                "one pixel. Skip the forward pass for an empty batch."
+            )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = bool(output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states)
         b, _, h, w = pixel_values.shape
