@@ -222,6 +222,34 @@ def test_cli_has_predict_subcommand():
         parser.parse_args(["predict", "a.jpg"])  # --model is required
 
 
+def test_pipeline_batches_images_of_different_sizes(detector, model_dir):
+    """batch_size=2 on a landscape and a portrait image: the batch is padded to a shared size exactly as the
+    processor pads a list of images, and a last, partial batch holds one image at its own size."""
+    from hf_dino import DinoForObjectDetection, DinoImageProcessor
+
+    batched = detector([str(IMAGE_A), str(IMAGE_B), str(IMAGE_A)], threshold=0.0, batch_size=2)
+    assert len(batched) == 3
+
+    processor = DinoImageProcessor.from_pretrained(model_dir)
+    model = DinoForObjectDetection.from_pretrained(model_dir).eval()
+    images = [Image.open(IMAGE_A).convert("RGB"), Image.open(IMAGE_B).convert("RGB")]
+
+    def detect(batch):
+        with torch.no_grad():
+            outputs = model(**processor(batch, return_tensors="pt"))
+        sizes = [(image.height, image.width) for image in batch]
+        return processor.post_process_object_detection(outputs, 0.0, sizes)
+
+    expected = detect(images) + detect(images[:1])  # [A, B] padded together, then A alone
+    for got, want in zip(batched, expected):
+        assert len(got) == len(want["scores"])
+        torch.testing.assert_close(torch.tensor([d["score"] for d in got]), want["scores"], rtol=0, atol=1e-6)
+        labels = [model.config.id2label[int(label)] for label in want["labels"]]
+        assert [d["label"] for d in got] == labels
+        boxes = torch.tensor([[d["box"][k] for k in ("xmin", "ymin", "xmax", "ymax")] for d in got])
+        assert (boxes - want["boxes"].int()).abs().max() <= 1
+
+
 @pytest.fixture()
 def input_folder(tmp_path):
     folder = tmp_path / "images"
