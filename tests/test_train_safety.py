@@ -4,6 +4,7 @@ training state is plain data read with `weights_only=True`, and unreadable image
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -237,3 +238,23 @@ def test_truncated_images_are_found_before_training(tmp_path):
                 "--config", "compact", "--no-progress", "--report-to", "none", check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "train.py: data error: 3 of the 5 training images cannot be read" in proc.stderr
+
+
+def test_truncated_images_of_a_datasets_dataset_are_found_from_their_bytes(tmp_path):
+    import datasets
+
+    from hf_dino.data import HFDetectionDataset
+
+    good, broken = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(good, "JPEG")
+    Image.new("RGB", (40, 30), (30, 200, 30)).save(broken, "PNG")
+    features = datasets.Features({
+        "image": datasets.Image(),
+        "objects": {"bbox": datasets.Sequence(datasets.Sequence(datasets.Value("float32"), length=4)),
+                    "category": datasets.Sequence(datasets.ClassLabel(names=["thing"]))},
+    })
+    rows = [{"image": {"bytes": data, "path": None}, "objects": {"bbox": [[2, 3, 10, 12]], "category": [0]}}
+            for data in (good.getvalue(), broken.getvalue()[:-20], good.getvalue())]
+    dataset = HFDetectionDataset(datasets.Dataset.from_list(rows, features=features))
+    with pytest.raises(ValueError, match=r"1 of the 3 training images cannot be read \(row 1: truncated PNG"):
+        drop_unreadable_images(dataset, "training", skip=False)
