@@ -348,7 +348,7 @@ def test_evaluate_script_malformed_annotation_file_is_one_clear_line(tmp_path, c
         evaluate.main(["--model", str(tmp_path / "unused"), "--images", str(tmp_path), "--annotations",
                        str(annotations)])
     message = str(exit_info.value.code)
-    assert message.startswith(f"error: ") and str(annotations) in message and "\n" not in message
+    assert message.startswith("error: ") and str(annotations) in message and "\n" not in message
 
 
 def test_evaluate_script_rejects_top_k_zero(tmp_path, capsys):
