@@ -277,7 +277,7 @@ def check_build(device_type: str, build_dir: Path | None = None) -> tuple[str, s
 
 
 def _discard(build_dir: Path, name: str) -> None:
-    """Delete a corrupt library and its marker (the object files stay: ninja relinks)."""
+    """Delete a corrupt library and its marker (the object files stay: ninja relinks; see :func:`build`)."""
     for path in (build_dir / MARKER, _library_path(build_dir, name)):
         path.unlink(missing_ok=True)
 
@@ -346,7 +346,16 @@ def build(device_type: str, *, verbose: bool | None = None, log: Callable[[str],
         say(f"{device_type}: compiling into {build_dir} (about a minute; {ENV_VERBOSE}=1 or --verbose shows the "
             "compiler output)")
         start = time.perf_counter()
-        module = _compile(device_type, name, sources, build_dir, verbose)
+        try:
+            module = _compile(device_type, name, sources, build_dir, verbose)
+        except KernelBuildError:
+            if state != "corrupt":
+                raise
+            # the object files may be damaged as well: rebuild from an empty folder
+            say(f"{device_type}: relinking failed; rebuilding {build_dir} from scratch")
+            shutil.rmtree(build_dir, ignore_errors=True)
+            build_dir.mkdir(parents=True, exist_ok=True)
+            module = _compile(device_type, name, sources, build_dir, verbose)
         _write_marker(build_dir, name, library)
         say(f"{device_type}: compiled in {time.perf_counter() - start:.0f} s")
     sys.modules[name] = module
