@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
+    if args.top_k < 1:
+        parser.error("--top-k must be >= 1 (detections kept per image; use --threshold to keep fewer)")
     return args
 
 
@@ -77,17 +79,17 @@ def _collate(batch):
 
 def main(argv=None) -> dict[str, float]:
     args = parse_args(argv)
-    import contextlib
-    import io
-
     from accelerate import Accelerator
-    from pycocotools.coco import COCO
     from tqdm.auto import tqdm
     from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
+    from hf_dino.data import load_coco
+
     accelerator = Accelerator()
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO(args.annotations)
+    try:  # missing, malformed (not JSON) or non-COCO file: one line naming it
+        coco_gt = load_coco(args.annotations)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
     image_ids = sorted(coco_gt.getImgIds())
     if args.max_images is not None:
         image_ids = image_ids[: args.max_images]

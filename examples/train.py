@@ -37,6 +37,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,12 +63,16 @@ from hf_dino.configuration_dino import compact_config
 from hf_dino.evaluation import evaluate_coco, format_metrics_table
 from hf_dino.visualization import draw_predictions
 from hf_dino.training import (
+    CheckpointError,
+    GracefulInterrupt,
     ModelEMA,
     ResumableBatchSampler,
-    find_latest_checkpoint,
+    drop_unreadable_images,
     get_param_groups,
     prepare_scratch_backbone,
     load_checkpoint,
+    load_latest_checkpoint,
+    prepare_output_dir,
     save_checkpoint,
     shard_indices,
     write_json,
@@ -103,6 +108,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--skip-missing-images", action="store_true", help="leave out images whose file is missing")
     d.add_argument("--ignore-unknown-categories", action="store_true", help="drop annotations with unknown category ids")
     d.add_argument("--skip-empty-images", action="store_true", help="drop images without annotations (default: negatives)")
+    d.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out images that cannot be read (truncated, corrupt); every image is checked before "
+                   "training starts, and by default an unreadable one stops the run there")
     d.add_argument("--image-scale", type=float, default=None,
                    help="multiply every augmentation size (480..800/1333, 400..600, 384..600) and the eval size 800")
     d.add_argument("--eval-size", type=int, default=None, help="shorter side at evaluation (default 800 * image-scale)")
@@ -144,7 +152,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     r = p.add_argument_group("outputs")
     r.add_argument("--output-dir", default="outputs/train")
-    r.add_argument("--save-steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: per epoch only)")
+    r.add_argument("--overwrite-output-dir", action="store_true",
+                   help="delete the outputs of a previous run in --output-dir and start a new one (without it, or "
+                   "--resume, a folder holding a run is refused)")
+    r.add_argument("--save-steps", type=int, default=0,
+                   help="also checkpoint every N optimizer steps (0: per epoch only). Ctrl-C / SIGTERM save a "
+                   "checkpoint at the current step whatever this is")
     r.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept")
     r.add_argument("--resume", nargs="?", const="auto", default=None, help="checkpoint folder, or auto (latest in output dir)")
     r.add_argument("--no-eval", action="store_true")
@@ -172,6 +185,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.eval_batch_size = args.batch_size
     if not args.demo and args.dataset_name is None and not (args.train_images and args.train_annotations):
         p.error("--train-images and --train-annotations go together")
+    if args.resume and args.overwrite_output_dir:
+        p.error("--resume continues the run in --output-dir, --overwrite-output-dir deletes it: choose one")
     return args
 
 
@@ -368,6 +383,12 @@ def make_accelerator(args):
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        prepare_output_dir(output_dir, resume=bool(args.resume), overwrite=args.overwrite_output_dir,
+                           is_main=accelerator.is_main_process)
+    except FileExistsError as error:
+        raise SystemExit(f"train.py: {error}") from None
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     return accelerator
@@ -382,6 +403,10 @@ def set_up_run(args, accelerator) -> TrainingRun:
     with accelerator.main_process_first():  # the demo data is generated once
         try:
             train_set, val_set, label_map, recipe = build_data(args, config.id2label if config else None)
+            # unreadable images stop the run now, not when their batch comes (maybe hours later)
+            train_set = drop_unreadable_images(train_set, "training", args.skip_bad_images)
+            if val_set is not None:
+                val_set = drop_unreadable_images(val_set, "validation", args.skip_bad_images)
         except (FileNotFoundError, ValueError, OSError) as error:  # bad data: the message says what to do
             raise SystemExit(f"train.py: data error: {error}") from error
     model = build_model(args, label_map, config)
@@ -431,7 +456,8 @@ def checkpoint_state(run: TrainingRun, state: TrainState) -> dict:
         "scheduler": run.scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
         "ema": run.ema.state_dict() if run.ema is not None else None, "epoch": state.epoch,
         "start_batch": state.start_batch, "global_step": state.global_step, "best_ap": state.best_ap,
-        "history": state.history, "args": vars(run.args),
+        "history": state.history,
+        "args": json.loads(json.dumps(vars(run.args), default=str)),  # plain values: weights_only=True reads them
     }
 
 
@@ -445,11 +471,18 @@ def save(run: TrainingRun, state: TrainState) -> None:
 def resume(run: TrainingRun) -> TrainState:
     """The state of `--resume` (a checkpoint folder, or `auto`: the latest in the output dir), loaded into the run."""
     args = run.args
-    path = find_latest_checkpoint(run.output_dir / "checkpoints") if args.resume == "auto" else Path(args.resume)
-    if path is None:
+    rank = run.accelerator.process_index
+    try:
+        if args.resume == "auto":  # the newest intact checkpoint (a corrupt newer one is skipped with a warning)
+            found = load_latest_checkpoint(run.output_dir / "checkpoints", rank=rank)
+        else:
+            found = Path(args.resume), load_checkpoint(args.resume, rank=rank)
+    except CheckpointError as error:
+        raise SystemExit(f"train.py: cannot resume: {error}") from None
+    if found is None:
         run.log("--resume auto: no checkpoint yet, starting from scratch")
         return TrainState()
-    saved = load_checkpoint(path, rank=run.accelerator.process_index)
+    path, saved = found
     run.unwrapped.load_state_dict(saved["model"])
     run.optimizer.load_state_dict(saved["optimizer"])
     run.scheduler.load_state_dict(saved["scheduler"])
@@ -539,9 +572,24 @@ def train_step(run: TrainingRun, state: TrainState, batch: dict) -> Any:
     return outputs
 
 
-def train_epoch(run: TrainingRun, state: TrainState, logger_: StepLogger) -> tuple[int, bool]:
+def stop_interrupted(run: TrainingRun, state: TrainState, interrupt: GracefulInterrupt, logger_: StepLogger,
+                     saved: bool = False) -> None:
+    """After Ctrl-C / SIGTERM: save a checkpoint at the current position (unless just saved) and exit."""
+    if not saved:
+        save(run, state)
+    logger_.close()
+    run.accelerator.end_training()
+    name = signal.Signals(interrupt.received).name if interrupt.received else "a signal on another process"
+    run.log(f"stopped by {name} after step {state.global_step}: saved "
+            f"{run.output_dir / 'checkpoints' / f'checkpoint-{state.global_step}'}; continue the run with --resume")
+    raise SystemExit(interrupt.exit_code)
+
+
+def train_epoch(run: TrainingRun, state: TrainState, logger_: StepLogger,
+                interrupt: GracefulInterrupt) -> tuple[int, bool]:
     """Train from `state.start_batch` to the end of the epoch (or to the last step). Saves `--save-steps`
-    checkpoints mid-epoch. Returns the number of batches of this epoch consumed and whether training is done."""
+    checkpoints mid-epoch, and stops with a checkpoint after the step during which a SIGINT/SIGTERM arrived.
+    Returns the number of batches of this epoch consumed and whether training is done."""
     run.sampler.set_epoch(state.epoch, state.start_batch)
     batch_index, done = state.start_batch, state.global_step >= run.total_steps
     for batch in run.train_loader:
@@ -561,6 +609,8 @@ def train_epoch(run: TrainingRun, state: TrainState, logger_: StepLogger) -> tup
         save_steps = run.args.save_steps
         if save_steps and state.global_step % save_steps == 0 and not end_of_epoch and not done:
             save(run, dataclasses.replace(state, start_batch=batch_index))
+        if interrupt.requested(run.accelerator) and not done:  # collective: every process stops at the same step
+            stop_interrupted(run, dataclasses.replace(state, start_batch=batch_index), interrupt, logger_)
         if done:
             break
     return batch_index, done
@@ -616,9 +666,14 @@ def main(argv=None) -> dict:
     run.model.train()
     start_time = time.time()
     done = state.global_step >= run.total_steps
+    interrupt = GracefulInterrupt()  # Ctrl-C / SIGTERM: finish the current step, save a checkpoint, stop
+    interrupt.install()
     while state.epoch < args.epochs and not done:
-        batch_index, done = train_epoch(run, state, step_logger)
+        batch_index, done = train_epoch(run, state, step_logger, interrupt)
         end_epoch(run, state, batch_index, done, start_time)
+        if interrupt.requested(accelerator) and not done:
+            stop_interrupted(run, state, interrupt, step_logger, saved=True)
+    interrupt.uninstall()
     step_logger.close()
     finish(run, state)
     run.log(f"done: {state.global_step} steps in {time.time() - start_time:.0f}s; outputs in {run.output_dir}")

@@ -331,3 +331,23 @@ def test_evaluate_script_under_accelerate_launch(tmp_path, tiny_model_dir):
     stats = _independent_stats(coco_gt, results, image_ids)
     assert [metrics[n] for n in METRIC_NAMES] == pytest.approx(stats[:6].tolist(), abs=1e-12)
     assert proc.stdout.count("AP50 | AP75") == 1  # the table, printed by the main process only
+
+
+@pytest.mark.parametrize("content", ['{"images": [', "[1, 2, 3]", '{"annotations": []}'],
+                         ids=["malformed-json", "not-a-dict", "no-images"])
+def test_evaluate_script_malformed_annotation_file_is_one_clear_line(tmp_path, content):
+    evaluate = _load_evaluate_script()
+    annotations = tmp_path / "instances.json"
+    annotations.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--model", str(tmp_path / "unused"), "--images", str(tmp_path), "--annotations",
+                       str(annotations)])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and str(annotations) in message and "\n" not in message
+
+
+def test_evaluate_script_rejects_top_k_zero(tmp_path, capsys):
+    evaluate = _load_evaluate_script()
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--model", "m", "--images", str(tmp_path), "--annotations", "a.json", "--top-k", "0"])
+    assert "--top-k must be >= 1" in capsys.readouterr().err

@@ -213,6 +213,34 @@ def test_cli_has_predict_subcommand():
         parser.parse_args(["predict", "a.jpg"])  # --model is required
 
 
+def test_pipeline_batches_images_of_different_sizes(detector, model_dir):
+    """batch_size=2 on a landscape and a portrait image: the batch is padded to a shared size exactly as the
+    processor pads a list of images, and a last, partial batch holds one image at its own size."""
+    from hf_dino import DinoForObjectDetection, DinoImageProcessor
+
+    batched = detector([str(IMAGE_A), str(IMAGE_B), str(IMAGE_A)], threshold=0.0, batch_size=2)
+    assert len(batched) == 3
+
+    processor = DinoImageProcessor.from_pretrained(model_dir)
+    model = DinoForObjectDetection.from_pretrained(model_dir).eval()
+    images = [Image.open(IMAGE_A).convert("RGB"), Image.open(IMAGE_B).convert("RGB")]
+
+    def detect(batch):
+        with torch.no_grad():
+            outputs = model(**processor(batch, return_tensors="pt"))
+        sizes = [(image.height, image.width) for image in batch]
+        return processor.post_process_object_detection(outputs, 0.0, sizes)
+
+    expected = detect(images) + detect(images[:1])  # [A, B] padded together, then A alone
+    for got, want in zip(batched, expected):
+        assert len(got) == len(want["scores"])
+        torch.testing.assert_close(torch.tensor([d["score"] for d in got]), want["scores"], rtol=0, atol=1e-6)
+        labels = [model.config.id2label[int(label)] for label in want["labels"]]
+        assert [d["label"] for d in got] == labels
+        boxes = torch.tensor([[d["box"][k] for k in ("xmin", "ymin", "xmax", "ymax")] for d in got])
+        assert (boxes - want["boxes"].int()).abs().max() <= 1
+
+
 @pytest.fixture()
 def input_folder(tmp_path):
     folder = tmp_path / "images"
@@ -310,6 +338,46 @@ def test_cli_unloadable_model_is_a_clear_error(tmp_path, capsys):
     rc = main(["predict", str(IMAGE_A), "--model", str(tmp_path / "no_model_here"), "--out", str(tmp_path / "o")])
     assert rc == 1
     assert "cannot load model" in capsys.readouterr().err
+
+
+def test_cli_model_folder_that_does_not_exist(tmp_path, capsys):
+    from hf_dino.cli import main
+
+    for missing in (tmp_path / "no_model_here", "./runs/final", "~/models/dino"):
+        rc = main(["predict", str(IMAGE_A), "--model", str(missing), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert rc == 1 and f"cannot load model {str(missing)!r}: the model folder {str(missing)!r} does not exist" in err
+        assert "Repo id must" not in err
+
+
+def test_cli_refuses_models_that_are_not_dino(tmp_path, capsys):
+    from transformers import DetrConfig
+
+    from hf_dino.cli import main
+
+    folder = tmp_path / "detr"
+    DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False).save_pretrained(folder)
+    rc = main(["predict", str(IMAGE_A), "--model", str(folder), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "it is a 'detr' model" in err and "hf-dino predict runs DINO models only" in err
+    assert "pipeline('object-detection'" in err
+
+
+def test_cli_rejects_top_k_zero(model_dir, tmp_path, capsys):
+    from hf_dino.cli import main
+
+    rc = main(["predict", str(IMAGE_A), "--model", str(model_dir), "--top-k", "0", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--top-k must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_forward_on_an_empty_batch_is_a_clear_error(model_dir):
+    from hf_dino import DinoForObjectDetection
+
+    model = DinoForObjectDetection.from_pretrained(model_dir).eval()
+    with pytest.raises(ValueError, match=r"pixel_values is empty \(shape \(0, 3, 64, 64\)\): DINO needs at least one"):
+        model(pixel_values=torch.zeros(0, 3, 64, 64))
 
 
 def test_draw_detections_colours_and_clipping():

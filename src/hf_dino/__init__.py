@@ -11,6 +11,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_OBJECT_DETECTION_MA
 from .configuration_dino import DinoConfig
 from .image_processing_dino import DinoImageProcessor, DinoImageProcessorPil
 from .modeling_dino import DinoForObjectDetection, DinoModel, DinoPreTrainedModel
+from .pipeline_dino import register_pipeline
 
 
 def _register() -> None:
@@ -25,6 +26,8 @@ def _register() -> None:
     )
     # lets pipeline("object-detection") recognise the architecture without a warning
     MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES.setdefault(DinoConfig.model_type, DinoForObjectDetection.__name__)
+    # pipeline("object-detection", batch_size=N) pads DINO batches of mixed image sizes (hf_dino.pipeline_dino)
+    register_pipeline()
 
 
 _register()

@@ -115,13 +115,42 @@ def _resolve_device(device: str):
     return resolved
 
 
+# a Hub repository id: "name" or "namespace/name" (letters, digits, "-", "_", "."; not starting with "." or "-")
+_HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*(/[A-Za-z0-9_][\w.-]*)?")
+
+
+class ModelLoadError(ValueError):
+    """``--model`` names no usable DINO model; the message says why."""
+
+
+def _check_model_argument(model_name: str) -> None:
+    """A path that does not exist (and cannot be a Hub id) is reported as such, not as a malformed Hub id."""
+    if os.path.exists(model_name):
+        return
+    if not _HUB_ID.fullmatch(model_name) or model_name.endswith((".json", ".safetensors", ".bin", ".pth")):
+        raise ModelLoadError(f"the model folder {model_name!r} does not exist")
+
+
 def _load_model_and_processor(model_name: str, device):
     import transformers
 
     import hf_dino  # noqa: F401 - registers DINO with the Auto classes
 
+    from .configuration_dino import DinoConfig
     from .image_processing_dino import DinoImageProcessor
 
+    _check_model_argument(model_name)
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_name)
+    except Exception as error:  # noqa: BLE001 - the folder / Hub id is not a model
+        hint = "" if os.path.exists(model_name) else f" (no local folder {model_name!r} exists either)"
+        raise ModelLoadError(f"{error}{hint}") from error
+    if config.model_type != DinoConfig.model_type:
+        raise ModelLoadError(
+            f"it is a {config.model_type!r} model ({', '.join(config.architectures or [type(config).__name__])}); "
+            "hf-dino predict runs DINO models only (their post-processing takes --top-k). Use transformers' "
+            "pipeline('object-detection', model=...) for other detectors"
+        )
     model = transformers.AutoModelForObjectDetection.from_pretrained(model_name)
     model.to(device).eval()
     try:
@@ -146,6 +175,9 @@ def run_predict(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         _error("--batch-size must be >= 1")
+        return 2
+    if args.top_k < 1:
+        _error("--top-k must be >= 1 (the number of candidate detections per image; use --threshold to keep fewer)")
         return 2
     files, failures = collect_images(args.inputs, recursive=args.recursive)
     for item, message in failures:
@@ -182,7 +214,8 @@ def run_predict(args: argparse.Namespace) -> int:
                 inputs = {k: v.to(device) for k, v in inputs.items() if k in ("pixel_values", "pixel_mask")}
                 outputs = model(**inputs)
                 sizes = [(image.height, image.width) for image in images]
-                results = processor.post_process_object_detection(outputs, args.threshold, sizes, args.top_k)
+                results = processor.post_process_object_detection(outputs, threshold=args.threshold,
+                                                                  target_sizes=sizes, top_k=args.top_k)
         except Exception as error:  # noqa: BLE001
             if len(batch) > 1:  # find the culprit: retry one by one
                 for item in batch:

@@ -596,6 +596,11 @@ class DinoModel(DinoPreTrainedModel):
             raise ValueError(
                 f"pixel_values must be [batch, {self.config.num_channels}, height, width], got {tuple(pixel_values.shape)}."
             )
+        if pixel_values.numel() == 0:
+            raise ValueError(
+                f"pixel_values is empty (shape {tuple(pixel_values.shape)}): DINO needs at least one image of at least "
+                "one pixel. Skip the forward pass for an empty batch."
+            )
         _reject_output_attentions(output_attentions)
         if labels is not None:
             if len(labels) != pixel_values.shape[0]:

@@ -19,13 +19,18 @@ Determinism and exact resumption:
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import math
 import os
+import pickle
 import random
 import re
 import shutil
+import signal
+import threading
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -44,7 +49,14 @@ __all__ = [
     "restore_rng_state",
     "save_checkpoint",
     "load_checkpoint",
+    "load_latest_checkpoint",
+    "CheckpointError",
     "find_latest_checkpoint",
+    "prepare_output_dir",
+    "GracefulInterrupt",
+    "check_image_file",
+    "find_unreadable_images",
+    "drop_unreadable_images",
     "atomic_torch_save",
     "shard_indices",
     "write_json",
@@ -250,16 +262,37 @@ def shard_indices(num_samples: int, num_replicas: int, rank: int) -> list[int]:
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """Python, numpy, torch CPU (and CUDA when available) RNG states."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy, torch CPU (and CUDA when initialised) RNG states, as tensors and plain Python values only, so
+    that ``torch.load(..., weights_only=True)`` reads them back."""
+    version, mt_state, gauss_next = random.getstate()
+    numpy_state = np.random.get_state(legacy=False)  # {"bit_generator", "state": {"key", "pos"}, "has_gauss", "gauss"}
+    state = {
+        "python": {"version": int(version), "state": torch.tensor(mt_state, dtype=torch.int64), "gauss_next": gauss_next},
+        "numpy": {
+            "bit_generator": str(numpy_state["bit_generator"]),
+            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            "pos": int(numpy_state["state"]["pos"]),
+            "has_gauss": int(numpy_state["has_gauss"]),
+            "gauss": float(numpy_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def restore_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Inverse of :func:`capture_rng_state`."""
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss_next"]))
+    numpy_state = state["numpy"]
+    np.random.set_state({
+        "bit_generator": numpy_state["bit_generator"],
+        "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
+        "has_gauss": numpy_state["has_gauss"],
+        "gauss": numpy_state["gauss"],
+    })
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -362,17 +395,319 @@ def find_latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that cannot be resumed from (incomplete, truncated, corrupt, or holding objects that
+    ``torch.load(..., weights_only=True)`` refuses)."""
+
+
+# keys every training state written by examples/train.py holds
+_REQUIRED_STATE_KEYS = ("model", "optimizer", "scheduler", "epoch", "start_batch", "global_step")
+
+
+def _read_state_file(file: Path) -> Any:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"{file} holds objects other than tensors and plain Python values ({reason}). It was written by an older "
+            "hf_dino or by other code; it is not loaded, because unpickling arbitrary objects can run code."
+        ) from error
+    except Exception as error:  # noqa: BLE001 - truncated zip, empty file, I/O error, ...: re-raised naming the file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{file} cannot be read, it is truncated or corrupt ({reason}).") from error
+
+
 def load_checkpoint(path: str | os.PathLike, rank: int = 0, restore_rng: bool = True) -> dict[str, Any]:
-    """Read a checkpoint folder written by :func:`save_checkpoint`; restores this process's RNG state (the one it
-    saved; a process with no saved state keeps its own) and returns the training state."""
+    """Read a checkpoint folder written by :func:`save_checkpoint` with ``torch.load(..., weights_only=True)``;
+    restores this process's RNG state (the one it saved; a process with no saved state keeps its own) and returns
+    the training state.
+
+    Every file of the folder (the training state and the RNG state of every process) is read before anything is
+    restored, so all processes agree on whether the checkpoint is usable. Raises :class:`CheckpointError` naming
+    the file when the folder is incomplete or a file is truncated, corrupt or not plain data.
+    """
     path = Path(path)
-    if not (path / TRAINING_STATE).is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {TRAINING_STATE}).")
-    state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=False)
-    rng_file = path / f"rng_state_{rank}.pt"
-    if restore_rng and rng_file.is_file():
-        restore_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    state_file = path / TRAINING_STATE
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a checkpoint folder (it does not exist).")
+    if not state_file.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {TRAINING_STATE}).")
+    state = _read_state_file(state_file)
+    missing = [key for key in _REQUIRED_STATE_KEYS if not isinstance(state, Mapping) or key not in state]
+    if missing:
+        raise CheckpointError(f"{state_file} is not a training state of examples/train.py (missing {missing}).")
+    rng_states = {file.name: _read_state_file(file) for file in sorted(path.glob("rng_state_*.pt"))}
+    own = rng_states.get(f"rng_state_{rank}.pt")
+    if restore_rng and own is not None:
+        try:
+            restore_rng_state(own)
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"{path / f'rng_state_{rank}.pt'} is not an RNG state of this version: {error}") from error
     return state
+
+
+def load_latest_checkpoint(directory: str | os.PathLike, rank: int = 0) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint under ``directory`` that reads back intact, and its training state (RNG restored as
+    :func:`load_checkpoint` does); ``None`` when there is no checkpoint at all.
+
+    A newer checkpoint that is truncated or corrupt is skipped with a warning naming the file; when none is
+    readable a :class:`CheckpointError` lists them.
+    """
+    checkpoints = list_checkpoints(directory)
+    errors = []
+    for path in reversed(checkpoints):
+        try:
+            state = load_checkpoint(path, rank=rank)
+        except CheckpointError as error:
+            errors.append(str(error))
+            older = len(checkpoints) - len(errors)
+            warnings.warn(
+                f"Skipping checkpoint {path.name}: {error} "
+                + (f"Falling back to the previous checkpoint ({checkpoints[older - 1].name})." if older else ""),
+                RuntimeWarning, stacklevel=2,
+            )
+            continue
+        return path, state
+    if errors:
+        raise CheckpointError(f"No intact checkpoint in {directory}: " + " ".join(errors))
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Run safety: output folder, interruption, unreadable images
+# ----------------------------------------------------------------------------------------------------------------------
+
+# what examples/train.py writes into --output-dir (the demo's synthetic-data folder is input, not a run)
+RUN_OUTPUTS: tuple[str, ...] = ("checkpoints", "final", "best", "metrics.json", "train_log.jsonl", "batch_log.jsonl",
+                                "runs", "prediction.png")
+
+
+def previous_run_outputs(output_dir: str | os.PathLike) -> list[str]:
+    """The outputs of an earlier training run present in ``output_dir`` (names from :data:`RUN_OUTPUTS`)."""
+    output_dir = Path(output_dir)
+    return [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+
+
+def prepare_output_dir(output_dir: str | os.PathLike, *, resume: bool, overwrite: bool, is_main: bool = True) -> None:
+    """Never mix two runs in one folder: with outputs of an earlier run in ``output_dir``, continue it
+    (``resume``), delete those outputs first (``overwrite``; main process only), or raise ``FileExistsError``."""
+    found = previous_run_outputs(output_dir)
+    if not found or resume:
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{output_dir} already holds a training run ({', '.join(found)}). Pass --resume to continue it, "
+            "--overwrite-output-dir to delete it and start a new run, or choose another --output-dir."
+        )
+    if is_main:
+        logger.warning("--overwrite-output-dir: deleting the previous run's %s in %s", ", ".join(found), output_dir)
+        for name in found:
+            target = Path(output_dir) / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+
+
+class GracefulInterrupt:
+    """Turn SIGINT (Ctrl-C) and SIGTERM (``kill``, batch schedulers, preemption) into a request to stop at the next
+    optimizer step, so the training loop can write a clean checkpoint first. A second signal stops at once
+    (``KeyboardInterrupt``). Use as a context manager around the loop, or ``install()`` / ``uninstall()``;
+    outside the main thread it does nothing.
+    """
+
+    def __init__(self, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)):
+        self.signals = tuple(signals)
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signals:
+                self._previous[signum] = signal.signal(signum, self._handle)
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def __enter__(self) -> "GracefulInterrupt":
+        self.install()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.uninstall()
+        return False
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:  # second signal: stop now
+            self.uninstall()
+            raise KeyboardInterrupt
+        self.received = signum
+        logger.warning("%s received: saving a checkpoint after the current step, then stopping "
+                       "(send it again to stop at once, without saving).", signal.Signals(signum).name)
+
+    def requested(self, accelerator=None) -> bool:
+        """Whether any process received a signal. With several processes it is a collective: every process must
+        call it at the same points of the loop."""
+        flag = self.received is not None
+        if accelerator is not None and accelerator.num_processes > 1:
+            value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+            flag = bool(accelerator.reduce(value, reduction="sum").item() > 0)
+        return flag
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention: 128 + signal number (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + int(self.received or signal.SIGINT)
+
+
+_JPEG_END = b"\xff\xd9"
+_PNG_END = b"IEND\xaeB`\x82"
+
+
+def _check_image_ends(head: bytes, tail: bytes) -> str | None:
+    """JPEG / PNG structure from the first 8 and last 16 bytes: a reason, ``None`` when intact, ``...`` when the
+    format is neither (decode it to know)."""
+    if head[:3] == b"\xff\xd8\xff":
+        return None if _JPEG_END in tail else "truncated JPEG (no end-of-image marker)"
+    if head == b"\x89PNG\r\n\x1a\n":
+        return None if tail.endswith(_PNG_END) else "truncated PNG (no IEND chunk)"
+    return ...
+
+
+def check_image_file(path: str | os.PathLike) -> str | None:
+    """Why the image file at ``path`` cannot be used, or ``None``: a cheap structural check of every image, meant
+    to run over a whole training set before training starts.
+
+    JPEG and PNG files (nearly every detection data set) are checked by their header and end marker (``FFD9``,
+    ``IEND``), which catches truncated files, the common damage of interrupted copies and downloads, by reading a
+    few bytes (measured: 0.2 ms per COCO image with a warm file cache, against 25 ms to decode it). Other formats
+    are decoded fully.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return "empty file"
+        with open(path, "rb") as f:
+            head = f.read(8)
+            f.seek(max(0, size - 16))
+            tail = f.read()
+        reason = _check_image_ends(head, tail)
+        if reason is not ...:
+            return reason
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, ValueError, SyntaxError) as error:  # PIL raises these for unreadable images
+        return str(error) or type(error).__name__
+    return None
+
+
+def _check_image_bytes(data: bytes) -> str | None:
+    from PIL import Image
+
+    if not data:
+        return "empty image"
+    reason = _check_image_ends(data[:8], data[-16:])
+    if reason is not ...:
+        return reason
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except (OSError, ValueError, SyntaxError) as error:
+        return str(error) or type(error).__name__
+    return None
+
+
+def find_unreadable_images(dataset, progress: bool = False) -> list[tuple[int, str, str]]:
+    """``(index, image, reason)`` of every image of ``dataset`` that cannot be read.
+
+    Image files (:class:`hf_dino.data.CocoDetectionDataset`) are checked with :func:`check_image_file`; the
+    encoded images of a ``datasets`` data set (:class:`hf_dino.data.HFDetectionDataset`) the same way, from their
+    bytes, without decoding; any other data set by loading every image.
+    """
+    indices: Iterable[int] = range(len(dataset))
+    if progress:
+        from tqdm.auto import tqdm
+
+        indices = tqdm(indices, desc="checking images", leave=False, dynamic_ncols=True)
+    encoded = None
+    if hasattr(dataset, "image_column") and hasattr(dataset, "dataset") and hasattr(dataset.dataset, "cast_column"):
+        import datasets
+
+        encoded = dataset.dataset.cast_column(dataset.image_column, datasets.Image(decode=False))
+    bad = []
+    for index in indices:
+        where = dataset.describe(index)
+        if hasattr(dataset, "images_dir"):
+            reason = check_image_file(where)
+        elif encoded is not None:
+            entry = encoded[dataset.indices[index]][dataset.image_column]
+            if entry.get("bytes") is not None:
+                reason = _check_image_bytes(entry["bytes"])
+            else:
+                reason = check_image_file(entry["path"])
+        else:
+            try:
+                dataset.load_image(index).load()
+                reason = None
+            except (OSError, ValueError, SyntaxError, TypeError) as error:
+                reason = str(error) or type(error).__name__
+        if reason is not None:
+            bad.append((index, where, reason))
+    return bad
+
+
+def drop_unreadable_images(dataset, name: str, skip: bool, progress: bool = False):
+    """Check every image of ``dataset`` up front (:func:`find_unreadable_images`). With unreadable images: raise a
+    ``ValueError`` listing them, or (``skip``) warn and return a ``torch.utils.data.Subset`` without them."""
+    bad = find_unreadable_images(dataset, progress=progress)
+    if not bad:
+        return dataset
+    listing = "; ".join(f"{where}: {reason}" for _, where, reason in bad[:5]) + (" ..." if len(bad) > 5 else "")
+    if not skip:
+        raise ValueError(
+            f"{len(bad)} of the {len(dataset)} {name} images cannot be read ({listing}). Replace them, or pass "
+            "--skip-bad-images to train without them."
+        )
+    warnings.warn(f"Leaving out {len(bad)} unreadable {name} images: {listing}", RuntimeWarning, stacklevel=2)
+    bad_set = {index for index, _, _ in bad}
+    return DetectionSubset(dataset, [i for i in range(len(dataset)) if i not in bad_set])
+
+
+class DetectionSubset(torch.utils.data.Dataset):
+    """The samples ``indices`` of a :class:`hf_dino.data.DetectionDataset`, indexable like it (an int, or
+    ``(index, seed)``); every other attribute (``label_map``, ``coco_ground_truth``, ...) is the full data set's."""
+
+    def __init__(self, dataset, indices: Sequence[int]):
+        self.dataset = dataset
+        self.indices = list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key):
+        if isinstance(key, (tuple, list)):
+            return self.dataset[(self.indices[int(key[0])], key[1])]
+        return self.dataset[self.indices[int(key)]]
+
+    def load_image(self, index: int):
+        return self.dataset.load_image(self.indices[index])
+
+    def describe(self, index: int) -> str:
+        return self.dataset.describe(self.indices[index])
+
+    def image_id(self, index: int) -> int:
+        return self.dataset.image_id(self.indices[index])
+
+    def __getattr__(self, name: str):
+        if name in ("dataset", "indices"):  # not set yet (unpickling)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -4,9 +4,13 @@
     python -m hf_dino.kernels info
 
 ``build`` compiles into the cache that later processes load from (``HF_DINO_KERNELS_CACHE`` moves it, e.g.
-onto a shared file system or into a Docker layer). Without ``--device`` it builds for the CPU and, when this
+onto a shared file system or into a Docker layer), printing each stage; a cached build that fails verification
+(truncated or modified library) is deleted and rebuilt. Without ``--device`` it builds for the CPU and, when this
 torch has CUDA and nvcc is present, for CUDA (set ``TORCH_CUDA_ARCH_LIST`` on machines without a GPU).
 Exit status 1 when a requested build fails.
+
+``info`` verifies each cached build against the size and SHA-256 recorded when it was built (without loading
+it) and says ``built (..., verified)``, ``not built`` or ``CORRUPT: ...``.
 """
 
 from __future__ import annotations
@@ -47,16 +51,22 @@ def main(argv: list[str] | None = None) -> int:
         for device in _loader.DEVICE_TYPES:
             try:
                 directory = _loader.build_directory(device)
-                built = (directory / "BUILD_OK").is_file()
-                print(f"{device:5s}:     {directory} ({'built' if built else 'not built'})")
+                state, details = _loader.check_build(device, directory)
             except _loader.KernelBuildError as error:
                 print(f"{device:5s}:     {error}")
+                continue
+            if state == "ok":
+                print(f"{device:5s}:     {directory} (built, {details})")
+            elif state == "missing":
+                print(f"{device:5s}:     {directory} (not built)")
+            else:
+                print(f"{device:5s}:     {directory} (CORRUPT: {details}; `python -m hf_dino.kernels build` rebuilds it)")
         return 0
 
     status = 0
     for device in args.device or _default_devices():
         try:
-            module = _loader.build(device, verbose=args.verbose)
+            module = _loader.build(device, verbose=args.verbose, log=lambda line: print(line, flush=True))
         except Exception as error:  # report every device, fail at the end
             print(f"{device}: build FAILED: {error}", file=sys.stderr)
             status = 1
