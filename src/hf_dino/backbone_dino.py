@@ -256,17 +256,6 @@ class DinoFrozenBatchNorm2d(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 # ImageNet weights
 # ----------------------------------------------------------------------------------------------------------------------
-# Official downloads of the weights the original DINO uses, for the "no Hub" error message.
-_ORIGINAL_WEIGHT_FILES: dict[str, str] = {
-    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
-    "resnet101": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
-    "swin_tiny_patch4_window7_224":
-        "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_tiny_patch4_window7_224.pth",
-    "swin_base_patch4_window12_384":
-        "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_base_patch4_window12_384_22k.pth",
-    "swin_large_patch4_window12_384":
-        "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_large_patch4_window12_384_22k.pth",
-}
 _WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 # Swin: ImageNet checkpoint key (timm or Microsoft layout) -> our parameter. Both layouts name the blocks alike;
@@ -356,7 +345,7 @@ def fetch_timm_weights(tag: str, backbone: str) -> str:
     try:
         return hf_hub_download(cfg.hf_hub_id, "model.safetensors")
     except Exception as error:  # offline, no connection, cache miss in offline mode, HTTP errors
-        original = _ORIGINAL_WEIGHT_FILES.get(backbone)
+        original = cfg.url  # timm records where the weights were first published (torchvision, Microsoft)
         raise OSError(
             f"cannot fetch the ImageNet weights {tag!r} from the Hugging Face Hub ({type(error).__name__}: {error}). "
             f"Download them where the Hub is reachable and pass the file instead "
@@ -372,6 +361,9 @@ class DinoBackbone(nn.Module):
     Returns one `[B, C_l, H_l, W_l]` map per entry of `config.backbone_out_indices` and the matching padding
     masks `[B, H_l, W_l]` (True = padding), resized from the image mask with nearest interpolation as the
     original does.
+
+    With `config.use_pretrained_backbone` the ImageNet weights `config.pretrained_backbone_weights` are loaded when
+    it is built (`load_pretrained_weights`), except on the meta device (`from_pretrained`).
     """
 
     def __init__(self, config: DinoConfig):
@@ -462,9 +454,9 @@ class DinoBackbone(nn.Module):
         for name, module in self.body.named_modules():
             if name not in new_modules:
                 module._is_hf_initialized = True
-        unused = len(state) - len(loaded)
-        logger.info("loaded %d ImageNet tensors into the %s backbone from %s (%d unused: classifier, final norm, "
-                    "buffers)", len(loaded), self.name, path, unused)
+        logger.info("loaded %d ImageNet tensors into the %s backbone from %s (%d in the file not used by DINO: "
+                    "classifier, final norm, recomputed buffers, stages not built)", len(loaded), self.name, path,
+                    len(state) - len(loaded))
         if new:
             logger.warning("newly initialised (not in the ImageNet weights %s): %s", weights, new)
         return new

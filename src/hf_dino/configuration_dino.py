@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
@@ -159,6 +161,7 @@ class DinoConfig(PreTrainedConfig):
             for i, name in self.id2label.items():
                 self.label2id.setdefault(name, i)
         if self.backbone_weights is not None:
+            self.backbone_weights = os.fspath(self.backbone_weights)  # a Path must still serialise
             self.use_pretrained_backbone = True
         if self.backbone_out_indices is None:
             self.backbone_out_indices = list(range(max(0, 4 - (self.num_feature_levels - 1)), 4))
