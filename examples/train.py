@@ -11,9 +11,9 @@
 
 With data, a new model's backbone starts from the ImageNet weights the original DINO uses (torchvision's ResNet,
 Microsoft's ImageNet-22k Swin-L; `--backbone-weights TAG_OR_FILE` to choose or to pass a downloaded file,
-`--scratch-backbone` for random weights). With no data argument the script generates a small synthetic COCO-format data set (coloured shapes on textured
-backgrounds, 5 classes; deterministic, nothing downloaded) and trains the compact preset
-(`hf_dino.data.compact_config`, backbone trained from scratch) on it in about 4 minutes on a 2-core CPU (10 epochs,
+`--scratch-backbone` for random weights). With no data argument the script generates a small synthetic COCO-format
+data set (coloured shapes on textured backgrounds, 5 classes; deterministic, nothing downloaded) and trains the
+compact preset (`hf_dino.data.compact_config`, backbone trained from scratch) on it in about 4 minutes on a 2-core CPU (10 epochs,
 240 steps; one torch thread), printing the COCO AP table after each epoch (measured: AP 0.9 after the first epoch,
 21.2 after the last; AP50 2.9 -> 50.9) and writing an annotated prediction image (`<output-dir>/prediction.png`).
 

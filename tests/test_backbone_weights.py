@@ -69,7 +69,7 @@ def to_microsoft_layout(state: dict[str, torch.Tensor], depths: tuple[int, ...],
 
 def timm_features(name: str, file, image: torch.Tensor, **kwargs) -> list[torch.Tensor]:
     """timm's `features_only` model with timm itself loading `file` (its own key filter), eval mode."""
-    model = timm.create_model(name, pretrained=True, features_only=True, pretrained_cfg_overlay=dict(file=str(file)),
+    model = timm.create_model(name, pretrained=True, features_only=True, pretrained_cfg_overlay={"file": str(file)},
                               **kwargs).eval()
     with torch.no_grad():
         return model(image)
@@ -97,7 +97,7 @@ def swin_large(tmp_path_factory):
     with torch.no_grad():
         ours = backbone.body(image)
     theirs = timm_features(SWIN_L, timm_file, image, out_indices=(1, 2, 3), img_size=768)
-    return dict(state=state, backbone=backbone, ours=ours, theirs=theirs, microsoft_file=microsoft_file)
+    return {"state": state, "backbone": backbone, "ours": ours, "theirs": theirs, "microsoft_file": microsoft_file}
 
 
 def expected_timm_key(key: str) -> str:
