@@ -9,9 +9,11 @@
     python examples/train.py --dataset-name cppe-5 --model-name-or-path path/to/converted-dino \\
         --train-split train --val-split test                    # fine-tune a 91-class model on 5 classes
 
-With no data argument the script generates a small synthetic COCO-format data set (coloured shapes on textured
-backgrounds, 5 classes; deterministic, nothing downloaded) and trains the compact preset
-(`hf_dino.configuration_dino.compact_config`, backbone trained from scratch) on it in about 4 minutes on a 2-core CPU (10 epochs,
+With data, a new model's backbone starts from the ImageNet weights the original DINO uses (torchvision's ResNet,
+Microsoft's ImageNet-22k Swin-L; `--backbone-weights TAG_OR_FILE` to choose or to pass a downloaded file,
+`--scratch-backbone` for random weights). With no data argument the script generates a small synthetic COCO-format
+data set (coloured shapes on textured backgrounds, 5 classes; deterministic, nothing downloaded) and trains the
+compact preset (`hf_dino.configuration_dino.compact_config`, backbone trained from scratch) on it in about 4 minutes on a 2-core CPU (10 epochs,
 240 steps; one torch thread), printing the COCO AP table after each epoch (measured: AP 0.9 after the first epoch,
 21.2 after the last; AP50 2.9 -> 50.9) and writing an annotated prediction image (`<output-dir>/prediction.png`).
 
@@ -127,7 +129,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--gradient-checkpointing", action="store_true")
     m.add_argument("--scratch-backbone", action=argparse.BooleanOptionalAction, default=None,
                    help="train a randomly initialised backbone fully (live residual branches, stem/layer1 trainable); "
-                   "default: on for the demo")
+                   "default: on for the demo, off with data (a new model then starts from ImageNet weights)")
+    m.add_argument("--backbone-weights", default=None, metavar="TAG_OR_FILE",
+                   help="ImageNet weights of a new model's backbone: a timm tag of the backbone, fetched from the Hub, "
+                   "or a local file (timm/Hub .safetensors, torchvision or Microsoft Swin .pth); default with data: "
+                   "the original DINO's (resnet50.tv_in1k, swin_large_patch4_window12_384.ms_in22k, ...)")
 
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=None)
@@ -187,6 +193,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--train-images and --train-annotations go together")
     if args.resume and args.overwrite_output_dir:
         p.error("--resume continues the run in --output-dir, --overwrite-output-dir deletes it: choose one")
+    if args.backbone_weights and (args.scratch_backbone or args.model_name_or_path):
+        p.error("--backbone-weights starts a new model's backbone from ImageNet weights: not with --scratch-backbone "
+                "or --model-name-or-path")
     return args
 
 
@@ -290,12 +299,20 @@ def build_model(args, label_map, config):
         reinit = sorted(set(info.get("mismatched_keys", [])) | set(info.get("missing_keys", [])), key=str)
         logger.info("re-initialised for the new label set: %s", [k[0] if isinstance(k, tuple) else k for k in reinit])
         return model
+    scratch = args.scratch_backbone if args.scratch_backbone is not None else args.demo and not args.backbone_weights
+    if not scratch:  # ImageNet weights (default: the original's), loaded when the model is built
+        overrides = {"use_pretrained_backbone": True, "backbone_weights": args.backbone_weights, **overrides}
     if args.config == "compact":
         config = compact_config(**labels, **overrides)
     else:
         config = DinoConfig(**labels, **overrides)
-    model = DinoForObjectDetection(config)
-    if args.scratch_backbone or (args.scratch_backbone is None and args.demo and not config.use_pretrained_backbone):
+    try:
+        model = DinoForObjectDetection(config)
+    except (OSError, ValueError) as error:  # no Hub, a missing or unfit weights file: the message says what to pass
+        if not config.use_pretrained_backbone:
+            raise
+        raise SystemExit(f"train.py: backbone weights: {error}") from error
+    if scratch and not config.use_pretrained_backbone:
         prepare_scratch_backbone(model)
     return model
 

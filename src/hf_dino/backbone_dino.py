@@ -1,18 +1,25 @@
 """DINO's backbones: timm ResNets with frozen batch norm, and Swin Transformers (own code, for the original's padding
 order: pad before the cyclic shift, never shrink the window, a LayerNorm on every returned stage).
 
-`DinoBackbone` returns one feature map per `config.backbone_out_indices` with its padding mask.
+`DinoBackbone` returns one feature map per `config.backbone_out_indices` with its padding mask, and loads the
+ImageNet weights DINO trains from (`DinoBackbone.load_pretrained_weights`: a timm tag from the Hub, or a local
+timm/Hub `.safetensors`, torchvision `.pth` or Microsoft Swin `.pth` file).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .configuration_dino import SWIN_ARCHITECTURES, DinoConfig
+
+logger = logging.getLogger(__name__)
 
 def _window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
     """`[B, H, W, C]` -> `[B * num_windows, window * window, C]` (H, W multiples of `window`)."""
@@ -236,16 +243,123 @@ class DinoFrozenBatchNorm2d(nn.Module):
         return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# ImageNet weights
+# ----------------------------------------------------------------------------------------------------------------------
+_WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+# Swin: ImageNet checkpoint key (timm or Microsoft layout) -> our parameter. Both layouts name the blocks alike;
+# Microsoft's patch merging `layers.{i}.downsample` closes stage i (as ours), timm's opens stage i + 1.
+_SWIN_SAME_KEY = re.compile(
+    r"patch_embed\.(proj|norm)\.(weight|bias)"
+    r"|layers\.\d+\.blocks\.\d+\.(norm1|attn\.qkv|attn\.proj|norm2|mlp\.fc1|mlp\.fc2)\.(weight|bias)"
+    r"|layers\.\d+\.blocks\.\d+\.attn\.relative_position_bias_table"
+)
+_SWIN_DOWNSAMPLE = re.compile(r"layers\.(\d+)\.downsample\.(norm\.weight|norm\.bias|reduction\.weight)")
+# in the file, not used by DINO: the ImageNet classifier and final norm (DINO puts a new LayerNorm on every returned
+# stage instead) and the buffers the model recomputes (`relative_position_index` is checked against ours)
+_SWIN_UNUSED = re.compile(r"head\.(fc\.)?(weight|bias)|norm\.(weight|bias)|layers\.\d+\.blocks\.\d+\.attn_mask")
+_SWIN_POSITION_INDEX = re.compile(r"layers\.\d+\.blocks\.\d+\.attn\.relative_position_index")
+# ResNet (timm and torchvision name it alike): the ImageNet classifier and BN step counters are not used
+_RESNET_UNUSED = re.compile(r"fc\.(weight|bias)|.*\.num_batches_tracked")
+
+
+def swin_layout(state_dict: dict[str, torch.Tensor]) -> str:
+    """`"microsoft"` (patch merging at the end of a stage: `layers.0.downsample`) or `"timm"` (at the start of
+    the next one) for an ImageNet Swin state dict."""
+    downsampled = {int(m.group(1)) for k in state_dict if (m := _SWIN_DOWNSAMPLE.fullmatch(k))}
+    if 0 in downsampled:
+        return "microsoft"
+    if downsampled:
+        return "timm"
+    raise ValueError("not a Swin Transformer state dict: no `layers.<i>.downsample` patch-merging weights")
+
+
+def swin_key_map(state_dict: dict[str, torch.Tensor]) -> dict[str, str | None]:
+    """The explicit key map of an ImageNet Swin checkpoint (timm or Microsoft layout) onto `DinoSwinTransformer`:
+    checkpoint key -> our parameter name, or None for a key DINO does not use (classifier, final norm, recomputed
+    buffers). Keys it does not know are left out (the caller reports them)."""
+    shift = -1 if swin_layout(state_dict) == "timm" else 0
+    mapping: dict[str, str | None] = {}
+    for key in state_dict:
+        if _SWIN_SAME_KEY.fullmatch(key):
+            mapping[key] = key
+        elif m := _SWIN_DOWNSAMPLE.fullmatch(key):
+            mapping[key] = f"layers.{int(m.group(1)) + shift}.downsample.{m.group(2)}"
+        elif _SWIN_UNUSED.fullmatch(key) or _SWIN_POSITION_INDEX.fullmatch(key):
+            mapping[key] = None
+    return mapping
+
+
+def read_weight_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a `.safetensors` file or a `.pth` (`torch.load(weights_only=True)`; a `{"model": ...}`
+    or `{"state_dict": ...}` wrapper, as in Microsoft's Swin releases, is unwrapped)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"backbone weights file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle / zip errors of a truncated or foreign file
+        raise ValueError(f"cannot read backbone weights {path}: {type(error).__name__}: {error}") from error
+    for wrapper in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds no state dict (a mapping of parameter names to tensors)")
+    return state
+
+
+def fetch_timm_weights(tag: str, backbone: str) -> str:
+    """Download (or find in the Hub cache) the `model.safetensors` of timm's `tag` for `backbone`; returns its
+    path. Raises a `ValueError` for a tag timm does not have for this architecture and an `OSError` naming the file
+    to pass instead when the Hub cannot be reached."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    architecture = tag.split(".", 1)[0]
+    try:
+        cfg = get_pretrained_cfg(tag) if "." in tag else None
+    except RuntimeError:  # timm: an invalid tag of a known architecture
+        cfg = None
+    if architecture != backbone or cfg is None or not cfg.hf_hub_id:
+        raise ValueError(
+            f"backbone_weights={tag!r} is neither a file nor a timm tag of the {backbone!r} backbone on the Hub; "
+            f"tags: {timm.list_pretrained(backbone + '.*')}"
+        )
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(cfg.hf_hub_id, "model.safetensors")
+    except Exception as error:  # offline, no connection, cache miss in offline mode, HTTP errors
+        original = cfg.url  # timm records where the weights were first published (torchvision, Microsoft)
+        raise OSError(
+            f"cannot fetch the ImageNet weights {tag!r} from the Hugging Face Hub ({type(error).__name__}: {error}). "
+            f"Download them where the Hub is reachable and pass the file instead "
+            f"(DinoConfig(backbone_weights=PATH), examples/train.py --backbone-weights PATH): "
+            f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/model.safetensors"
+            + (f" or the original {original}" if original else "")
+        ) from error
+
+
 class DinoBackbone(nn.Module):
     """The convolutional (timm ResNet, frozen batch norm) or Swin backbone; `body` holds its weights.
 
     Returns one `[B, C_l, H_l, W_l]` map per entry of `config.backbone_out_indices` and the matching padding
     masks `[B, H_l, W_l]` (True = padding), resized from the image mask with nearest interpolation as the
     original does.
+
+    With `config.use_pretrained_backbone` the ImageNet weights `config.pretrained_backbone_weights` are loaded when
+    it is built (`load_pretrained_weights`), except on the meta device (`from_pretrained`).
     """
 
     def __init__(self, config: DinoConfig):
         super().__init__()
+        self.name = config.backbone
+        self.out_indices = list(config.backbone_out_indices)
         if config.is_swin_backbone:
             self.body = DinoSwinTransformer(
                 config.backbone, config.backbone_out_indices, config.backbone_drop_path_rate, config.num_channels
@@ -255,7 +369,7 @@ class DinoBackbone(nn.Module):
 
             body = timm.create_model(
                 config.backbone,
-                pretrained=config.use_pretrained_backbone,
+                pretrained=False,  # ImageNet weights: `load_pretrained_weights` below
                 features_only=True,
                 out_indices=[i + 1 for i in config.backbone_out_indices],
                 in_chans=config.num_channels,
@@ -271,6 +385,71 @@ class DinoBackbone(nn.Module):
             # the ResNet keeps timm's initialisation (or its pretrained weights); transformers must not redo it
             for module in self.body.modules():
                 module._is_hf_initialized = True
+        # not while `from_pretrained` builds the model on the meta device: its checkpoint holds the weights
+        if config.use_pretrained_backbone and not any(p.is_meta for p in self.parameters()):
+            self.load_pretrained_weights(config.pretrained_backbone_weights)
+
+    @property
+    def is_swin(self) -> bool:
+        return isinstance(self.body, DinoSwinTransformer)
+
+    @torch.no_grad()
+    def load_pretrained_weights(self, weights: str | os.PathLike) -> list[str]:
+        """Load ImageNet weights into `body`, strictly: a key of the file that maps nowhere, a parameter it does not
+        provide, or a shape that differs stops with the full lists (`ValueError`).
+
+        Args:
+            weights: a local file (timm/Hub `.safetensors`, torchvision `.pth`, Microsoft Swin `.pth` in either the
+                Microsoft or the timm layout, see `swin_key_map`) or a timm tag of this backbone, e.g.
+                `"resnet50.tv_in1k"`, fetched from the Hugging Face Hub (`fetch_timm_weights`).
+
+        Returns:
+            The parameters the file does not hold, newly initialised: a Swin's per-stage output norms `norm{i}`
+            (weight 1, bias 0), which the original DINO adds to the ImageNet network. Empty for a ResNet.
+        """
+        weights = os.fspath(weights)
+        is_file = os.path.isfile(weights) or weights.endswith(_WEIGHT_FILE_SUFFIXES) or os.sep in weights
+        path = weights if is_file else fetch_timm_weights(weights, self.name)
+        state = read_weight_file(path)
+        ours = self.body.state_dict()
+        if self.is_swin:
+            mapping = swin_key_map(state)
+            new = [k for k in ours if re.fullmatch(r"norm\d+\.(weight|bias)", k)]
+        else:
+            # stages after the last returned one are not built (timm features_only); their weights are not used
+            unbuilt = tuple(f"layer{i + 1}." for i in range(max(self.out_indices) + 1, 4))
+            mapping = {k: None if _RESNET_UNUSED.fullmatch(k) or k.startswith(unbuilt) else k for k in state}
+            new = []
+        unmapped = sorted(k for k in state if k not in mapping or (mapping[k] is not None and mapping[k] not in ours))
+        loaded = {target: state[key] for key, target in mapping.items() if target is not None and target in ours}
+        missing = sorted(set(ours) - set(loaded) - set(new))
+        misshaped = sorted(f"{k}: file {tuple(v.shape)}, model {tuple(ours[k].shape)}" for k, v in loaded.items()
+                           if v.shape != ours[k].shape)
+        if self.is_swin:  # the file's relative position index must be the one the model computes
+            for key in (k for k in state if _SWIN_POSITION_INDEX.fullmatch(k)):
+                expected = self.body.get_submodule(key.rsplit(".", 1)[0]).relative_position_index
+                if state[key].shape != expected.shape or not torch.equal(state[key].to(expected), expected):
+                    misshaped.append(f"{key}: differs from the window's relative position index")
+        if unmapped or missing or misshaped:
+            raise ValueError(
+                f"{weights} does not fit the {self.name} backbone:\n"
+                f"  unmapped keys ({len(unmapped)}): {unmapped}\n  missing keys ({len(missing)}): {missing}\n"
+                f"  mis-shaped ({len(misshaped)}): {misshaped}"
+            )
+        self.body.load_state_dict({k: v.to(ours[k].dtype) for k, v in loaded.items()}, strict=False)
+        for key in new:
+            self.body.get_parameter(key).fill_(1.0 if key.endswith("weight") else 0.0)
+        # transformers' weight initialisation must leave the loaded modules alone
+        new_modules = {key.rsplit(".", 1)[0] for key in new}
+        for name, module in self.body.named_modules():
+            if name not in new_modules:
+                module._is_hf_initialized = True
+        logger.info("loaded %d ImageNet tensors into the %s backbone from %s (%d in the file not used by DINO: "
+                    "classifier, final norm, recomputed buffers, stages not built)", len(loaded), self.name, path,
+                    len(state) - len(loaded))
+        if new:
+            logger.warning("newly initialised (not in the ImageNet weights %s): %s", weights, new)
+        return new
 
     def forward(self, pixel_values: torch.Tensor, padding_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         features = self.body(pixel_values)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
@@ -37,6 +39,20 @@ RESNET_CHANNELS: dict[str, tuple[int, ...]] = {
     "resnet50": (256, 512, 1024, 2048),
     "resnet101": (256, 512, 1024, 2048),
 }
+# The ImageNet weights the original DINO starts from, as timm tags (default of `DinoConfig.backbone_weights`):
+# torchvision's ImageNet-1k V1 ResNets (`torchvision.models.resnet50(pretrained=True)`, resnet50-0676ba61.pth; timm's
+# untagged default `resnet50.a1_in1k` is another recipe) and Microsoft's Swin releases (Swin-T: ImageNet-1k
+# `swin_tiny_patch4_window7_224.pth`; Swin-B/L: ImageNet-22k, not fine-tuned on 1k,
+# `swin_{base,large}_patch4_window12_384_22k.pth`).
+PRETRAINED_BACKBONE_WEIGHTS: dict[str, str] = {
+    "resnet18": "resnet18.tv_in1k",
+    "resnet34": "resnet34.tv_in1k",
+    "resnet50": "resnet50.tv_in1k",
+    "resnet101": "resnet101.tv_in1k",
+    "swin_tiny_patch4_window7_224": "swin_tiny_patch4_window7_224.ms_in1k",
+    "swin_base_patch4_window12_384": "swin_base_patch4_window12_384.ms_in22k",
+    "swin_large_patch4_window12_384": "swin_large_patch4_window12_384.ms_in22k",
+}
 
 
 @strict(accept_kwargs=True)
@@ -50,7 +66,14 @@ class DinoConfig(PreTrainedConfig):
             `"resnet18"`, `"resnet34"`, `"resnet50"`, `"resnet101"` (timm, frozen batch norm) or a Swin name from
             `SWIN_ARCHITECTURES` (e.g. `"swin_large_patch4_window12_384"`, DINO's Swin-L).
         use_pretrained_backbone (`bool`, defaults to `False`):
-            Load ImageNet weights for a timm ResNet backbone (needs the Hub).
+            Load ImageNet weights into the backbone when the model is built (not while `from_pretrained` builds
+            it: the checkpoint holds the weights then). Which weights: `backbone_weights`.
+        backbone_weights (`str`, *optional*):
+            The ImageNet weights for `use_pretrained_backbone` (setting it turns `use_pretrained_backbone` on):
+            a timm tag of the backbone, fetched from the Hugging Face Hub (defaults to the weights the original
+            DINO uses, `PRETRAINED_BACKBONE_WEIGHTS`: `"resnet50.tv_in1k"`,
+            `"swin_large_patch4_window12_384.ms_in22k"`, ...), or a local file: a timm/Hub `.safetensors`
+            file, torchvision's `.pth` or Microsoft's Swin `.pth` (`{"model": state_dict}`).
         backbone_out_indices (`list[int]`, *optional*):
             Backbone stages (0..3, strides 4..32) fed to the transformer. Defaults to the last
             `min(num_feature_levels, 4)` stages minus one extra level: `[1, 2, 3]` for 4 levels, `[0, 1, 2, 3]`
@@ -96,6 +119,7 @@ class DinoConfig(PreTrainedConfig):
 
     backbone: str = "resnet50"
     use_pretrained_backbone: bool = False
+    backbone_weights: str | None = None
     backbone_out_indices: list[int] | None = None
     backbone_drop_path_rate: float = 0.2
     num_channels: int = 3
@@ -136,6 +160,9 @@ class DinoConfig(PreTrainedConfig):
             self.label2id = {}
             for i, name in self.id2label.items():
                 self.label2id.setdefault(name, i)
+        if self.backbone_weights is not None:
+            self.backbone_weights = os.fspath(self.backbone_weights)  # a Path must still serialise
+            self.use_pretrained_backbone = True
         if self.backbone_out_indices is None:
             self.backbone_out_indices = list(range(max(0, 4 - (self.num_feature_levels - 1)), 4))
         else:
@@ -147,6 +174,11 @@ class DinoConfig(PreTrainedConfig):
     @property
     def is_swin_backbone(self) -> bool:
         return self.backbone in SWIN_ARCHITECTURES
+
+    @property
+    def pretrained_backbone_weights(self) -> str:
+        """`backbone_weights`, else the ImageNet weights the original DINO uses for this backbone (a timm tag)."""
+        return self.backbone_weights or PRETRAINED_BACKBONE_WEIGHTS[self.backbone]
 
     @property
     def backbone_channels(self) -> list[int]:
@@ -223,4 +255,5 @@ def compact_config(**overrides) -> DinoConfig:
     return DinoConfig(**kwargs)
 
 
-__all__ = ["DinoConfig", "COCO_ID2LABEL", "SWIN_ARCHITECTURES", "RESNET_CHANNELS", "compact_config"]
+__all__ = ["DinoConfig", "COCO_ID2LABEL", "SWIN_ARCHITECTURES", "RESNET_CHANNELS", "PRETRAINED_BACKBONE_WEIGHTS",
+           "compact_config"]
