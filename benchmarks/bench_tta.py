@@ -33,7 +33,7 @@ except ImportError:  # a checkout without installation
     sys.path.insert(0, str(REPO / "src"))
 
 from hf_dino.evaluation import CocoEvaluator, build_label_to_category_id  # noqa: E402
-from hf_dino.tta import DEFAULT_SCALES, DinoTTA, ensemble_nms, ensemble_one_to_one  # noqa: E402
+from hf_dino.tta import DinoTTA, ensemble_nms, ensemble_one_to_one  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--images", required=True)
     p.add_argument("--annotations", required=True)
-    p.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES))
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.8], help="views: these scales, plain and mirrored")
     p.add_argument("--no-flip", action="store_true")
     p.add_argument("--top-k", type=int, default=300)
     p.add_argument("--repeats", type=int, default=3)
@@ -101,16 +101,20 @@ def main() -> None:
     scale_subset = [i for i, a in enumerate(augmentations) if not a.hflip]
     every = list(range(len(augmentations)))
     variants = {  # name: (views used, ensembling of one image's views)
-        "one-to-one (default)": (every, lambda v: ensemble_one_to_one(v)),
-        "NMS 0.5": (every, lambda v: ensemble_nms(v, 0.5, args.top_k)),
-        "NMS 0.7": (every, lambda v: ensemble_nms(v, 0.7, args.top_k)),
-        "one-to-one, score main": (every, lambda v: ensemble_one_to_one(v, score_mode="main")),
-        "one-to-one, score mean_matched": (every, lambda v: ensemble_one_to_one(v, score_mode="mean_matched")),
-        "one-to-one, Eq. 3 as printed (count)": (every, lambda v: ensemble_one_to_one(v, box_normalization="count")),
-        "one-to-one, no label agreement": (every, lambda v: ensemble_one_to_one(v, match_labels=False)),
-        "one-to-one, flip only": (flip_subset, lambda v: ensemble_one_to_one(v)),
-        "NMS 0.5, flip only": (flip_subset, lambda v: ensemble_nms(v, 0.5, args.top_k)),
-        "one-to-one, scales only": (scale_subset, lambda v: ensemble_one_to_one(v)),
+        "NMS 0.5 on the main view alone (no TTA)": ([0], lambda v: ensemble_nms(v, 0.5, args.top_k)),
+        "all views, one-to-one, score mean_all": (every, lambda v: ensemble_one_to_one(v, score_mode="mean_all")),
+        "all views, one-to-one, score main": (every, lambda v: ensemble_one_to_one(v, score_mode="main")),
+        "all views, one-to-one, score mean_matched": (every, lambda v: ensemble_one_to_one(v, score_mode="mean_matched")),
+        "all views, one-to-one, Eq. 3 as printed": (every, lambda v: ensemble_one_to_one(v, box_normalization="count")),
+        "all views, one-to-one, no label agreement": (every, lambda v: ensemble_one_to_one(v, match_labels=False)),
+        "all views, NMS 0.5": (every, lambda v: ensemble_nms(v, 0.5, args.top_k)),
+        "all views, NMS 0.7": (every, lambda v: ensemble_nms(v, 0.7, args.top_k)),
+        "flip only, one-to-one, score mean_all": (flip_subset, lambda v: ensemble_one_to_one(v, score_mode="mean_all")),
+        "flip only, one-to-one, score main": (flip_subset, lambda v: ensemble_one_to_one(v, score_mode="main")),
+        "flip only, one-to-one, score mean_matched": (flip_subset, lambda v: ensemble_one_to_one(v, score_mode="mean_matched")),
+        "flip only, NMS 0.5": (flip_subset, lambda v: ensemble_nms(v, 0.5, args.top_k)),
+        "scales only, one-to-one, score mean_all": (scale_subset, lambda v: ensemble_one_to_one(v, score_mode="mean_all")),
+        "scales only, one-to-one, score main": (scale_subset, lambda v: ensemble_one_to_one(v, score_mode="main")),
     }
 
     def score(results) -> dict[str, float]:
@@ -121,7 +125,7 @@ def main() -> None:
     plain_time = statistics.median(plain_times) / len(images)
     rows = [("plain", score(plain), plain_time)]
     for name, (used, ensemble) in variants.items():
-        if len(used) < 2 and name != "one-to-one (default)":
+        if len(used) < 2 and used != [0]:
             continue  # e.g. flip-only without flips
         start = time.perf_counter()
         results = [ensemble([per_aug[i] for i in used]) for per_aug in views]
@@ -129,10 +133,10 @@ def main() -> None:
         view_time = statistics.median(sum(t[i] for i in used) for t in view_times) / len(images)
         rows.append((name, score(results), view_time + ensemble_time))
 
-    print(f"\n| {'method':38s} |   AP | AP50 | AP75 | s / image | x plain |")
-    print(f"|{'-' * 40}|-----:|-----:|-----:|----------:|--------:|")
+    print(f"\n| {'method':42s} |   AP | AP50 | AP75 | s / image | x plain |")
+    print(f"|{'-' * 44}|-----:|-----:|-----:|----------:|--------:|")
     for name, metrics, seconds in rows:
-        print(f"| {name:38s} | {100 * metrics['AP']:4.1f} | {100 * metrics['AP50']:4.1f} | "
+        print(f"| {name:42s} | {100 * metrics['AP']:4.1f} | {100 * metrics['AP50']:4.1f} | "
               f"{100 * metrics['AP75']:4.1f} | {seconds:9.3f} | {seconds / plain_time:7.2f} |")
     print(f"(plain: {', '.join(f'{t:.2f}' for t in plain_times)} s per pass over {len(images)} images; views: "
           + "; ".join(", ".join(f"{x:.2f}" for x in t) for t in view_times) + " s)")

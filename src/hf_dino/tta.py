@@ -13,8 +13,8 @@ prediction with the highest IoU, if that IoU is above a threshold, and ensembles
 
     b = 1 / (sum_i I^i) * sum_i I^i * w^i * s^i_idx(i) * b^i_idx(i),      I^i = 1 if O^i had such a match, I^0 = 1.
 
-Unlike gathering every view's predictions and suppressing duplicates by NMS, nothing is removed: a set-prediction
-detector rarely predicts duplicates, so NMS mostly removes true positives of neighbouring objects.
+Unlike gathering every view's predictions and suppressing duplicates by NMS, nothing is removed; the paper's
+argument is that a set-prediction detector rarely predicts duplicates, so NMS-style ensembling removes true positives.
 
 What the paper leaves open, and what this module does (each is a parameter):
 
@@ -29,7 +29,7 @@ What the paper leaves open, and what this module does (each is a parameter):
   which would be averaged into the wrong class.
 * ``score_mode`` -- the paper gives no ensembled score. ``"mean_all"`` (default): the weighted mean of the views'
   scores with 0 for views without a match, sum_i I^i w^i s^i / sum_i w^i; detections that the other views do not
-  confirm are ranked lower, which is what TTA is for (it measured best on both of our models, see the README).
+  confirm are ranked lower, which is what TTA is for (measured against the other modes in the README).
   ``"mean_matched"``: the weighted mean over the matched views only. ``"main"``: the score of Aug_0.
 * Mapping back: each view is post-processed with the ORIGINAL image size as target size. The model predicts boxes
   normalized to the resized, unpadded image, which shows the same content as the original, so a rescaled view
@@ -38,9 +38,9 @@ What the paper leaves open, and what this module does (each is a parameter):
   image width, or 1 for normalized boxes).
 * Views: ``Augmentation(scale, hflip)`` resizes to ``scale`` x the processor's size (shortest and longest edge)
   and, if ``hflip``, mirrors the image left-right before resizing. Default: scales (1.0, 0.8), each as is and
-  mirrored; the main view (scale 1.0, not mirrored) is plain inference. The scales stay inside the range DINO is
-  trained on (shorter side 480..800 for an 800 evaluation size, i.e. 0.6..1.0) and flipping is a training
-  augmentation, so every view is in-distribution; larger scales were never seen in training.
+  mirrored; the main view (scale 1.0, not mirrored) is plain inference. With the paper's training recipe the scales
+  stay inside the range trained on (shorter side 480..800 for an 800 evaluation size, i.e. 0.6..1.0) and flipping
+  is a training augmentation, so every view is in-distribution; larger scales are never seen in training.
 * ``weights`` default to 1 for every view (the paper gives no values; the main view already decides which
   detections exist). ``iou_threshold`` defaults to 0.5, the IoU at which COCO counts two boxes as the same object
   (AP50); a match needs IoU strictly above it ("higher than" in the paper).
