@@ -210,7 +210,8 @@ def test_rescaled_view_is_inference_at_that_size(model, images):
 
 def test_default_views_on_a_batch_of_different_sizes(model, images):
     processor = tiny_processor()
-    tta = DinoTTA(model, processor)
+    assert DinoTTA(model, processor).augmentations == [(1.0, False), (1.0, True)]
+    tta = DinoTTA(model, processor, scales=(1.0, 0.8))
     assert tta.augmentations == [(1.0, False), (0.8, False), (1.0, True), (0.8, True)]
     sizes = [(image.height, image.width) for image in images]
     views = tta.predict_views(images, target_sizes=sizes, top_k=40)
@@ -251,7 +252,7 @@ def test_cli_predict_tta(model_dir, images, tmp_path):
         image.save(folder / f"{i + 1}.png")
     outputs = {}
     for name, extra in (("plain", []), ("identity", ["--tta", "--tta-scales", "1", "--tta-no-flip"]),
-                        ("tta", ["--tta"])):
+                        ("tta", ["--tta", "--tta-scales", "1", "0.8"])):
         out = tmp_path / name
         assert main(["predict", str(folder), "--model", str(model_dir), "--threshold", "0", "--top-k", "30",
                      "--batch-size", "2", "--no-draw", "--no-progress", "--out", str(out), *extra]) == 0
