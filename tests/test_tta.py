@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
 
-from tiny_dino import REPO, SMALL_SIZE, save_tiny_model_dir, tiny_model, tiny_processor
+from tiny_dino import REPO, save_tiny_model_dir, tiny_model, tiny_processor
 
 from hf_dino.tta import Augmentation, DinoTTA, ensemble_nms, ensemble_one_to_one, hflip_boxes
 
@@ -167,8 +166,8 @@ def test_identity_augmentation_is_plain_post_processing(model, images):
     processor = tiny_processor()
     sizes = [(image.height, image.width) for image in images]
     # a threshold between the scores of the first image: some detections are kept, some are not
-    threshold = float(_plain(model, processor, images)[0]["scores"][10])
-    for threshold, top_k in ((0.0, 300), (threshold, 50)):
+    middle = float(_plain(model, processor, images)[0]["scores"][10])
+    for threshold, top_k in ((0.0, 300), (middle, 50)):
         expected = _plain(model, processor, images, threshold, top_k)
         for weights in (None, [0.3]):
             tta = DinoTTA(model, processor, augmentations=[Augmentation(1.0, False)], weights=weights)
