@@ -124,6 +124,10 @@ def test_bad_arguments_are_clear_errors():
         DinoTTA(None, None, scales=[1.0, -0.5])
     with pytest.raises(ValueError, match="weights"):
         DinoTTA(None, None, scales=[1.0], flip=True, weights=[1.0])
+    with pytest.raises(ValueError, match="score_mode"):
+        DinoTTA(None, None, score_mode="max")
+    with pytest.raises(ValueError, match="iou_threshold"):
+        DinoTTA(None, None, iou_threshold=1.5)
 
 
 def test_hflip_boxes_is_an_involution():

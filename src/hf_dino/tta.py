@@ -250,6 +250,10 @@ class DinoTTA:
             raise ValueError(f"Got {len(weights)} weights for {len(augmentations)} augmentations {augmentations}.")
         if ensemble not in ("one-to-one", "nms"):
             raise ValueError(f"ensemble must be 'one-to-one' or 'nms', got {ensemble!r}.")
+        # the ensembling options are checked now, not at the first call
+        empty = {"scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}
+        ensemble_one_to_one([empty] * len(augmentations), weights, iou_threshold, match_labels, score_mode,
+                            box_normalization)
         self.model = model
         self.processor = processor
         self.augmentations: list[Augmentation] = list(augmentations)
