@@ -3,7 +3,7 @@
 
     python examples/evaluate.py --model hf-dino/dino-r50-4scale-12ep \
         --images coco/val2017 --annotations coco/annotations/instances_val2017.json \
-        [--batch-size 2] [--output coco_results.json]
+        [--batch-size 2] [--output coco_results.json] [--tta]
 
     accelerate launch --num_processes 8 examples/evaluate.py --model ... --images ... --annotations ...
 
@@ -15,7 +15,9 @@ image, no threshold, boxes in pixels of the original image). pycocotools scores 
 and the detections are written as a standard COCO results JSON (``--output``).
 
 Under ``accelerate launch`` every process takes every N-th image, and the detections of all processes are gathered
-before scoring; the main process prints and writes. Model labels are mapped to the annotation file's category ids
+before scoring; the main process prints and writes. ``--tta`` evaluates with test-time augmentation
+(``hf_dino.tta.DinoTTA``: ``--tta-scales`` x plain/mirrored views, ensembled one-to-one as in the DINO paper, or
+by NMS with ``--tta-ensemble nms``). Model labels are mapped to the annotation file's category ids
 through the label names (``config.id2label``); the released DINO checkpoints need no mapping (labels are COCO ids).
 """
 
@@ -30,6 +32,7 @@ from PIL import Image
 
 import hf_dino  # noqa: F401 - registers DINO with the Auto classes (`pip install -e .` in a checkout)
 from hf_dino.evaluation import CocoEvaluator, build_label_to_category_id, format_metrics_table
+from hf_dino.tta import add_tta_arguments, tta_from_args
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the repo's own modeling code")
     parser.add_argument("--labels-are-category-ids", action="store_true",
                         help="take model label ids as the annotation file's category ids (default: map by label name)")
+    add_tta_arguments(parser)
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
@@ -108,6 +112,7 @@ def main(argv=None) -> dict[str, float]:
         except ValueError as error:
             raise SystemExit(f"error: {error} (or pass --labels-are-category-ids)")
     evaluator = CocoEvaluator(coco_gt, label_to_category_id)
+    tta = tta_from_args(args, model, processor)
 
     # every process takes every N-th image: no image twice, nothing to de-duplicate
     shard = image_ids[accelerator.process_index :: accelerator.num_processes]
@@ -123,13 +128,17 @@ def main(argv=None) -> dict[str, float]:
         total=len(image_ids), desc="evaluating", unit="img", disable=not accelerator.is_local_main_process
     )
     for batch_ids, images in loader:
-        inputs = processor(images=images, return_tensors="pt", **processor_kwargs).to(accelerator.device)
-        with torch.inference_mode(), accelerator.autocast():
-            outputs = model(**inputs)
         target_sizes = torch.tensor([[image.height, image.width] for image in images], device=accelerator.device)
-        results = processor.post_process_object_detection(
-            outputs, threshold=args.threshold, target_sizes=target_sizes, top_k=args.top_k
-        )
+        if tta is not None:
+            with accelerator.autocast():
+                results = tta(images, args.threshold, target_sizes, args.top_k, **processor_kwargs)
+        else:
+            inputs = processor(images=images, return_tensors="pt", **processor_kwargs).to(accelerator.device)
+            with torch.inference_mode(), accelerator.autocast():
+                outputs = model(**inputs)
+            results = processor.post_process_object_detection(
+                outputs, threshold=args.threshold, target_sizes=target_sizes, top_k=args.top_k
+            )
         evaluator.update({"image_id": i, **r} for i, r in zip(batch_ids, results))
         # the main process's bar stands for all processes
         progress.update(min(len(batch_ids) * accelerator.num_processes, progress.total - progress.n))

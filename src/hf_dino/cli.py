@@ -1,7 +1,7 @@
 # Copyright 2026 The hf_dino authors. Licensed under the Apache License, Version 2.0.
 """`hf-dino` command line.
 
-    hf-dino predict IMAGE_OR_DIR... --model MODEL [--threshold T] [--device D] [--batch-size N] [--out DIR]
+    hf-dino predict IMAGE_OR_DIR... --model MODEL [--threshold T] [--device D] [--batch-size N] [--out DIR] [--tta]
 
 Each subcommand is one `add_<name>_parser(subparsers)` function that registers its arguments and sets
 `func=<run function>`; add new ones to `SUBCOMMANDS`.
@@ -53,6 +53,9 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--no-draw", action="store_true", help="do not write annotated images")
     parser.add_argument("--max-draw", type=int, default=100, help="draw at most this many detections per image")
     parser.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    from .tta import add_tta_arguments
+
+    add_tta_arguments(parser)
     parser.set_defaults(func=run_predict)
     return parser
 
@@ -193,6 +196,9 @@ def run_predict(args: argparse.Namespace) -> int:
         _error(f"cannot load model {args.model!r}: {error}")
         return 1
     id2label = {int(k): v for k, v in getattr(model.config, "id2label", {}).items()}
+    from .tta import tta_from_args
+
+    tta = tta_from_args(args, model, processor)
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -210,12 +216,15 @@ def run_predict(args: argparse.Namespace) -> int:
         images = [image for _, image in batch]
         try:
             with torch.inference_mode():
-                inputs = processor(images, return_tensors="pt")
-                inputs = {k: v.to(device) for k, v in inputs.items() if k in ("pixel_values", "pixel_mask")}
-                outputs = model(**inputs)
                 sizes = [(image.height, image.width) for image in images]
-                results = processor.post_process_object_detection(outputs, threshold=args.threshold,
-                                                                  target_sizes=sizes, top_k=args.top_k)
+                if tta is not None:
+                    results = tta(images, threshold=args.threshold, target_sizes=sizes, top_k=args.top_k)
+                else:
+                    inputs = processor(images, return_tensors="pt")
+                    inputs = {k: v.to(device) for k, v in inputs.items() if k in ("pixel_values", "pixel_mask")}
+                    outputs = model(**inputs)
+                    results = processor.post_process_object_detection(outputs, threshold=args.threshold,
+                                                                      target_sizes=sizes, top_k=args.top_k)
         except Exception as error:  # noqa: BLE001
             if len(batch) > 1:  # find the culprit: retry one by one
                 for item in batch:
@@ -274,6 +283,7 @@ def run_predict(args: argparse.Namespace) -> int:
     summary = {
         "model": args.model,
         "threshold": args.threshold,
+        "tta": repr(tta) if tta is not None else None,
         "images": image_records,
         "errors": [{"input": item, "error": message} for item, message in failed],
     }
