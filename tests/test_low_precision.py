@@ -6,6 +6,12 @@ Box geometry (anchors, proposals, reference points, sampling locations) stays fl
 
 from __future__ import annotations
 
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -151,3 +157,60 @@ def test_bfloat16_autocast_inference_and_training_step(fp32_run, attention_path)
     # the deformable attention's projections get a gradient through the kernel's / the fallback's backward
     assert model.model.encoder.layers[0].self_attn.value_proj.weight.grad.abs().sum() > 0
     assert model.model.encoder.layers[0].self_attn.sampling_offsets.weight.grad.abs().sum() > 0
+
+
+# ---- asking for bfloat16 from the pipeline, the CLI and evaluate.py ----------------------------------------------
+COCO_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model().save_pretrained(path)
+    DinoImageProcessor(size={"shortest_edge": 96, "longest_edge": 160}).save_pretrained(path)
+    return path
+
+
+def test_pipeline_and_cli_in_bfloat16(model_dir, tmp_path):
+    from PIL import Image
+    from transformers import pipeline
+
+    from hf_dino.cli import main
+
+    image = Image.fromarray(torch.randint(0, 255, (120, 150, 3), generator=torch.Generator().manual_seed(1),
+                                          dtype=torch.uint8).numpy())
+    detector = pipeline("object-detection", model=str(model_dir), dtype=torch.bfloat16)
+    assert detector.model.dtype == torch.bfloat16
+    detections = detector(image, threshold=0.0)
+    # the same model converted by hand, fed the processor's float32 pixels (the model casts them)
+    model = DinoForObjectDetection.from_pretrained(model_dir).to(torch.bfloat16).eval()
+    processor = DinoImageProcessor.from_pretrained(model_dir)
+    with torch.no_grad():
+        outputs = model(**processor(images=image, return_tensors="pt"))
+    expected = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=[(120, 150)])[0]
+    assert len(detections) == len(expected["scores"]) > 0
+    assert [d["score"] for d in detections] == pytest.approx(expected["scores"].tolist(), abs=1e-6)
+
+    image.save(tmp_path / "image.png")
+    rc = main(["predict", str(tmp_path / "image.png"), "--model", str(model_dir), "--dtype", "bfloat16",
+               "--threshold", "0.0", "--device", "cpu", "--out", str(tmp_path / "out"), "--no-draw"])
+    assert rc == 0
+    results = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert sorted(r["score"] for r in results) == pytest.approx(sorted(d["score"] for d in detections), abs=1e-4)
+
+
+def test_evaluate_script_in_bfloat16(model_dir, tmp_path):
+    annotations = COCO_MINI / "annotations" / "instances_val2017.json"
+    if not annotations.exists():
+        pytest.skip(f"COCO-MINI not found at {COCO_MINI} (../shared is only present in the project's workspace)")
+    script = Path(__file__).resolve().parents[1] / "examples" / "evaluate.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--model", str(model_dir), "--images", str(COCO_MINI / "val2017"),
+         "--annotations", str(annotations), "--max-images", "2", "--dtype", "bfloat16", "--labels-are-category-ids",
+         "--output", str(tmp_path / "results.json"), "--metrics-output", str(tmp_path / "metrics.json")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results and all(math.isfinite(r["score"]) and len(r["bbox"]) == 4 for r in results)
+    assert set(json.loads((tmp_path / "metrics.json").read_text())) >= {"AP", "AP50"}

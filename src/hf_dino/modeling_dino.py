@@ -586,6 +586,7 @@ class DinoModel(DinoPreTrainedModel):
         elif pixel_mask.shape != (b, h, w):
             raise ValueError(f"pixel_mask must be [batch, height, width] = {(b, h, w)}, got {tuple(pixel_mask.shape)}.")
         padding_mask = ~pixel_mask.bool()
+        pixel_values = pixel_values.to(self.dtype)  # a bfloat16 / float16 model takes the processor's float32 output
 
         # 1. multi-scale features, flattened to tokens
         sources, masks, positions = self.multi_scale_features(pixel_values, padding_mask)
