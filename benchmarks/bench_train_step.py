@@ -125,18 +125,27 @@ def main() -> int:
         for name, checkpointing in runs:
             command = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps),
                        "--threads", str(args.threads)] + (["--checkpointing-worker"] if checkpointing else [])
-            proc = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+            proc = subprocess.run(command, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:  # e.g. out of memory: say so, keep the other candidates' figures
+                print(f"{labels[(name, checkpointing)]}: child failed ({proc.returncode}): "
+                      f"{proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else ''}", flush=True)
+                continue
             record = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"{labels[(name, checkpointing)]}: steps {record['step']}, peak RSS {record['peak_rss_gb']:.2f} GB",
+                  flush=True)
             target = results[labels[(name, checkpointing)]]
             for key, value in record.items():
                 if key == "image_size":
                     target["image_size"] = value
                 else:
                     target.setdefault(key, []).extend(value if isinstance(value, list) else [value])
-    print(f"image batch {results['hf_dino']['image_size']}; load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"image batch {results['hf_dino'].get('image_size')}; load average {os.getloadavg()[0]:.1f} at the end")
     peer = results["transformers DeformableDetr"]
-    peer_step, peer_rss = statistics.median(peer["step"]), max(peer["peak_rss_gb"])
+    peer_step = statistics.median(peer["step"]) if peer else float("nan")
+    peer_rss = max(peer["peak_rss_gb"]) if peer else float("nan")
     for label, record in results.items():
+        if not record:
+            continue
         step, rss = statistics.median(record["step"]), max(record["peak_rss_gb"])
         parts = ", ".join(f"{k} {statistics.median(record[k]):.1f} s" for k in ("forward", "backward", "optimizer"))
         print(f"{label:34s} step median {step:6.1f} s ({step / peer_step:4.2f}x peer)  peak RSS {rss:5.2f} GB "
