@@ -93,6 +93,7 @@ def main() -> int:
                 print(f"{model} {mode}: failed: {proc.stderr.strip().splitlines()[-1:]}")
                 continue
             record = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"{model} {mode}: {record}", flush=True)
             for key, value in record.items():
                 results[(model, mode)].setdefault(key, []).extend(value if isinstance(value, list) else [value])
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
