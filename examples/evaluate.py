@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, default=0.0, help="minimum score kept (default 0: keep top-k)")
     parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images (by id)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers that read the images")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="load the weights in this dtype (default float32; `accelerate launch --mixed_precision "
+                             "bf16` runs a float32 model under autocast instead)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the repo's own modeling code")
     parser.add_argument("--labels-are-category-ids", action="store_true",
                         help="take model label ids as the annotation file's category ids (default: map by label name)")
@@ -102,7 +105,8 @@ def main(argv=None) -> dict[str, float]:
         raise SystemExit(f"error: {len(missing)} images of {args.annotations} are not in {args.images} (e.g. id {missing[0]})")
 
     processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    model = AutoModelForObjectDetection.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    model = AutoModelForObjectDetection.from_pretrained(args.model, trust_remote_code=args.trust_remote_code,
+                                                        dtype=getattr(torch, args.dtype))
     model = model.to(accelerator.device).eval()
     if args.labels_are_category_ids:
         label_to_category_id = None

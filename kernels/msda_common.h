@@ -20,8 +20,11 @@
 
 namespace hf_dino_msda {
 
+// `float_geometry_for_half_value`: a bfloat16 / float16 value may come with float32 sampling locations and
+// attention weights (the CPU kernel computes in float32 then); otherwise all three share one dtype.
 inline void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
-                         const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+                         const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+                         bool float_geometry_for_half_value = false) {
   TORCH_CHECK(value.dim() == 4, "msda: value must be [batch, tokens, heads, head_dim], got ", value.sizes());
   TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2, "msda: spatial_shapes must be [levels, 2], got ",
               spatial_shapes.sizes());
@@ -41,9 +44,15 @@ inline void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shap
     TORCH_CHECK(attention_weights.size(d) == sampling_locations.size(d), "msda: attention_weights ",
                 attention_weights.sizes(), " do not match sampling_locations ", sampling_locations.sizes());
   }
-  TORCH_CHECK(value.scalar_type() == sampling_locations.scalar_type() &&
-                  value.scalar_type() == attention_weights.scalar_type(),
-              "msda: value, sampling_locations and attention_weights must share a dtype");
+  const bool half_value = value.scalar_type() == at::kBFloat16 || value.scalar_type() == at::kHalf;
+  if (float_geometry_for_half_value && half_value) {
+    TORCH_CHECK(sampling_locations.scalar_type() == at::kFloat && attention_weights.scalar_type() == at::kFloat,
+                "msda: with a ", value.scalar_type(), " value, sampling_locations and attention_weights must be float32");
+  } else {
+    TORCH_CHECK(value.scalar_type() == sampling_locations.scalar_type() &&
+                    value.scalar_type() == attention_weights.scalar_type(),
+                "msda: value, sampling_locations and attention_weights must share a dtype");
+  }
   TORCH_CHECK(value.device() == sampling_locations.device() && value.device() == attention_weights.device() &&
                   value.device() == spatial_shapes.device() && value.device() == level_start_index.device(),
               "msda: all inputs must be on the same device");

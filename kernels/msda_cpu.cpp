@@ -1,4 +1,5 @@
-// CPU implementation of multi-scale deformable attention (forward and backward), float32 and float64.
+// CPU implementation of multi-scale deformable attention (forward and backward): float32 and float64, and
+// bfloat16 / float16 values read in place and summed in float32.
 // Built lazily by hf_dino.kernels (torch.utils.cpp_extension.load) as a Python extension module.
 #include <torch/extension.h>
 
@@ -91,75 +92,39 @@ void dispatch_head_dim(int64_t head_dim, Fn&& fn) {
 // Grain sizes: ~a few hundred samples per forward task; one (batch, head) per backward task.
 constexpr int64_t kForwardGrain = 64;
 
-}  // namespace
-
-at::Tensor msda_cpu_forward(const at::Tensor& value_in, const at::Tensor& spatial_shapes_in,
-                            const at::Tensor& level_start_index_in, const at::Tensor& sampling_locations_in,
-                            const at::Tensor& attention_weights_in) {
-  check_inputs(value_in, spatial_shapes_in, level_start_index_in, sampling_locations_in, attention_weights_in);
-  TORCH_CHECK(value_in.device().is_cpu(), "msda_cpu_forward: inputs must be on the CPU");
-  const at::Tensor value = value_in.contiguous();
-  const at::Tensor shapes = spatial_shapes_in.contiguous();
-  const at::Tensor starts = level_start_index_in.contiguous();
-  const at::Tensor locations = sampling_locations_in.contiguous();
-  const at::Tensor weights = attention_weights_in.contiguous();
-  const auto p = make_params(value, shapes, starts, locations);
-  at::Tensor output = at::empty({p.batch, p.queries, p.heads * p.head_dim}, value.options());
+// Forward with values stored as V and everything computed in T (see msda_cpu_kernel.h).
+template <typename T, typename V>
+void forward_typed(const MsdaParams& p, const at::Tensor& value, const at::Tensor& locations,
+                   const at::Tensor& weights, at::Tensor& output) {
   const int64_t work = p.batch * p.queries * p.heads;
-  if (work == 0 || p.head_dim == 0) return output.zero_();
   const bool avx2 = avx2_enabled().load();
-  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "msda_cpu_forward", [&] {
-    std::vector<scalar_t> zeros(p.head_dim, scalar_t(0));
-    const scalar_t* v = value.const_data_ptr<scalar_t>();
-    const scalar_t* loc = locations.const_data_ptr<scalar_t>();
-    const scalar_t* att = weights.const_data_ptr<scalar_t>();
-    scalar_t* out = output.mutable_data_ptr<scalar_t>();
-    dispatch_head_dim(p.head_dim, [&](auto dim) {
-      constexpr int D = decltype(dim)::value;
-      at::parallel_for(0, work, kForwardGrain, [&](int64_t begin, int64_t end) {
+  std::vector<V> zeros(p.head_dim, V(0));
+  const V* v = value.const_data_ptr<V>();
+  const T* loc = locations.const_data_ptr<T>();
+  const T* att = weights.const_data_ptr<T>();
+  V* out = output.mutable_data_ptr<V>();
+  dispatch_head_dim(p.head_dim, [&](auto dim) {
+    constexpr int D = decltype(dim)::value;
+    at::parallel_for(0, work, kForwardGrain, [&](int64_t begin, int64_t end) {
+      std::vector<T> scratch(D > 0 ? 0 : p.head_dim);
 #ifdef HF_DINO_MSDA_HAS_AVX2
-        if (avx2) {
-          cpu_avx2::msda_forward_range<scalar_t, D>(p, v, loc, att, out, zeros.data(), begin, end);
-          return;
-        }
+      if (avx2) {
+        cpu_avx2::msda_forward_range<T, V, D>(p, v, loc, att, out, zeros.data(), scratch.data(), begin, end);
+        return;
+      }
 #endif
-        (void)avx2;
-        cpu_baseline::msda_forward_range<scalar_t, D>(p, v, loc, att, out, zeros.data(), begin, end);
-      });
+      (void)avx2;
+      cpu_baseline::msda_forward_range<T, V, D>(p, v, loc, att, out, zeros.data(), scratch.data(), begin, end);
     });
   });
-  return output;
 }
 
-std::vector<at::Tensor> msda_cpu_backward(const at::Tensor& value_in, const at::Tensor& spatial_shapes_in,
-                                          const at::Tensor& level_start_index_in,
-                                          const at::Tensor& sampling_locations_in,
-                                          const at::Tensor& attention_weights_in, const at::Tensor& grad_output_in) {
-  check_inputs(value_in, spatial_shapes_in, level_start_index_in, sampling_locations_in, attention_weights_in);
-  TORCH_CHECK(value_in.device().is_cpu(), "msda_cpu_backward: inputs must be on the CPU");
-  const at::Tensor value = value_in.contiguous();
-  const at::Tensor shapes = spatial_shapes_in.contiguous();
-  const at::Tensor starts = level_start_index_in.contiguous();
-  const at::Tensor locations = sampling_locations_in.contiguous();
-  const at::Tensor weights = attention_weights_in.contiguous();
-  const auto p = make_params(value, shapes, starts, locations);
-  TORCH_CHECK(grad_output_in.numel() == p.batch * p.queries * p.heads * p.head_dim,
-              "msda_cpu_backward: grad_output has ", grad_output_in.numel(), " elements, expected ",
-              p.batch * p.queries * p.heads * p.head_dim);
-  const at::Tensor grad_output = grad_output_in.to(value.scalar_type()).contiguous();
-  // grad_value is zeroed by all threads (its first touch, i.e. its page faults, dominates small backward calls)
-  at::Tensor grad_value = at::empty_like(value);
-  {
-    auto* bytes = static_cast<char*>(grad_value.data_ptr());
-    const int64_t size = grad_value.numel() * grad_value.element_size();
-    at::parallel_for(0, size, int64_t(1) << 18, [&](int64_t begin, int64_t end) {
-      std::memset(bytes + begin, 0, static_cast<size_t>(end - begin));
-    });
-  }
-  at::Tensor grad_locations = at::zeros_like(locations);
-  at::Tensor grad_weights = at::zeros_like(weights);
+// Backward with values stored as V and everything (grad_value included) computed in T.
+template <typename T, typename V>
+void backward_typed(const MsdaParams& p, const at::Tensor& value, const at::Tensor& locations,
+                    const at::Tensor& weights, const at::Tensor& grad_output, at::Tensor& grad_value,
+                    at::Tensor& grad_locations, at::Tensor& grad_weights) {
   const int64_t work = p.batch * p.heads;
-  if (work == 0 || p.queries == 0 || p.head_dim == 0) return {grad_value, grad_locations, grad_weights};
   const bool avx2 = avx2_enabled().load();
   // Single pass over (batch, head) when that gives every thread work; otherwise (e.g. batch 1 on a many-core
   // machine) the split variant: sampling gradients over (batch, query, head), then grad_value over
@@ -173,51 +138,139 @@ std::vector<at::Tensor> msda_cpu_backward(const at::Tensor& value_in, const at::
     while (block > 4 && work * ((p.head_dim + block - 1) / block) < target) block = (block + 1) / 2;
   }
   const int64_t value_tasks = work * ((p.head_dim + block - 1) / block);
-  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "msda_cpu_backward", [&] {
-    std::vector<scalar_t> zeros(p.head_dim, scalar_t(0));
-    const scalar_t* v = value.const_data_ptr<scalar_t>();
-    const scalar_t* loc = locations.const_data_ptr<scalar_t>();
-    const scalar_t* att = weights.const_data_ptr<scalar_t>();
-    const scalar_t* g = grad_output.const_data_ptr<scalar_t>();
-    scalar_t* gv = grad_value.mutable_data_ptr<scalar_t>();
-    scalar_t* gl = grad_locations.mutable_data_ptr<scalar_t>();
-    scalar_t* ga = grad_weights.mutable_data_ptr<scalar_t>();
-    dispatch_head_dim(p.head_dim, [&](auto dim) {
-      constexpr int D = decltype(dim)::value;
-      if (!split) {
-        at::parallel_for(0, work, 1, [&](int64_t begin, int64_t end) {
+  std::vector<V> zeros(p.head_dim, V(0));
+  const V* v = value.const_data_ptr<V>();
+  const T* loc = locations.const_data_ptr<T>();
+  const T* att = weights.const_data_ptr<T>();
+  const T* g = grad_output.const_data_ptr<T>();
+  T* gv = grad_value.mutable_data_ptr<T>();
+  T* gl = grad_locations.mutable_data_ptr<T>();
+  T* ga = grad_weights.mutable_data_ptr<T>();
+  dispatch_head_dim(p.head_dim, [&](auto dim) {
+    constexpr int D = decltype(dim)::value;
+    if (!split) {
+      at::parallel_for(0, work, 1, [&](int64_t begin, int64_t end) {
 #ifdef HF_DINO_MSDA_HAS_AVX2
-          if (avx2) {
-            cpu_avx2::msda_backward_range<scalar_t, D>(p, v, loc, att, g, gv, gl, ga, zeros.data(), begin, end);
-            return;
-          }
+        if (avx2) {
+          cpu_avx2::msda_backward_range<T, V, D>(p, v, loc, att, g, gv, gl, ga, zeros.data(), begin, end);
+          return;
+        }
 #endif
-          (void)avx2;
-          cpu_baseline::msda_backward_range<scalar_t, D>(p, v, loc, att, g, gv, gl, ga, zeros.data(), begin, end);
-        });
+        (void)avx2;
+        cpu_baseline::msda_backward_range<T, V, D>(p, v, loc, att, g, gv, gl, ga, zeros.data(), begin, end);
+      });
+      return;
+    }
+    at::parallel_for(0, p.batch * p.queries * p.heads, kForwardGrain, [&](int64_t begin, int64_t end) {
+#ifdef HF_DINO_MSDA_HAS_AVX2
+      if (avx2) {
+        cpu_avx2::msda_backward_sampling_range<T, V, D>(p, v, loc, att, g, gl, ga, zeros.data(), begin, end);
         return;
       }
-      at::parallel_for(0, p.batch * p.queries * p.heads, kForwardGrain, [&](int64_t begin, int64_t end) {
-#ifdef HF_DINO_MSDA_HAS_AVX2
-        if (avx2) {
-          cpu_avx2::msda_backward_sampling_range<scalar_t, D>(p, v, loc, att, g, gl, ga, zeros.data(), begin, end);
-          return;
-        }
 #endif
-        cpu_baseline::msda_backward_sampling_range<scalar_t, D>(p, v, loc, att, g, gl, ga, zeros.data(), begin, end);
-      });
-      at::parallel_for(0, value_tasks, 1, [&](int64_t begin, int64_t end) {
+      cpu_baseline::msda_backward_sampling_range<T, V, D>(p, v, loc, att, g, gl, ga, zeros.data(), begin, end);
+    });
+    at::parallel_for(0, value_tasks, 1, [&](int64_t begin, int64_t end) {
 #ifdef HF_DINO_MSDA_HAS_AVX2
-        if (avx2) {
-          cpu_avx2::msda_backward_value_range<scalar_t>(p, loc, att, g, gv, block, begin, end);
-          return;
-        }
+      if (avx2) {
+        cpu_avx2::msda_backward_value_range<T>(p, loc, att, g, gv, block, begin, end);
+        return;
+      }
 #endif
-        cpu_baseline::msda_backward_value_range<scalar_t>(p, loc, att, g, gv, block, begin, end);
-      });
+      cpu_baseline::msda_backward_value_range<T>(p, loc, att, g, gv, block, begin, end);
     });
   });
-  return {grad_value, grad_locations, grad_weights};
+}
+
+bool is_half(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf; }
+
+// A zero-filled tensor, zeroed by all threads (the first touch, i.e. the page faults, dominates small calls).
+at::Tensor parallel_zeros(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options);
+  auto* bytes = static_cast<char*>(out.data_ptr());
+  const int64_t size = out.numel() * out.element_size();
+  at::parallel_for(0, size, int64_t(1) << 18, [&](int64_t begin, int64_t end) {
+    std::memset(bytes + begin, 0, static_cast<size_t>(end - begin));
+  });
+  return out;
+}
+
+}  // namespace
+
+// value: float32, float64, bfloat16 or float16; locations and weights: value's dtype, or float32 with a
+// bfloat16 / float16 value (the kernel then reads the 16-bit values and sums in float32). Output: value's dtype.
+at::Tensor msda_cpu_forward(const at::Tensor& value_in, const at::Tensor& spatial_shapes_in,
+                            const at::Tensor& level_start_index_in, const at::Tensor& sampling_locations_in,
+                            const at::Tensor& attention_weights_in) {
+  check_inputs(value_in, spatial_shapes_in, level_start_index_in, sampling_locations_in, attention_weights_in,
+               /*float_geometry_for_half_value=*/true);
+  TORCH_CHECK(value_in.device().is_cpu(), "msda_cpu_forward: inputs must be on the CPU");
+  const at::Tensor value = value_in.contiguous();
+  const at::Tensor shapes = spatial_shapes_in.contiguous();
+  const at::Tensor starts = level_start_index_in.contiguous();
+  // a 16-bit value is computed in float32: its (small) locations and weights are widened, the value is not
+  const auto compute_type = is_half(value) ? at::kFloat : value.scalar_type();
+  const at::Tensor locations = sampling_locations_in.to(compute_type).contiguous();
+  const at::Tensor weights = attention_weights_in.to(compute_type).contiguous();
+  const auto p = make_params(value, shapes, starts, locations);
+  at::Tensor output = at::empty({p.batch, p.queries, p.heads * p.head_dim}, value.options());
+  if (p.batch * p.queries * p.heads == 0 || p.head_dim == 0) return output.zero_();
+  switch (value.scalar_type()) {
+    case at::kFloat: forward_typed<float, float>(p, value, locations, weights, output); break;
+    case at::kDouble: forward_typed<double, double>(p, value, locations, weights, output); break;
+    case at::kBFloat16: forward_typed<float, c10::BFloat16>(p, value, locations, weights, output); break;
+    case at::kHalf: forward_typed<float, c10::Half>(p, value, locations, weights, output); break;
+    default: TORCH_CHECK(false, "msda_cpu_forward: unsupported dtype ", value.scalar_type());
+  }
+  return output;
+}
+
+// Gradients in the dtypes of the inputs they belong to; a 16-bit grad_value is accumulated in float32 and
+// rounded once at the end.
+std::vector<at::Tensor> msda_cpu_backward(const at::Tensor& value_in, const at::Tensor& spatial_shapes_in,
+                                          const at::Tensor& level_start_index_in,
+                                          const at::Tensor& sampling_locations_in,
+                                          const at::Tensor& attention_weights_in, const at::Tensor& grad_output_in) {
+  check_inputs(value_in, spatial_shapes_in, level_start_index_in, sampling_locations_in, attention_weights_in,
+               /*float_geometry_for_half_value=*/true);
+  TORCH_CHECK(value_in.device().is_cpu(), "msda_cpu_backward: inputs must be on the CPU");
+  const at::Tensor value = value_in.contiguous();
+  const at::Tensor shapes = spatial_shapes_in.contiguous();
+  const at::Tensor starts = level_start_index_in.contiguous();
+  const auto compute_type = is_half(value) ? at::kFloat : value.scalar_type();
+  const at::Tensor locations = sampling_locations_in.to(compute_type).contiguous();
+  const at::Tensor weights = attention_weights_in.to(compute_type).contiguous();
+  const auto p = make_params(value, shapes, starts, locations);
+  TORCH_CHECK(grad_output_in.numel() == p.batch * p.queries * p.heads * p.head_dim,
+              "msda_cpu_backward: grad_output has ", grad_output_in.numel(), " elements, expected ",
+              p.batch * p.queries * p.heads * p.head_dim);
+  const at::Tensor grad_output = grad_output_in.to(compute_type).contiguous();
+  at::Tensor grad_value = parallel_zeros(value.sizes(), value.options().dtype(compute_type));
+  at::Tensor grad_locations = at::zeros_like(locations);
+  at::Tensor grad_weights = at::zeros_like(weights);
+  if (p.batch * p.heads != 0 && p.queries != 0 && p.head_dim != 0) {
+    switch (value.scalar_type()) {
+      case at::kFloat:
+        backward_typed<float, float>(p, value, locations, weights, grad_output, grad_value, grad_locations,
+                                     grad_weights);
+        break;
+      case at::kDouble:
+        backward_typed<double, double>(p, value, locations, weights, grad_output, grad_value, grad_locations,
+                                       grad_weights);
+        break;
+      case at::kBFloat16:
+        backward_typed<float, c10::BFloat16>(p, value, locations, weights, grad_output, grad_value,
+                                             grad_locations, grad_weights);
+        break;
+      case at::kHalf:
+        backward_typed<float, c10::Half>(p, value, locations, weights, grad_output, grad_value, grad_locations,
+                                         grad_weights);
+        break;
+      default: TORCH_CHECK(false, "msda_cpu_backward: unsupported dtype ", value.scalar_type());
+    }
+  }
+  return {grad_value.to(value.scalar_type()), grad_locations.to(sampling_locations_in.scalar_type()),
+          grad_weights.to(attention_weights_in.scalar_type())};
 }
 
 // Which vectorised copy of the loops runs ("avx2" or "baseline"); the switch exists so tests can check both.

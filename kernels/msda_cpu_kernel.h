@@ -14,6 +14,10 @@
 //             into grad_value needs neither atomics nor per-thread buffers; sampling-location and
 //             attention-weight gradients of (b, q, h) are written by the single task owning (b, h).
 
+// Types: `T` is the type everything is computed and accumulated in (float or double), `V` the type `value` is
+// stored in: T itself, or a 16-bit float (c10::BFloat16 / c10::Half) read and widened to T element by element,
+// so a reduced-precision value is never copied to a wider tensor and every sum is carried in T.
+//
 // `MsdaParams` (sizes and the level tables) is defined by the including file, outside the namespaces.
 
 template <typename T>
@@ -57,11 +61,14 @@ inline bool msda_corners(T x, T y, int64_t height, int64_t width, int64_t start,
 }
 
 // acc[0:n] += w0 * v0 + w1 * v1 + w2 * v2 + w3 * v3
-template <typename T, int D>
-inline void msda_axpy4(T* __restrict__ acc, const T* __restrict__ v0, const T* __restrict__ v1,
-                       const T* __restrict__ v2, const T* __restrict__ v3, T w0, T w1, T w2, T w3, int64_t n) {
+template <typename T, typename V, int D>
+inline void msda_axpy4(T* __restrict__ acc, const V* __restrict__ v0, const V* __restrict__ v1,
+                       const V* __restrict__ v2, const V* __restrict__ v3, T w0, T w1, T w2, T w3, int64_t n) {
   const int64_t len = D > 0 ? D : n;
-  for (int64_t c = 0; c < len; ++c) acc[c] += w0 * v0[c] + w1 * v1[c] + w2 * v2[c] + w3 * v3[c];
+  for (int64_t c = 0; c < len; ++c) {
+    acc[c] += w0 * static_cast<T>(v0[c]) + w1 * static_cast<T>(v1[c]) + w2 * static_cast<T>(v2[c]) +
+              w3 * static_cast<T>(v3[c]);
+  }
 }
 
 // dst[0:n] += w * src[0:n]
@@ -73,18 +80,18 @@ inline void msda_axpy(T* __restrict__ dst, const T* __restrict__ src, T w, int64
 
 // s_k = <g, v_k> for the four corners. `omp simd reduction` lets the compiler vectorise the sums (lane-wise
 // partial sums) without -ffast-math; it needs -fopenmp or -fopenmp-simd and is ignored elsewhere.
-template <typename T, int D>
-inline void msda_dot4(const T* __restrict__ g, const T* __restrict__ v0, const T* __restrict__ v1,
-                      const T* __restrict__ v2, const T* __restrict__ v3, int64_t n, T* out) {
+template <typename T, typename V, int D>
+inline void msda_dot4(const T* __restrict__ g, const V* __restrict__ v0, const V* __restrict__ v1,
+                      const V* __restrict__ v2, const V* __restrict__ v3, int64_t n, T* out) {
   const int64_t len = D > 0 ? D : n;
   T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
   for (int64_t c = 0; c < len; ++c) {
     const T gc = g[c];
-    s0 += gc * v0[c];
-    s1 += gc * v1[c];
-    s2 += gc * v2[c];
-    s3 += gc * v3[c];
+    s0 += gc * static_cast<T>(v0[c]);
+    s1 += gc * static_cast<T>(v1[c]);
+    s2 += gc * static_cast<T>(v2[c]);
+    s3 += gc * static_cast<T>(v3[c]);
   }
   out[0] = s0;
   out[1] = s1;
@@ -93,22 +100,23 @@ inline void msda_dot4(const T* __restrict__ g, const T* __restrict__ v0, const T
 }
 
 // Forward for the flattened (batch, query, head) range [begin, end).
-// `zeros` is a read-only row of at least head_dim zeros, read in place of corners outside the level.
-template <typename T, int D>
-void msda_forward_range(const MsdaParams& p, const T* value, const T* locations, const T* weights, T* output,
-                        const T* zeros, int64_t begin, int64_t end) {
+// `zeros` is a read-only row of at least head_dim zeros, read in place of corners outside the level;
+// `scratch` a writable row of at least head_dim T (the accumulator when D is not a compile-time constant).
+template <typename T, typename V, int D>
+void msda_forward_range(const MsdaParams& p, const V* value, const T* locations, const T* weights, V* output,
+                        const V* zeros, T* scratch, int64_t begin, int64_t end) {
   const int64_t dim = D > 0 ? D : p.head_dim;
   const int64_t token_stride = p.heads * dim;
   const int64_t lp = p.levels * p.points;
   T local[D > 0 ? D : 1];
+  T* acc = D > 0 ? local : scratch;
   for (int64_t i = begin; i < end; ++i) {
     const int64_t h = i % p.heads;
     const int64_t b = i / (p.queries * p.heads);
-    const T* vbase = value + b * p.tokens * token_stride + h * dim;
+    const V* vbase = value + b * p.tokens * token_stride + h * dim;
     const T* loc = locations + i * lp * 2;
     const T* att = weights + i * lp;
-    T* out = output + i * dim;
-    T* acc = D > 0 ? local : out;
+    V* out = output + i * dim;
     for (int64_t c = 0; c < dim; ++c) acc[c] = T(0);
     for (int64_t l = 0; l < p.levels; ++l) {
       const int64_t height = p.shapes[2 * l], width = p.shapes[2 * l + 1], start = p.starts[l];
@@ -116,29 +124,28 @@ void msda_forward_range(const MsdaParams& p, const T* value, const T* locations,
         MsdaCorners<T> s;
         if (!msda_corners<T>(loc[2 * k], loc[2 * k + 1], height, width, start, s)) continue;
         const T a = att[k];
-        const T* v0 = s.valid[0] ? vbase + s.index[0] * token_stride : zeros;
-        const T* v1 = s.valid[1] ? vbase + s.index[1] * token_stride : zeros;
-        const T* v2 = s.valid[2] ? vbase + s.index[2] * token_stride : zeros;
-        const T* v3 = s.valid[3] ? vbase + s.index[3] * token_stride : zeros;
-        msda_axpy4<T, D>(acc, v0, v1, v2, v3, a * s.weight[0], a * s.weight[1], a * s.weight[2], a * s.weight[3], dim);
+        const V* v0 = s.valid[0] ? vbase + s.index[0] * token_stride : zeros;
+        const V* v1 = s.valid[1] ? vbase + s.index[1] * token_stride : zeros;
+        const V* v2 = s.valid[2] ? vbase + s.index[2] * token_stride : zeros;
+        const V* v3 = s.valid[3] ? vbase + s.index[3] * token_stride : zeros;
+        msda_axpy4<T, V, D>(acc, v0, v1, v2, v3, a * s.weight[0], a * s.weight[1], a * s.weight[2], a * s.weight[3],
+                            dim);
       }
     }
-    if (D > 0) {
-      for (int64_t c = 0; c < dim; ++c) out[c] = acc[c];
-    }
+    for (int64_t c = 0; c < dim; ++c) out[c] = static_cast<V>(acc[c]);
   }
 }
 
 // Gradients of one sampling point: attention weight and location gradients are written, and, when
 // `gvbase` is not null, the point's contribution to grad_value is accumulated.
-template <typename T, int D>
-inline void msda_point_backward(const MsdaCorners<T>& s, T a, int64_t height, int64_t width, const T* vbase,
-                                T* gvbase, int64_t token_stride, const T* g, const T* zeros, int64_t dim, T* gloc,
+template <typename T, typename V, int D>
+inline void msda_point_backward(const MsdaCorners<T>& s, T a, int64_t height, int64_t width, const V* vbase,
+                                T* gvbase, int64_t token_stride, const T* g, const V* zeros, int64_t dim, T* gloc,
                                 T* gatt) {
-  const T* v[4];
+  const V* v[4];
   for (int c = 0; c < 4; ++c) v[c] = s.valid[c] ? vbase + s.index[c] * token_stride : zeros;
   T dots[4];
-  msda_dot4<T, D>(g, v[0], v[1], v[2], v[3], dim, dots);
+  msda_dot4<T, V, D>(g, v[0], v[1], v[2], v[3], dim, dots);
   *gatt = s.weight[0] * dots[0] + s.weight[1] * dots[1] + s.weight[2] * dots[2] + s.weight[3] * dots[3];
   // d(sample)/d(x_pixel) and d(sample)/d(y_pixel), projected on g; corners outside read as zero.
   const T dx = s.hh * (dots[1] - dots[0]) + s.lh * (dots[3] - dots[2]);
@@ -153,10 +160,10 @@ inline void msda_point_backward(const MsdaCorners<T>& s, T a, int64_t height, in
 }
 
 // Backward, single pass, for the flattened (batch, head) range [begin, end): a task owns grad_value[b, :, h, :].
-// grad_value, grad_locations and grad_weights must be zero-initialised.
-template <typename T, int D>
-void msda_backward_range(const MsdaParams& p, const T* value, const T* locations, const T* weights,
-                         const T* grad_output, T* grad_value, T* grad_locations, T* grad_weights, const T* zeros,
+// grad_value (in T, whatever V is), grad_locations and grad_weights must be zero-initialised.
+template <typename T, typename V, int D>
+void msda_backward_range(const MsdaParams& p, const V* value, const T* locations, const T* weights,
+                         const T* grad_output, T* grad_value, T* grad_locations, T* grad_weights, const V* zeros,
                          int64_t begin, int64_t end) {
   const int64_t dim = D > 0 ? D : p.head_dim;
   const int64_t token_stride = p.heads * dim;
@@ -164,7 +171,7 @@ void msda_backward_range(const MsdaParams& p, const T* value, const T* locations
   for (int64_t bh = begin; bh < end; ++bh) {
     const int64_t b = bh / p.heads;
     const int64_t h = bh % p.heads;
-    const T* vbase = value + b * p.tokens * token_stride + h * dim;
+    const V* vbase = value + b * p.tokens * token_stride + h * dim;
     T* gvbase = grad_value + b * p.tokens * token_stride + h * dim;
     for (int64_t q = 0; q < p.queries; ++q) {
       const int64_t i = (b * p.queries + q) * p.heads + h;
@@ -175,8 +182,8 @@ void msda_backward_range(const MsdaParams& p, const T* value, const T* locations
         for (int64_t k = l * p.points; k < (l + 1) * p.points; ++k) {
           MsdaCorners<T> s;
           if (!msda_corners<T>(loc[2 * k], loc[2 * k + 1], height, width, start, s)) continue;
-          msda_point_backward<T, D>(s, att[k], height, width, vbase, gvbase, token_stride, grad_output + i * dim,
-                                    zeros, dim, grad_locations + (i * lp + k) * 2, grad_weights + i * lp + k);
+          msda_point_backward<T, V, D>(s, att[k], height, width, vbase, gvbase, token_stride, grad_output + i * dim,
+                                       zeros, dim, grad_locations + (i * lp + k) * 2, grad_weights + i * lp + k);
         }
       }
     }
@@ -185,9 +192,9 @@ void msda_backward_range(const MsdaParams& p, const T* value, const T* locations
 
 // Backward, split variant (used when there are fewer (batch, head) pairs than threads), part 1: location and
 // attention-weight gradients for the flattened (batch, query, head) range [begin, end); reads value only.
-template <typename T, int D>
-void msda_backward_sampling_range(const MsdaParams& p, const T* value, const T* locations, const T* weights,
-                                  const T* grad_output, T* grad_locations, T* grad_weights, const T* zeros,
+template <typename T, typename V, int D>
+void msda_backward_sampling_range(const MsdaParams& p, const V* value, const T* locations, const T* weights,
+                                  const T* grad_output, T* grad_locations, T* grad_weights, const V* zeros,
                                   int64_t begin, int64_t end) {
   const int64_t dim = D > 0 ? D : p.head_dim;
   const int64_t token_stride = p.heads * dim;
@@ -195,7 +202,7 @@ void msda_backward_sampling_range(const MsdaParams& p, const T* value, const T* 
   for (int64_t i = begin; i < end; ++i) {
     const int64_t h = i % p.heads;
     const int64_t b = i / (p.queries * p.heads);
-    const T* vbase = value + b * p.tokens * token_stride + h * dim;
+    const V* vbase = value + b * p.tokens * token_stride + h * dim;
     const T* loc = locations + i * lp * 2;
     const T* att = weights + i * lp;
     for (int64_t l = 0; l < p.levels; ++l) {
@@ -203,8 +210,8 @@ void msda_backward_sampling_range(const MsdaParams& p, const T* value, const T* 
       for (int64_t k = l * p.points; k < (l + 1) * p.points; ++k) {
         MsdaCorners<T> s;
         if (!msda_corners<T>(loc[2 * k], loc[2 * k + 1], height, width, start, s)) continue;
-        msda_point_backward<T, D>(s, att[k], height, width, vbase, nullptr, token_stride, grad_output + i * dim,
-                                  zeros, dim, grad_locations + (i * lp + k) * 2, grad_weights + i * lp + k);
+        msda_point_backward<T, V, D>(s, att[k], height, width, vbase, nullptr, token_stride, grad_output + i * dim,
+                                     zeros, dim, grad_locations + (i * lp + k) * 2, grad_weights + i * lp + k);
       }
     }
   }

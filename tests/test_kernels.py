@@ -220,15 +220,61 @@ def test_padding_mask_zeroes_padded_tokens(cpu_extension):
 
 
 def test_mixed_dtypes_compute_in_the_widest(cpu_extension):
-    """Under autocast the value can be bfloat16 while locations / weights are float32: computed in float32."""
+    """Under autocast the value can be bfloat16 while locations / weights are float32: the kernel reads the bfloat16
+    value, sums in float32 and returns the value's dtype (the float32 result rounded once)."""
     value, shapes, starts, locations, weights = make_inputs(LEVEL_SETS["odd"], dtype=torch.float32, seed=10)
     value16 = value.bfloat16()
     assert K.kernel_usable(value16, locations, weights)
     out = da.multi_scale_deformable_attention(value16.requires_grad_(), shapes, starts, locations, weights)
-    assert out.dtype == torch.float32 and _ran_kernel(out)
-    torch.testing.assert_close(out, K.ms_deform_attn(value16.float(), shapes, starts, locations, weights))
-    out.sum().backward()
+    assert out.dtype == torch.bfloat16 and _ran_kernel(out)
+    torch.testing.assert_close(out, K.ms_deform_attn(value16.float(), shapes, starts, locations, weights).bfloat16(),
+                               rtol=0, atol=0)
+    out.float().sum().backward()
     assert value16.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("geometry", ["float32", "same"])
+@pytest.mark.parametrize("head_dim", [32, 5], ids=["D32", "D5"])
+def test_half_precision_matches_float64_reference(simd_variants, dtype, geometry, head_dim):
+    """A 16-bit value (with float32 or 16-bit locations / weights) runs in the kernel, summed in float32: forward
+    and gradients agree with the float64 reference on the same (rounded) inputs to the 16-bit resolution."""
+    value, shapes, starts, locations, weights = make_inputs(LEVEL_SETS["odd"], head_dim=head_dim, seed=13)
+    value = value.to(dtype)
+    if geometry == "same":
+        locations, weights = locations.to(dtype), weights.to(dtype)
+    else:
+        locations, weights = locations.float(), weights.float()
+    grad_output = torch.randn(value.shape[0], locations.shape[1], value.shape[2] * head_dim,
+                              generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    ref_out, ref_grads = reference64(value, shapes, locations, weights, grad_output.to(dtype).double())
+    resolution = torch.finfo(dtype).eps  # relative: 2^-7 (bfloat16), 2^-10 (float16)
+    for _ in simd_variants():
+        out, grads = kernel_with_grads(value, shapes, starts, locations, weights, grad_output.to(dtype))
+        assert out.dtype == dtype and [g.dtype for g in grads] == [value.dtype, locations.dtype, weights.dtype]
+        # float32 sums rounded once: within one 16-bit rounding of the exact result
+        torch.testing.assert_close(out.double(), ref_out, rtol=resolution, atol=resolution)
+        for name, got, want in zip(("value", "sampling_locations", "attention_weights"), grads, ref_grads):
+            scale = max(1.0, want.abs().max().item())
+            # 16-bit outputs are one rounding away; float32 ones only carry float32 sums of the rounded inputs
+            tol = resolution if got.dtype == dtype else 1e-4
+            torch.testing.assert_close(got.double() / scale, want / scale, rtol=tol, atol=tol,
+                                       msg=lambda m: f"grad {name}: {m}")
+
+
+def test_half_precision_forward_is_the_float32_result_rounded(cpu_extension):
+    """Realistic encoder sizes: the bfloat16 kernel equals the float32 kernel on the widened value, rounded once
+    (it accumulates in float32, it does not sum in bfloat16), and the pure-PyTorch path agrees."""
+    value, shapes, starts, locations, weights = make_inputs([(20, 30), (10, 15), (5, 8), (3, 4)], batch=1, queries=200,
+                                                            heads=8, head_dim=32, points=4, dtype=torch.float32,
+                                                            spread=0.05, seed=15)
+    value16 = value.bfloat16()
+    out = K.ms_deform_attn(value16, shapes, starts, locations, weights)
+    wide = K.ms_deform_attn(value16.float(), shapes, starts, locations, weights)
+    torch.testing.assert_close(out, wide.bfloat16(), rtol=0, atol=0)
+    pytorch = da.multi_scale_deformable_attention_pytorch(value16, shapes, locations, weights)
+    assert pytorch.dtype == torch.bfloat16
+    torch.testing.assert_close(pytorch.float(), wide, rtol=2 ** -8, atol=1e-5)
 
 
 def test_shapes_given_on_another_device_or_as_lists(cpu_extension):
@@ -250,10 +296,12 @@ def test_dispatch_uses_kernel_by_default(cpu_extension, monkeypatch):
     value, shapes, starts, locations, weights = make_inputs(LEVEL_SETS["odd"], dtype=torch.float32)
     out = da.multi_scale_deformable_attention(value.requires_grad_(), shapes, starts, locations, weights)
     assert _ran_kernel(out)
-    # unsupported dtype on CPU: the PyTorch path
-    out16 = da.multi_scale_deformable_attention(value.detach().bfloat16().requires_grad_(), shapes, starts,
-                                                locations.bfloat16(), weights.bfloat16())
-    assert not _ran_kernel(out16)
+    # bfloat16 and float16 run in the kernel too; integer values (unsupported) take the PyTorch path
+    for dtype in (torch.bfloat16, torch.float16):
+        out16 = da.multi_scale_deformable_attention(value.detach().to(dtype).requires_grad_(), shapes, starts,
+                                                    locations.to(dtype), weights.to(dtype))
+        assert _ran_kernel(out16) and out16.dtype == dtype
+    assert not K.kernel_usable(value.long(), locations, weights)
 
 
 @pytest.mark.parametrize("setting", ["1", "true"])

@@ -48,6 +48,8 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=300, help="candidates per image before thresholding (default 300)")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="weights and activations dtype (default float32; box geometry stays float32)")
     parser.add_argument("--out", default="hf_dino_predictions", help="output folder (default ./hf_dino_predictions)")
     parser.add_argument("--recursive", action="store_true", help="search directories recursively")
     parser.add_argument("--no-draw", action="store_true", help="do not write annotated images")
@@ -134,7 +136,7 @@ def _check_model_argument(model_name: str) -> None:
         raise ModelLoadError(f"the model folder {model_name!r} does not exist")
 
 
-def _load_model_and_processor(model_name: str, device):
+def _load_model_and_processor(model_name: str, device, dtype: str = "float32"):
     import transformers
 
     import hf_dino  # noqa: F401 - registers DINO with the Auto classes
@@ -154,7 +156,9 @@ def _load_model_and_processor(model_name: str, device):
             "hf-dino predict runs DINO models only (their post-processing takes --top-k). Use transformers' "
             "pipeline('object-detection', model=...) for other detectors"
         )
-    model = transformers.AutoModelForObjectDetection.from_pretrained(model_name)
+    import torch
+
+    model = transformers.AutoModelForObjectDetection.from_pretrained(model_name, dtype=getattr(torch, dtype))
     model.to(device).eval()
     try:
         processor = transformers.AutoImageProcessor.from_pretrained(model_name)
@@ -191,7 +195,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     try:
         device = _resolve_device(args.device)
-        model, processor = _load_model_and_processor(args.model, device)
+        model, processor = _load_model_and_processor(args.model, device, args.dtype)
     except Exception as error:  # noqa: BLE001 - reported as a CLI error
         _error(f"cannot load model {args.model!r}: {error}")
         return 1

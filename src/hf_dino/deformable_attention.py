@@ -53,8 +53,15 @@ def multi_scale_deformable_attention_pytorch(
         attention_weights: ``[batch, num_queries, num_heads, num_levels, num_points]``.
 
     Returns:
-        ``[batch, num_queries, num_heads * head_dim]``.
+        ``[batch, num_queries, num_heads * head_dim]`` in ``value``'s dtype, computed in the widest dtype of
+        the inputs and at least in float32 (a bfloat16 / float16 value is widened first, as in the kernel).
     """
+    output_dtype = value.dtype
+    dtype = torch.promote_types(
+        torch.promote_types(value.dtype, sampling_locations.dtype),
+        torch.promote_types(attention_weights.dtype, torch.float32),
+    )
+    value, sampling_locations, attention_weights = (t.to(dtype) for t in (value, sampling_locations, attention_weights))
     batch, _, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     shape_list = spatial_shapes.tolist() if torch.is_tensor(spatial_shapes) else spatial_shapes
@@ -73,7 +80,7 @@ def multi_scale_deformable_attention_pytorch(
     # [batch * heads, 1, queries, levels * points]
     weights = attention_weights.transpose(1, 2).reshape(batch * num_heads, 1, num_queries, num_levels * num_points)
     output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)
-    return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2).contiguous()
+    return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2).contiguous().to(output_dtype)
 
 
 def multi_scale_deformable_attention(
@@ -91,8 +98,9 @@ def multi_scale_deformable_attention(
     ``use_custom_kernel`` (``False`` forces the pure-PyTorch path, e.g. ``config.disable_custom_kernels``).
 
     The kernel (custom op ``hf_dino::ms_deform_attn``) runs when ``use_custom_kernel`` is true, the environment
-    variable ``HF_DINO_DISABLE_CUSTOM_KERNELS`` is not ``1``, the device type is CPU (float32 / float64) or CUDA
-    (float32 / float64 / float16 / bfloat16) and its extension could be built; otherwise the pure-PyTorch path.
+    variable ``HF_DINO_DISABLE_CUSTOM_KERNELS`` is not ``1``, the device type is CPU or CUDA (float32 / float64 /
+    float16 / bfloat16) and its extension could be built; otherwise the pure-PyTorch path. Both paths return
+    ``value``'s dtype and sum in at least float32 on CPU.
     """
     kernels = _kernels
     if use_custom_kernel and kernels is not None:

@@ -236,7 +236,7 @@ class DinoMultiscaleDeformableAttention(nn.Module):
             # reference + offset / (w_l, h_l), written so that both broadcasts run over one outer dimension
             # (the plain 6-d broadcast is several times slower on CPU); same arithmetic, same rounding
             levels_points = self.n_levels * self.n_points * 2
-            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(offsets.dtype)
+            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(reference_points.dtype)
             normalizer = normalizer[:, None, :].expand(-1, self.n_points, -1).reshape(levels_points)
             reference = reference_points[:, :, :, None, :].expand(-1, -1, -1, self.n_points, -1).reshape(b, q, 1, levels_points)
             locations = torch.addcdiv(reference, offsets.view(b, q, self.n_heads, levels_points), normalizer)
@@ -378,7 +378,8 @@ class DinoDecoder(nn.Module):
         prediction_anchor = anchors  # undetached refined anchor of the previous layer (look forward twice)
         for layer in self.layers:
             anchors_per_level = anchors[:, :, None] * scale
-            query_position = self.reference_point_head(box_sine_embedding(anchors_per_level[:, :, 0], self.sine_features))
+            sine = box_sine_embedding(anchors_per_level[:, :, 0], self.sine_features).to(hidden_states.dtype)
+            query_position = self.reference_point_head(sine)
             hidden_states = layer(
                 hidden_states, query_position, anchors_per_level, self_attn_mask, memory, memory_padding_mask,
                 spatial_shapes, level_start_index,
@@ -518,18 +519,19 @@ class DinoModel(DinoPreTrainedModel):
         valid size). Returns the memory with padded/invalid tokens zeroed `[B, S, D]` and the proposals in logit
         space `[B, S, 4]` (+inf where padded or not strictly inside (0.01, 0.99))."""
         b = memory.shape[0]
+        dtype = torch.promote_types(memory.dtype, torch.float32)  # box geometry: float32 in a 16-bit model
         proposals, start = [], 0
         for level, (h, w) in enumerate(spatial_shapes_list):
             mask = padding_mask[:, start: start + h * w].view(b, h, w)
             valid_h = torch.sum(~mask[:, :, 0], 1)
             valid_w = torch.sum(~mask[:, 0, :], 1)
             grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, h - 1, h, dtype=memory.dtype, device=memory.device),
-                torch.linspace(0, w - 1, w, dtype=memory.dtype, device=memory.device),
+                torch.linspace(0, h - 1, h, dtype=dtype, device=memory.device),
+                torch.linspace(0, w - 1, w, dtype=dtype, device=memory.device),
                 indexing="ij",
             )
             grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)
-            scale = torch.cat([valid_w.unsqueeze(-1), valid_h.unsqueeze(-1)], 1).view(b, 1, 1, 2).to(memory.dtype)
+            scale = torch.cat([valid_w.unsqueeze(-1), valid_h.unsqueeze(-1)], 1).view(b, 1, 1, 2).to(dtype)
             grid = (grid.unsqueeze(0).expand(b, -1, -1, -1) + 0.5) / scale
             size = torch.ones_like(grid) * 0.05 * (2.0**level)
             proposals.append(torch.cat((grid, size), -1).view(b, -1, 4))
@@ -614,6 +616,7 @@ class DinoModel(DinoPreTrainedModel):
         elif pixel_mask.shape != (b, h, w):
             raise ValueError(f"pixel_mask must be [batch, height, width] = {(b, h, w)}, got {tuple(pixel_mask.shape)}.")
         padding_mask = ~pixel_mask.bool()
+        pixel_values = pixel_values.to(self.dtype)  # a bfloat16 / float16 model takes the processor's float32 output
 
         # 1. multi-scale features, flattened to tokens
         sources, masks, positions = self.multi_scale_features(pixel_values, padding_mask)

@@ -20,11 +20,13 @@ from . import _loader
 
 OP_NAMESPACE = "hf_dino"
 
-#: dtypes the compiled kernels accept, per device type
+#: dtypes the compiled kernels accept for ``value``, per device type. On CPU a bfloat16 / float16 value is
+#: read as it is and everything is computed and summed in float32.
 SUPPORTED_DTYPES = {
-    "cpu": (torch.float32, torch.float64),
+    "cpu": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
     "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
 }
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _reference():
@@ -117,10 +119,20 @@ def _register():
 _register()
 
 
-def _common_dtype(value: Tensor, sampling_locations: Tensor, attention_weights: Tensor) -> torch.dtype:
-    """The dtype the kernel computes in: the widest of the three (under autocast value may be half while the
-    locations are float32; grid_sample, the reference, would run in float32 there too)."""
-    return torch.promote_types(value.dtype, torch.promote_types(sampling_locations.dtype, attention_weights.dtype))
+def kernel_dtypes(value: Tensor, sampling_locations: Tensor, attention_weights: Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """The dtypes ``(value, locations and weights)`` are given to the compiled kernel in.
+
+    The kernel computes in the widest dtype of the three inputs; on CPU, at least in float32, reading a
+    bfloat16 / float16 ``value`` as it is (no widened copy) with float32 locations and weights. On CUDA the
+    three share the widest dtype (the CUDA kernel has native half-precision paths).
+    """
+    widest = torch.promote_types(value.dtype, torch.promote_types(sampling_locations.dtype, attention_weights.dtype))
+    if value.device.type != "cpu":
+        return widest, widest
+    compute = torch.promote_types(widest, torch.float32)
+    if value.dtype in _HALF_DTYPES and compute == torch.float32:
+        return value.dtype, torch.float32
+    return compute, compute
 
 
 def kernel_usable(value: Tensor, sampling_locations: Tensor, attention_weights: Tensor) -> bool:
@@ -133,9 +145,9 @@ def kernel_usable(value: Tensor, sampling_locations: Tensor, attention_weights: 
     device_type = value.device.type
     if _loader.kernels_disabled():
         return False
-    if not (sampling_locations.is_floating_point() and attention_weights.is_floating_point()):
+    if not (value.is_floating_point() and sampling_locations.is_floating_point() and attention_weights.is_floating_point()):
         return False
-    if _common_dtype(value, sampling_locations, attention_weights) not in SUPPORTED_DTYPES.get(device_type, ()):
+    if kernel_dtypes(value, sampling_locations, attention_weights)[0] not in SUPPORTED_DTYPES.get(device_type, ()):
         return False
     if torch.compiler.is_compiling():
         return _loader.build_state(device_type) is not False
@@ -152,8 +164,9 @@ def ms_deform_attn(
     """Multi-scale deformable attention through the custom op (``[B, Q, H * D]``).
 
     ``spatial_shapes`` / ``level_start_index`` may be tensors on any device or sequences (moved to
-    ``value``'s device as int64); ``level_start_index=None`` is derived from the shapes. The three floating
-    inputs are cast to their common (widest) dtype, which is also the output's.
+    ``value``'s device as int64); ``level_start_index=None`` is derived from the shapes. The result has
+    ``value``'s dtype; it is computed in the widest dtype of the three floating inputs, on CPU at least in
+    float32 (see :func:`kernel_dtypes`), so a bfloat16 model gets float32 sums rounded once.
     """
     device = value.device
     spatial_shapes = torch.as_tensor(spatial_shapes, dtype=torch.long, device=device)
@@ -161,10 +174,10 @@ def ms_deform_attn(
         sizes = spatial_shapes[:, 0] * spatial_shapes[:, 1]
         level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
     level_start_index = torch.as_tensor(level_start_index, dtype=torch.long, device=device)
-    dtype = _common_dtype(value, sampling_locations, attention_weights)
-    value, sampling_locations, attention_weights = (
-        t if t.dtype == dtype else t.to(dtype) for t in (value, sampling_locations, attention_weights)
+    output_dtype = value.dtype
+    value_dtype, geometry_dtype = kernel_dtypes(value, sampling_locations, attention_weights)
+    output = torch.ops.hf_dino.ms_deform_attn(
+        value.to(value_dtype), spatial_shapes, level_start_index,
+        sampling_locations.to(geometry_dtype), attention_weights.to(geometry_dtype),
     )
-    return torch.ops.hf_dino.ms_deform_attn(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-    )
+    return output.to(output_dtype)

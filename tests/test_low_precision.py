@@ -1,0 +1,216 @@
+"""bfloat16 / float16 models (`model.to(dtype)`, `from_pretrained(..., dtype=...)`) and bfloat16 autocast run end to
+end on CPU, with the compiled kernel and with the pure-PyTorch path, and agree with the float32 model.
+
+Box geometry (anchors, proposals, reference points, sampling locations) stays float32 in a 16-bit model; features are
+16-bit. The comparisons are against the same weights run in float32, to the 16-bit resolution."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hf_dino.deformable_attention as da
+from hf_dino import DinoConfig, DinoForObjectDetection, DinoImageProcessor
+from hf_dino.kernels import _loader
+
+TINY = dict(
+    backbone="resnet18", d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+    decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, encoder_n_points=2, decoder_n_points=2,
+    num_queries=30, num_denoising=10, num_labels=5,
+)
+
+
+def tiny_model() -> DinoForObjectDetection:
+    torch.manual_seed(0)
+    return DinoForObjectDetection(DinoConfig(**TINY)).eval()
+
+
+def batch():
+    """Two images of different sizes, the second padded (bottom, right) as the processor pads."""
+    generator = torch.Generator().manual_seed(0)
+    pixel_values = torch.randn(2, 3, 96, 128, generator=generator)
+    pixel_mask = torch.ones(2, 96, 128, dtype=torch.long)
+    pixel_mask[1, 80:] = 0
+    pixel_mask[1, :, 100:] = 0
+    pixel_values[1] *= pixel_mask[1]
+    return pixel_values, pixel_mask
+
+
+@pytest.fixture(scope="module")
+def fp32_run():
+    model = tiny_model()
+    pixel_values, pixel_mask = batch()
+    with torch.no_grad():
+        return model, model(pixel_values=pixel_values, pixel_mask=pixel_mask)
+
+
+@pytest.fixture(params=["kernel", "pytorch"])
+def attention_path(request, monkeypatch):
+    """Runs a test with the compiled kernel (checking that it really runs) and with the pure-PyTorch path."""
+    calls = []
+    if request.param == "kernel":
+        try:
+            _loader.check_toolchain("cpu")
+        except _loader.KernelBuildError as error:
+            pytest.skip(f"cannot build the CPU kernel here: {error}")
+        monkeypatch.delenv(_loader.ENV_DISABLE, raising=False)
+        original = da._kernels.ms_deform_attn
+
+        def spy(value, *args):
+            calls.append(value.dtype)
+            return original(value, *args)
+
+        monkeypatch.setattr(da._kernels, "ms_deform_attn", spy)
+    else:
+        monkeypatch.setenv(_loader.ENV_DISABLE, "1")
+    yield request.param, calls
+
+
+def forced_float32_run(selection: torch.Tensor):
+    """The float32 model, with its query selection (`torch.topk` over the encoder scores) forced to `selection`."""
+    original = torch.topk
+
+    def topk(x, k, dim=-1, largest=True, sorted=True):
+        if x.dim() == 2 and x.shape[0] == selection.shape[0] and k == selection.shape[1]:
+            return torch.return_types.topk((x.gather(1, selection), selection))
+        return original(x, k, dim=dim, largest=largest, sorted=sorted)
+
+    pixel_values, pixel_mask = batch()
+    torch.topk = topk
+    try:
+        with torch.no_grad():
+            return tiny_model()(pixel_values=pixel_values, pixel_mask=pixel_mask)
+    finally:
+        torch.topk = original
+
+
+def assert_agrees_with_float32(outputs, reference, dtype):
+    """Encoder memory within a few 16-bit roundings (relative to its scale); the top-K selection the same as in
+    float32 up to near-ties (a random model's encoder scores are close together); with the float32 model forced to
+    the same selection, boxes within 0.02 (a 16-bit box coordinate has a resolution of ~0.004) and logits within a
+    few 16-bit roundings of their scale."""
+    eps = torch.finfo(dtype).eps
+    memory, memory_ref = outputs.encoder_last_hidden_state.float(), reference.encoder_last_hidden_state
+    assert (memory - memory_ref).abs().max() <= 16 * eps * memory_ref.abs().max()
+    common = sum(len(set(a.tolist()) & set(b.tolist()))
+                 for a, b in zip(outputs.encoder_topk_indices, reference.encoder_topk_indices))
+    assert common >= 0.8 * reference.encoder_topk_indices.numel(), "16-bit query selection differs beyond near-ties"
+    forced = forced_float32_run(outputs.encoder_topk_indices)
+    assert (outputs.pred_boxes - forced.pred_boxes).abs().max() <= 0.02
+    assert (outputs.logits.float() - forced.logits).abs().max() <= 16 * eps * forced.logits.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_16bit_model_runs_end_to_end(fp32_run, attention_path, dtype):
+    fp32_model, reference = fp32_run
+    path, kernel_calls = attention_path
+    model = tiny_model().to(dtype)
+    pixel_values, pixel_mask = batch()
+    with torch.no_grad():
+        outputs = model(pixel_values=pixel_values.to(dtype), pixel_mask=pixel_mask)
+    if path == "kernel":  # 2 encoder + 2 decoder layers, each in the model's dtype (no float32 copy of the value)
+        assert kernel_calls == [dtype] * 4
+    assert outputs.logits.dtype == dtype and outputs.encoder_last_hidden_state.dtype == dtype
+    assert outputs.pred_boxes.dtype == torch.float32  # box geometry stays float32
+    assert_agrees_with_float32(outputs, reference, dtype)
+    detections = DinoImageProcessor().post_process_object_detection(outputs, threshold=0.0, target_sizes=[(96, 128)] * 2)
+    assert all(torch.isfinite(d["boxes"]).all() and d["scores"].dtype == torch.float32 for d in detections)
+
+
+def test_from_pretrained_in_bfloat16(fp32_run, tmp_path):
+    fp32_model, reference = fp32_run
+    fp32_model.save_pretrained(tmp_path)
+    model = DinoForObjectDetection.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    pixel_values, pixel_mask = batch()
+    with torch.no_grad():
+        outputs = model(pixel_values=pixel_values.bfloat16(), pixel_mask=pixel_mask)
+        converted = tiny_model().to(torch.bfloat16)(pixel_values=pixel_values.bfloat16(), pixel_mask=pixel_mask)
+    assert torch.equal(outputs.logits, converted.logits) and torch.equal(outputs.pred_boxes, converted.pred_boxes)
+    assert_agrees_with_float32(outputs, reference, torch.bfloat16)
+
+
+def test_bfloat16_autocast_inference_and_training_step(fp32_run, attention_path):
+    _, reference = fp32_run
+    pixel_values, pixel_mask = batch()
+    model = tiny_model()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(pixel_values=pixel_values, pixel_mask=pixel_mask)
+    assert_agrees_with_float32(outputs, reference, torch.bfloat16)
+    labels = [
+        {"class_labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
+        {"class_labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
+    ]
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels).loss
+    loss.backward()
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() and g.dtype == torch.float32 for g in grads)
+    # the deformable attention's projections get a gradient through the kernel's / the fallback's backward
+    assert model.model.encoder.layers[0].self_attn.value_proj.weight.grad.abs().sum() > 0
+    assert model.model.encoder.layers[0].self_attn.sampling_offsets.weight.grad.abs().sum() > 0
+
+
+# ---- asking for bfloat16 from the pipeline, the CLI and evaluate.py ----------------------------------------------
+COCO_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model().save_pretrained(path)
+    DinoImageProcessor(size={"shortest_edge": 96, "longest_edge": 160}).save_pretrained(path)
+    return path
+
+
+def test_pipeline_and_cli_in_bfloat16(model_dir, tmp_path):
+    from PIL import Image
+    from transformers import pipeline
+
+    from hf_dino.cli import main
+
+    image = Image.fromarray(torch.randint(0, 255, (120, 150, 3), generator=torch.Generator().manual_seed(1),
+                                          dtype=torch.uint8).numpy())
+    detector = pipeline("object-detection", model=str(model_dir), dtype=torch.bfloat16)
+    assert detector.model.dtype == torch.bfloat16
+    detections = detector(image, threshold=0.0)
+    # the same model converted by hand, fed the processor's float32 pixels (the model casts them)
+    model = DinoForObjectDetection.from_pretrained(model_dir).to(torch.bfloat16).eval()
+    processor = DinoImageProcessor.from_pretrained(model_dir)
+    with torch.no_grad():
+        outputs = model(**processor(images=image, return_tensors="pt"))
+    expected = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=[(120, 150)])[0]
+    assert len(detections) == len(expected["scores"]) > 0
+    assert [d["score"] for d in detections] == pytest.approx(expected["scores"].tolist(), abs=1e-6)
+
+    image.save(tmp_path / "image.png")
+    rc = main(["predict", str(tmp_path / "image.png"), "--model", str(model_dir), "--dtype", "bfloat16",
+               "--threshold", "0.0", "--device", "cpu", "--out", str(tmp_path / "out"), "--no-draw"])
+    assert rc == 0
+    results = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert sorted(r["score"] for r in results) == pytest.approx(sorted(d["score"] for d in detections), abs=1e-4)
+
+
+def test_evaluate_script_in_bfloat16(model_dir, tmp_path):
+    annotations = COCO_MINI / "annotations" / "instances_val2017.json"
+    if not annotations.exists():
+        pytest.skip(f"COCO-MINI not found at {COCO_MINI} (../shared is only present in the project's workspace)")
+    script = Path(__file__).resolve().parents[1] / "examples" / "evaluate.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--model", str(model_dir), "--images", str(COCO_MINI / "val2017"),
+         "--annotations", str(annotations), "--max-images", "2", "--dtype", "bfloat16", "--labels-are-category-ids",
+         "--output", str(tmp_path / "results.json"), "--metrics-output", str(tmp_path / "metrics.json")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results and all(math.isfinite(r["score"]) and len(r["bbox"]) == 4 for r in results)
+    assert set(json.loads((tmp_path / "metrics.json").read_text())) >= {"AP", "AP50"}
