@@ -194,7 +194,10 @@ def export_onnx(
             exported = torch.export.export(graph, (pixel_values, pixel_mask), dynamic_shapes=dynamic_shapes, strict=False)
             program = torch.onnx.export(
                 exported, input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES), opset_version=opset,
-                dynamo=True, verbose=verbose, optimize=True,
+                # optimize=False: the exporter's graph optimizer (onnxscript) dropped the min/max constants of
+                # merged Clip nodes (inverse_sigmoid of the decoder anchors) on the 6-layer model, giving an invalid
+                # graph; onnxruntime optimizes the graph itself when it loads it
+                dynamo=True, verbose=verbose, optimize=False,
             )
     except torch._dynamo.exc.UserError as error:  # a guard pinned a size: the model is not shape-generic
         raise DinoExportError(f"the model cannot be traced for every image size: {error}") from error
