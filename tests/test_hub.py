@@ -268,7 +268,7 @@ def converter(monkeypatch):
     module = _load_converter()
     state = {"perturb": False}
 
-    def fake_convert(checkpoint, model_name, output_dir=None):
+    def fake_convert(checkpoint, model_name, output_dir=None, **options):
         model = tiny_model(seed=7)
         if state["perturb"]:
             with torch.no_grad():
