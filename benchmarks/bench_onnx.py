@@ -9,7 +9,8 @@ same number of threads so that background load affects both alike; medians are r
 ``onnxruntime / PyTorch kernel`` (below 1 = onnxruntime faster). ``--profile`` adds onnxruntime's per-operator
 time split (where the time goes, e.g. GridSample = the deformable-attention sampler).
 
-    python benchmarks/bench_onnx.py [--threads 2] [--repeats 5] [--image FILE] [--onnx FILE | --save FILE] [--profile]
+    python benchmarks/bench_onnx.py [--threads 2] [--repeats 5] [--image FILE] [--model DIR]
+        [--onnx FILE | --save FILE] [--profile]
 """
 
 from __future__ import annotations
@@ -65,14 +66,18 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--image", default=None, help="image file (default: first COCO-MINI val image)")
-    parser.add_argument("--onnx", default=None, help="reuse this export of DinoConfig() (seed 0) instead of exporting")
+    parser.add_argument("--model", default=None, help="saved model folder (default: DinoConfig(), random weights)")
+    parser.add_argument("--onnx", default=None, help="reuse this export of the same model instead of exporting")
     parser.add_argument("--save", default=None, help="keep the export here (for --onnx next time)")
     parser.add_argument("--profile", action="store_true", help="print onnxruntime's per-operator time split")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = DinoForObjectDetection(DinoConfig()).eval()
+    if args.model:
+        model = DinoForObjectDetection.from_pretrained(args.model).eval()
+    else:
+        model = DinoForObjectDetection(DinoConfig()).eval()
     if args.onnx:
         path = Path(args.onnx)
     else:
