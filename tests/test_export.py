@@ -155,7 +155,7 @@ def test_cli_predict_onnx_matches_pytorch(exported, tmp_path):
     if not images:
         pytest.skip(f"no COCO-MINI image at {COCO_MINI}")
     out = tmp_path / "pred"
-    assert main([str(images[0]), "--onnx", str(tmp / "dino.onnx"), "--out", str(out), "--threshold", "0.2",
+    assert main(["predict", str(images[0]), "--onnx", str(tmp / "dino.onnx"), "--out", str(out), "--threshold", "0.2",
                  "--no-progress"]) == 0
     predictions = json.loads((out / "predictions.json").read_text())
     assert (out / f"{images[0].stem}.jpg").exists()
