@@ -31,7 +31,8 @@ ATOL = 1e-4
 SCORE_ATOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=["r50_4scale"])
+# slow: one export of the full-size model (~5 min of CPU here, 12 min wall on the shared 2-core machine)
+@pytest.fixture(scope="module", params=[pytest.param("r50_4scale", marks=pytest.mark.slow)])
 def exported(request, tmp_path_factory):
     """Converted fixture model, exported once per fixture (the expensive step; its time is printed)."""
     fixture = request.param
