@@ -7,6 +7,8 @@
 
     accelerate launch --num_processes 8 examples/evaluate.py --model ... --images ... --annotations ...
 
+    python examples/evaluate.py --onnx dino.onnx [--model ...] --images ... --annotations ...   (onnxruntime)
+
 Every image of the annotation file is read from ``--images`` (its ``file_name``), preprocessed by the model's image
 processor (shortest side 800, longest at most 1333 for DINO; EXIF orientation NOT applied, since COCO boxes refer to
 the stored pixels), run in batches and post-processed like the original evaluation (top-300 (query, class) pairs per
@@ -37,7 +39,10 @@ from hf_dino.tta import add_tta_arguments, tta_from_args
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="Hub repo id or local save_pretrained folder")
+    parser.add_argument("--model", help="Hub repo id or local save_pretrained folder (with --onnx: optional, only "
+                        "its processor and label names are used)")
+    parser.add_argument("--onnx", default=None, help="evaluate this exported graph (hf-dino export) with onnxruntime "
+                        "instead of the PyTorch model")
     parser.add_argument("--images", required=True, help="folder holding the images of the annotation file")
     parser.add_argument("--annotations", required=True, help="COCO instances JSON (ground truth)")
     parser.add_argument("--batch-size", type=int, default=2, help="images per forward pass and process (default 2)")
@@ -59,6 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--batch-size must be >= 1")
     if args.top_k < 1:
         parser.error("--top-k must be >= 1 (detections kept per image; use --threshold to keep fewer)")
+    if args.model is None and args.onnx is None:
+        parser.error("give --model or --onnx")
+    if args.onnx is not None and args.tta:
+        parser.error("--tta runs the PyTorch model; it does not combine with --onnx")
     return args
 
 
@@ -88,7 +97,7 @@ def main(argv=None) -> dict[str, float]:
     args = parse_args(argv)
     from accelerate import Accelerator
     from tqdm.auto import tqdm
-    from transformers import AutoImageProcessor, AutoModelForObjectDetection
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForObjectDetection
 
     from hf_dino.data import load_coco
 
@@ -104,19 +113,37 @@ def main(argv=None) -> dict[str, float]:
     if missing:
         raise SystemExit(f"error: {len(missing)} images of {args.annotations} are not in {args.images} (e.g. id {missing[0]})")
 
-    processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    model = AutoModelForObjectDetection.from_pretrained(args.model, trust_remote_code=args.trust_remote_code,
-                                                        dtype=getattr(torch, args.dtype))
-    model = model.to(accelerator.device).eval()
+    if args.onnx is not None:
+        from hf_dino.export import DinoOnnxDetector
+
+        processor = None
+        if args.model is not None:
+            processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        runner = DinoOnnxDetector(args.onnx, processor)
+        processor = runner.processor
+        id2label = runner.id2label if args.model is None else AutoConfig.from_pretrained(args.model).id2label
+
+        def forward(inputs):
+            return runner.forward(inputs["pixel_values"], inputs["pixel_mask"])
+    else:
+        processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        model = AutoModelForObjectDetection.from_pretrained(args.model, trust_remote_code=args.trust_remote_code,
+                                                            dtype=getattr(torch, args.dtype))
+        model = model.to(accelerator.device).eval()
+        id2label = model.config.id2label
+
+        def forward(inputs):
+            with torch.inference_mode(), accelerator.autocast():
+                return model(**inputs)
     if args.labels_are_category_ids:
         label_to_category_id = None
     else:
         try:
-            label_to_category_id = build_label_to_category_id(model.config.id2label, coco_gt)
+            label_to_category_id = build_label_to_category_id(id2label, coco_gt)
         except ValueError as error:
             raise SystemExit(f"error: {error} (or pass --labels-are-category-ids)")
     evaluator = CocoEvaluator(coco_gt, label_to_category_id)
-    tta = tta_from_args(args, model, processor)
+    tta = tta_from_args(args, model, processor) if args.onnx is None else None
 
     # every process takes every N-th image: no image twice, nothing to de-duplicate
     shard = image_ids[accelerator.process_index :: accelerator.num_processes]
@@ -138,8 +165,7 @@ def main(argv=None) -> dict[str, float]:
                 results = tta(images, args.threshold, target_sizes, args.top_k, **processor_kwargs)
         else:
             inputs = processor(images=images, return_tensors="pt", **processor_kwargs).to(accelerator.device)
-            with torch.inference_mode(), accelerator.autocast():
-                outputs = model(**inputs)
+            outputs = forward(inputs)
             results = processor.post_process_object_detection(
                 outputs, threshold=args.threshold, target_sizes=target_sizes, top_k=args.top_k
             )
@@ -152,7 +178,7 @@ def main(argv=None) -> dict[str, float]:
     metrics: dict[str, float] = {}
     if accelerator.is_main_process:
         metrics = evaluator.summarize()
-        print(format_metrics_table(metrics, title=f"\n{args.model}: COCO box AP on {len(evaluator.image_ids)} images"))
+        print(format_metrics_table(metrics, title=f"\n{args.onnx or args.model}: COCO box AP on {len(evaluator.image_ids)} images"))
         evaluator.write_results(args.output)
         print(f"wrote {len(evaluator.results())} detections to {args.output}")
         if args.metrics_output:

@@ -209,8 +209,9 @@ def test_cli_has_predict_subcommand():
     assert args.batch_size == 2 and callable(args.func)
     with pytest.raises(SystemExit):
         parser.parse_args([])
-    with pytest.raises(SystemExit):
-        parser.parse_args(["predict", "a.jpg"])  # --model is required
+    from hf_dino.cli import main
+
+    assert main(["predict", "a.jpg"]) == 2  # --model (or --onnx) is required
 
 
 def test_pipeline_batches_images_of_different_sizes(detector, model_dir):

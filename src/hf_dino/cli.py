@@ -2,6 +2,8 @@
 """`hf-dino` command line.
 
     hf-dino predict IMAGE_OR_DIR... --model MODEL [--threshold T] [--device D] [--batch-size N] [--out DIR] [--tta]
+    hf-dino predict IMAGE_OR_DIR... --onnx model.onnx [--model MODEL] ...     (onnxruntime, hf_dino.export)
+    hf-dino export --model MODEL --output model.onnx [--opset N] [--static-batch] [--static-size]
 
 Each subcommand is one `add_<name>_parser(subparsers)` function that registers its arguments and sets
 `func=<run function>`; add new ones to `SUBCOMMANDS`.
@@ -17,7 +19,10 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["main", "build_parser", "SUBCOMMANDS", "add_predict_parser", "run_predict", "collect_images"]
+__all__ = [
+    "main", "build_parser", "SUBCOMMANDS", "add_predict_parser", "run_predict", "add_export_parser", "run_export",
+    "collect_images",
+]
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
 
@@ -43,7 +48,10 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or directories of images")
-    parser.add_argument("--model", required=True, help="saved model folder or Hub id (config + weights + processor)")
+    parser.add_argument("--model", help="saved model folder or Hub id (config + weights + processor); required "
+                        "without --onnx, with --onnx only its processor and label names are used")
+    parser.add_argument("--onnx", metavar="FILE", help="run this exported graph (hf-dino export) with onnxruntime "
+                        "instead of the PyTorch model; processor and label names come from the file unless --model")
     parser.add_argument("--threshold", type=float, default=0.3, help="keep detections scoring above this (default 0.3)")
     parser.add_argument("--top-k", type=int, default=300, help="candidates per image before thresholding (default 300)")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
@@ -172,6 +180,24 @@ def _load_model_and_processor(model_name: str, device, dtype: str = "float32"):
     return model, processor
 
 
+def _load_onnx_runner(onnx_path: str, model_name: str | None):
+    """(DinoOnnxDetector, processor, id2label) for `predict --onnx`; --model, when given, supplies the processor and
+    the label names (else those stored in the file by `hf-dino export`)."""
+    from .export import DinoOnnxDetector
+
+    processor, id2label = None, None
+    if model_name is not None:
+        import transformers
+
+        import hf_dino  # noqa: F401 - registers DINO with the Auto classes
+
+        processor = transformers.AutoImageProcessor.from_pretrained(model_name)
+        config = transformers.AutoConfig.from_pretrained(model_name)
+        id2label = {int(k): v for k, v in getattr(config, "id2label", {}).items()}
+    runner = DinoOnnxDetector(onnx_path, processor)
+    return runner, runner.processor, id2label if id2label is not None else runner.id2label
+
+
 def run_predict(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
@@ -186,6 +212,12 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         _error("--top-k must be >= 1 (the number of candidate detections per image; use --threshold to keep fewer)")
         return 2
+    if args.model is None and args.onnx is None:
+        _error("give --model (PyTorch) or --onnx (exported graph)")
+        return 2
+    if args.onnx is not None and args.tta:
+        _error("--tta runs the PyTorch model; it does not combine with --onnx")
+        return 2
     files, failures = collect_images(args.inputs, recursive=args.recursive)
     for item, message in failures:
         _error(f"{item}: {message}")
@@ -194,12 +226,16 @@ def run_predict(args: argparse.Namespace) -> int:
         return 1
 
     try:
-        device = _resolve_device(args.device)
-        model, processor = _load_model_and_processor(args.model, device, args.dtype)
+        if args.onnx is not None:
+            model, processor, id2label = _load_onnx_runner(args.onnx, args.model)
+            device = None
+        else:
+            device = _resolve_device(args.device)
+            model, processor = _load_model_and_processor(args.model, device, args.dtype)
+            id2label = {int(k): v for k, v in getattr(model.config, "id2label", {}).items()}
     except Exception as error:  # noqa: BLE001 - reported as a CLI error
-        _error(f"cannot load model {args.model!r}: {error}")
+        _error(f"cannot load model {args.onnx or args.model!r}: {error}")
         return 1
-    id2label = {int(k): v for k, v in getattr(model.config, "id2label", {}).items()}
     from .tta import tta_from_args
 
     tta = tta_from_args(args, model, processor)
@@ -225,8 +261,11 @@ def run_predict(args: argparse.Namespace) -> int:
                     results = tta(images, threshold=args.threshold, target_sizes=sizes, top_k=args.top_k)
                 else:
                     inputs = processor(images, return_tensors="pt")
-                    inputs = {k: v.to(device) for k, v in inputs.items() if k in ("pixel_values", "pixel_mask")}
-                    outputs = model(**inputs)
+                    if args.onnx is not None:
+                        outputs = model.forward(inputs["pixel_values"], inputs["pixel_mask"])
+                    else:
+                        inputs = {k: v.to(device) for k, v in inputs.items() if k in ("pixel_values", "pixel_mask")}
+                        outputs = model(**inputs)
                     results = processor.post_process_object_detection(outputs, threshold=args.threshold,
                                                                       target_sizes=sizes, top_k=args.top_k)
         except Exception as error:  # noqa: BLE001
@@ -285,7 +324,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     (out_dir / "predictions.json").write_text(json.dumps(coco_results))
     summary = {
-        "model": args.model,
+        "model": args.onnx or args.model,
         "threshold": args.threshold,
         "tta": repr(tta) if tta is not None else None,
         "images": image_records,
@@ -301,10 +340,63 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# export
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def add_export_parser(subparsers) -> argparse.ArgumentParser:
+    from .export import DEFAULT_OPSET, MIN_OPSET
+
+    parser = subparsers.add_parser(
+        "export",
+        help="export a DINO model to ONNX (standard operators, dynamic batch / height / width)",
+        description=(
+            "Write one ONNX file (inputs pixel_values [B,3,H,W], pixel_mask [B,H,W]; outputs logits, pred_boxes, "
+            "encoder_topk_indices) that a stock onnxruntime runs for every image size; the model config and the "
+            "processor are stored in its metadata, so `hf-dino predict --onnx FILE` needs nothing else. "
+            "Needs the `onnx` extra: pip install 'hf_dino[onnx]'."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="saved model folder or Hub id")
+    parser.add_argument("--output", required=True, help="the .onnx file to write")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help=f"ONNX opset (default {DEFAULT_OPSET}; at least {MIN_OPSET} for GridSample)")
+    parser.add_argument("--static-batch", action="store_true", help="fix the batch size to 1 (default: dynamic)")
+    parser.add_argument("--static-size", nargs=2, type=int, metavar=("HEIGHT", "WIDTH"),
+                        help="fix the input size to HEIGHT x WIDTH (default: dynamic height and width)")
+    parser.set_defaults(func=run_export)
+    return parser
+
+
+def run_export(args: argparse.Namespace) -> int:
+    try:
+        from .export import DinoExportError, export_onnx, require_onnx
+
+        require_onnx()
+    except ImportError as error:
+        _error(str(error))
+        return 1
+    try:
+        model, processor = _load_model_and_processor(args.model, _resolve_device("cpu"))
+    except Exception as error:  # noqa: BLE001 - reported as a CLI error
+        _error(f"cannot load model {args.model!r}: {error}")
+        return 1
+    kwargs = {"example_size": tuple(args.static_size)} if args.static_size else {}
+    try:
+        path = export_onnx(model, args.output, processor=processor, opset=args.opset,
+                           dynamic_batch=not args.static_batch, dynamic_size=args.static_size is None, **kwargs)
+    except (ValueError, TypeError, DinoExportError) as error:
+        _error(str(error))
+        return 1
+    print(f"hf-dino export: wrote {path}", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # entry point
 # ----------------------------------------------------------------------------------------------------------------------
 
-SUBCOMMANDS = [add_predict_parser]
+SUBCOMMANDS = [add_predict_parser, add_export_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,7 +65,7 @@ def multi_scale_deformable_attention_pytorch(
     batch, _, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     shape_list = spatial_shapes.tolist() if torch.is_tensor(spatial_shapes) else spatial_shapes
-    shapes = [(int(h), int(w)) for h, w in shape_list]
+    shapes = [(h, w) for h, w in shape_list]
     value_per_level = value.split([h * w for h, w in shapes], dim=1)
     # grid_sample wants coordinates in [-1, 1]
     sampling_grids = 2 * sampling_locations - 1
@@ -90,22 +90,29 @@ def multi_scale_deformable_attention(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
     use_custom_kernel: bool = True,
+    spatial_shapes_list: Sequence[Sequence[int]] | None = None,
 ) -> torch.Tensor:
     """Multi-scale deformable attention, through the compiled kernel when possible.
 
     Same arguments and result as :func:`multi_scale_deformable_attention_pytorch`, plus
-    ``level_start_index`` (``[num_levels]``, offset of every level in ``value``) that the kernel needs, and
-    ``use_custom_kernel`` (``False`` forces the pure-PyTorch path, e.g. ``config.disable_custom_kernels``).
+    ``level_start_index`` (``[num_levels]``, offset of every level in ``value``) that the kernel needs,
+    ``use_custom_kernel`` (``False`` forces the pure-PyTorch path, e.g. ``config.disable_custom_kernels``) and
+    ``spatial_shapes_list``, the sizes of ``spatial_shapes`` as Python ints (or symbolic sizes), which the
+    pure-PyTorch path then uses instead of reading the tensor back (a device sync on GPU).
 
     The kernel (custom op ``hf_dino::ms_deform_attn``) runs when ``use_custom_kernel`` is true, the environment
     variable ``HF_DINO_DISABLE_CUSTOM_KERNELS`` is not ``1``, the device type is CPU or CUDA (float32 / float64 /
-    float16 / bfloat16) and its extension could be built; otherwise the pure-PyTorch path. Both paths return
-    ``value``'s dtype and sum in at least float32 on CPU.
+    float16 / bfloat16), its extension could be built, and the model is not being traced by ``torch.export`` /
+    ``torch.onnx.export``; otherwise the pure-PyTorch path. Both paths return ``value``'s dtype and sum in at least
+    float32 on CPU. Under export the pure-PyTorch path is what gets recorded: its ``grid_sample`` is one standard
+    operator (ONNX ``GridSample``), whereas the custom op would be an opaque node no runtime knows (see
+    ``hf_dino.export``).
     """
     kernels = _kernels
-    if use_custom_kernel and kernels is not None:
+    if use_custom_kernel and kernels is not None and not torch.compiler.is_exporting():
         if kernels.kernel_usable(value, sampling_locations, attention_weights):
             return kernels.ms_deform_attn(
                 value, spatial_shapes, level_start_index, sampling_locations, attention_weights
             )
-    return multi_scale_deformable_attention_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
+    shapes = spatial_shapes if spatial_shapes_list is None else spatial_shapes_list
+    return multi_scale_deformable_attention_pytorch(value, shapes, sampling_locations, attention_weights)

@@ -363,10 +363,13 @@ def post_process_object_detection(
     boxes stay normalized. Then detections with `score > threshold` are kept; `threshold=0` or `None` keeps all
     `top_k` (the original has no threshold). `labels` are class indices (raw COCO category ids for COCO models).
 
-    Returns one `{"scores": [n], "labels": [n] int64, "boxes": [n, 4]}` dict per image.
+    `outputs` is a model output or a dict with `logits` `[B, Q, C]` and `pred_boxes` `[B, Q, 4]`, as torch tensors or
+    numpy arrays (the outputs of an exported ONNX graph). Returns one `{"scores": [n], "labels": [n] int64,
+    "boxes": [n, 4]}` dict of torch tensors per image.
     """
-    logits = _get_output(outputs, "logits", "pred_logits")
-    pred_boxes = _get_output(outputs, "pred_boxes")
+    # numpy arrays (e.g. onnxruntime outputs of an exported graph, hf_dino.export) are accepted as well
+    logits = torch.as_tensor(_get_output(outputs, "logits", "pred_logits"))
+    pred_boxes = torch.as_tensor(_get_output(outputs, "pred_boxes"))
     if logits.ndim != 3 or pred_boxes.ndim != 3 or pred_boxes.shape[-1] != 4:
         raise ValueError(
             f"Expected logits [B, Q, C] and pred_boxes [B, Q, 4], got {tuple(logits.shape)} / "
@@ -511,7 +514,8 @@ class _DinoProcessorMixin:
         """Original DINO `PostProcess` (top-`top_k` over queries x classes of the sigmoid scores; `num_select=300`).
 
         Args:
-            outputs: model outputs with `logits` [B, Q, C] and `pred_boxes` [B, Q, 4] (normalized cx, cy, w, h).
+            outputs: model outputs (or a dict) with `logits` [B, Q, C] and `pred_boxes` [B, Q, 4] (normalized cx, cy,
+                w, h), torch tensors or numpy arrays (onnxruntime outputs of an exported graph).
             threshold: keep detections with `score > threshold`; `0` (or `None`) keeps all `top_k`, exactly as the
                 original `PostProcess`.
             target_sizes: `(height, width)` of each image ([B, 2] tensor or list of pairs) to get absolute pixel

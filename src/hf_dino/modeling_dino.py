@@ -215,6 +215,7 @@ class DinoMultiscaleDeformableAttention(nn.Module):
         value: torch.Tensor,
         value_padding_mask: torch.Tensor,
         spatial_shapes: torch.Tensor,
+        spatial_shapes_list: list[tuple[int, int]],
         level_start_index: torch.Tensor,
     ) -> torch.Tensor:
         """
@@ -223,7 +224,8 @@ class DinoMultiscaleDeformableAttention(nn.Module):
             reference_points: `[B, Q, L, 2]` points (x, y) or `[B, Q, L, 4]` boxes (cx, cy, w, h), normalized to
                 each level's padded map.
             value: `[B, S, D]` flattened multi-scale memory; value_padding_mask: `[B, S]` (True = padding).
-            spatial_shapes: `[L, 2]` (h, w); level_start_index: `[L]`.
+            spatial_shapes: `[L, 2]` (h, w); spatial_shapes_list: the same sizes as Python ints (symbolic sizes under
+                `torch.export`), so that no size is read back from a tensor; level_start_index: `[L]`.
         Returns: `[B, Q, D]`.
         """
         b, q, _ = query.shape
@@ -247,7 +249,7 @@ class DinoMultiscaleDeformableAttention(nn.Module):
                 + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5
             )
         output = multi_scale_deformable_attention(
-            value, spatial_shapes, level_start_index, locations, weights,
+            value, spatial_shapes, level_start_index, locations, weights, spatial_shapes_list=spatial_shapes_list,
             use_custom_kernel=not self.disable_custom_kernels,
         )
         return self.output_proj(output)
@@ -266,10 +268,12 @@ class DinoEncoderLayer(GradientCheckpointingLayer):
         self.activation = feed_forward_activation(config.activation_function)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, hidden_states, position_embeddings, reference_points, padding_mask, spatial_shapes, level_start_index):
+    def forward(self, hidden_states, position_embeddings, reference_points, padding_mask, spatial_shapes,
+                spatial_shapes_list, level_start_index):
         """hidden_states, position_embeddings: `[B, S, D]`; reference_points `[B, S, L, 2]`; padding_mask `[B, S]`."""
         attended = self.self_attn(
-            hidden_states + position_embeddings, reference_points, hidden_states, padding_mask, spatial_shapes, level_start_index
+            hidden_states + position_embeddings, reference_points, hidden_states, padding_mask, spatial_shapes,
+            spatial_shapes_list, level_start_index,
         )
         hidden_states = self.norm1(hidden_states + self.dropout(attended))
         ffn = self.linear2(self.dropout(self.activation(self.linear1(hidden_states))))
@@ -287,9 +291,10 @@ class DinoEncoder(nn.Module):
         `[B, S, L, 2]` (x, y)."""
         points = []
         for level, (h, w) in enumerate(spatial_shapes_list):
+            # arange + 0.5 (exactly the values of linspace(0.5, h - 0.5, h); linspace would freeze h under torch.export)
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, h - 0.5, h, dtype=valid_ratios.dtype, device=valid_ratios.device),
-                torch.linspace(0.5, w - 0.5, w, dtype=valid_ratios.dtype, device=valid_ratios.device),
+                torch.arange(h, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
+                torch.arange(w, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
                 indexing="ij",
             )
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * h)
@@ -302,7 +307,10 @@ class DinoEncoder(nn.Module):
         reference_points = self.reference_points(spatial_shapes_list, valid_ratios)
         all_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
-            hidden_states = layer(hidden_states, position_embeddings, reference_points, padding_mask, spatial_shapes, level_start_index)
+            hidden_states = layer(
+                hidden_states, position_embeddings, reference_points, padding_mask, spatial_shapes, spatial_shapes_list,
+                level_start_index,
+            )
             if output_hidden_states:
                 all_states += (hidden_states,)
         return hidden_states, all_states
@@ -328,14 +336,15 @@ class DinoDecoderLayer(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, hidden_states, query_position, reference_points, self_attn_mask, memory, memory_padding_mask,
-                spatial_shapes, level_start_index):
+                spatial_shapes, spatial_shapes_list, level_start_index):
         """hidden_states, query_position: `[B, Q, D]`; reference_points `[B, Q, L, 4]`; self_attn_mask `[Q, Q]`
         (True = blocked) or None; memory `[B, S, D]`; memory_padding_mask `[B, S]`."""
         q = k = hidden_states + query_position
         attended = self.self_attn(q, k, hidden_states, attn_mask=self_attn_mask, need_weights=False)[0]
         hidden_states = self.norm2(hidden_states + self.dropout(attended))
         attended = self.cross_attn(
-            hidden_states + query_position, reference_points, memory, memory_padding_mask, spatial_shapes, level_start_index
+            hidden_states + query_position, reference_points, memory, memory_padding_mask, spatial_shapes,
+            spatial_shapes_list, level_start_index,
         )
         hidden_states = self.norm1(hidden_states + self.dropout(attended))
         ffn = self.linear2(self.dropout(self.activation(self.linear1(hidden_states))))
@@ -362,7 +371,7 @@ class DinoDecoder(nn.Module):
         self.bbox_embed = DinoMLPPredictionHead(d, d, 4, 3)
 
     def forward(self, hidden_states, reference_points_logit, self_attn_mask, memory, memory_padding_mask,
-                spatial_shapes, level_start_index, valid_ratios, output_hidden_states: bool = False):
+                spatial_shapes, spatial_shapes_list, level_start_index, valid_ratios, output_hidden_states: bool = False):
         """
         Args:
             hidden_states: `[B, Q, D]` content queries; reference_points_logit: `[B, Q, 4]` anchors before sigmoid.
@@ -382,7 +391,7 @@ class DinoDecoder(nn.Module):
             query_position = self.reference_point_head(sine)
             hidden_states = layer(
                 hidden_states, query_position, anchors_per_level, self_attn_mask, memory, memory_padding_mask,
-                spatial_shapes, level_start_index,
+                spatial_shapes, spatial_shapes_list, level_start_index,
             )
             if output_hidden_states:
                 all_states += (hidden_states,)
@@ -526,8 +535,8 @@ class DinoModel(DinoPreTrainedModel):
             valid_h = torch.sum(~mask[:, :, 0], 1)
             valid_w = torch.sum(~mask[:, 0, :], 1)
             grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, h - 1, h, dtype=dtype, device=memory.device),
-                torch.linspace(0, w - 1, w, dtype=dtype, device=memory.device),
+                torch.arange(h, dtype=dtype, device=memory.device),
+                torch.arange(w, dtype=dtype, device=memory.device),
                 indexing="ij",
             )
             grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)
@@ -621,7 +630,12 @@ class DinoModel(DinoPreTrainedModel):
         # 1. multi-scale features, flattened to tokens
         sources, masks, positions = self.multi_scale_features(pixel_values, padding_mask)
         spatial_shapes_list = [tuple(s.shape[-2:]) for s in sources]
-        spatial_shapes = torch.as_tensor(spatial_shapes_list, dtype=torch.long, device=pixel_values.device)
+        # built from scalar tensors: `torch.as_tensor(spatial_shapes_list)` would freeze symbolic sizes into constants
+        # under torch.export, and one exported graph must serve every image size (hf_dino.export)
+        spatial_shapes = torch.stack([
+            torch.stack([torch.scalar_tensor(size, dtype=torch.long, device=pixel_values.device) for size in shape])
+            for shape in spatial_shapes_list
+        ])
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self.valid_ratios(m) for m in masks], 1)
         tokens = torch.cat([s.flatten(2).transpose(1, 2) for s in sources], 1)
@@ -661,7 +675,8 @@ class DinoModel(DinoPreTrainedModel):
 
         # 5. decoder with anchor refinement
         states, boxes, references, decoder_states = self.decoder(
-            content, anchors_logit, attn_mask, memory, token_padding_mask, spatial_shapes, level_start_index,
+            content, anchors_logit, attn_mask, memory, token_padding_mask, spatial_shapes, spatial_shapes_list,
+            level_start_index,
             valid_ratios, output_hidden_states,
         )
         output = DinoModelOutput(

@@ -1,0 +1,287 @@
+"""ONNX export of DINO, and a small onnxruntime runner.
+
+    from hf_dino.export import export_onnx, DinoOnnxDetector
+    export_onnx(model, "dino.onnx")                       # one file, dynamic batch / height / width
+    detector = DinoOnnxDetector("dino.onnx", processor)   # processor -> onnxruntime -> post-processing
+    detections = detector([image], threshold=0.3)
+
+The graph has inputs ``pixel_values [B, 3, H, W]`` (float32) and ``pixel_mask [B, H, W]`` (int64, 1 = pixel) and
+outputs ``logits [B, Q, C]``, ``pred_boxes [B, Q, 4]`` (normalized cx, cy, w, h) and ``encoder_topk_indices
+[B, Q]`` (the encoder tokens chosen by query selection, best first). Batch, height and width are symbolic, so one
+file serves every size the processor produces. Only standard ONNX operators are used (default domain): a stock
+``onnxruntime.InferenceSession`` runs it without any custom-op library.
+
+Deformable attention in the graph: ONNX ``GridSample`` (opset >= 16, bilinear, zeros padding,
+``align_corners=0``), one per level and attention module. Why GridSample rather than a gather-based bilinear
+sampler:
+
+* it is *the* definition of the sampling in this package (``multi_scale_deformable_attention_pytorch``, the
+  reference the compiled kernel is tested against, and the original DINO's ``ms_deform_attn_core_pytorch``), so
+  the graph computes the same exact bilinear interpolation as the model and the original, not an approximation
+  (RT-DETRv2's ``discrete_sampling`` rounds to the nearest pixel and loses ~0.5 AP);
+* a gather-based sampler has to materialise the four corner values of every sample before weighting them:
+  ``B * heads * queries * levels * points * 4 * head_dim`` floats, ~1.3 GB per encoder layer for one 800x1201
+  image (~20k queries), where ``GridSample`` reads the corners in place. In onnxruntime (the runtime this export
+  is verified with) that is many times the memory traffic for the same result;
+* the TensorRT problems with GridSample (wrong detections reported for TensorRT engines built from it) are a
+  TensorRT matter; this export is verified against onnxruntime only. TensorRT users should check their engine's
+  outputs against :class:`DinoOnnxDetector` before trusting it.
+
+How the model becomes exportable (both numerically identical to the eager model): level sizes travel as Python
+ints / symbolic sizes next to the ``spatial_shapes`` tensor (no size is read back from a tensor), and while
+``torch.export`` traces the model, :func:`hf_dino.deformable_attention.multi_scale_deformable_attention` takes the
+pure-PyTorch (``grid_sample``) path instead of the compiled custom op, which no ONNX runtime knows.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .deformable_attention import multi_scale_deformable_attention_pytorch
+from .modeling_dino import DinoForObjectDetection, DinoMultiscaleDeformableAttention
+
+__all__ = [
+    "MIN_OPSET",
+    "DEFAULT_OPSET",
+    "INPUT_NAMES",
+    "OUTPUT_NAMES",
+    "DinoExportError",
+    "DinoOnnxDetector",
+    "export_onnx",
+    "require_onnx",
+    "require_onnxruntime",
+]
+
+MIN_OPSET = 16  # ONNX GridSample (4-D) exists from opset 16
+DEFAULT_OPSET = 18  # the torch.onnx (dynamo) exporter's own opset
+INPUT_NAMES = ("pixel_values", "pixel_mask")
+OUTPUT_NAMES = ("logits", "pred_boxes", "encoder_topk_indices")
+_STANDARD_DOMAINS = {"", "ai.onnx"}
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+class DinoExportError(RuntimeError):
+    """The model cannot be written as a standard-operator ONNX graph."""
+
+
+def _missing(package: str, purpose: str) -> ImportError:
+    return ImportError(
+        f"{purpose} needs the `{package}` package, which is not installed. Install the ONNX extra: "
+        "pip install 'hf_dino[onnx]' (onnx, onnxruntime, onnxscript)."
+    )
+
+
+def require_onnx() -> None:
+    """Raise a clear ImportError (naming the `onnx` extra) when the exporter's dependencies are missing."""
+    for package in ("onnx", "onnxscript"):
+        if importlib.util.find_spec(package) is None:
+            raise _missing(package, "Exporting DINO to ONNX")
+
+
+def require_onnxruntime():
+    """`onnxruntime`, or a clear ImportError naming the `onnx` extra."""
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise _missing("onnxruntime", "Running an exported DINO graph") from error
+    return onnxruntime
+
+
+class DinoOnnxGraph(nn.Module):
+    """What is exported: `DinoForObjectDetection` reduced to the three graph outputs (see the module docstring)."""
+
+    def __init__(self, model: DinoForObjectDetection):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor):
+        outputs = self.model(pixel_values=pixel_values, pixel_mask=pixel_mask, return_dict=True)
+        return outputs.logits, outputs.pred_boxes, outputs.encoder_topk_indices
+
+
+def _check_exportable(model: nn.Module, opset: int) -> None:
+    if not isinstance(model, DinoForObjectDetection):
+        raise TypeError(f"export_onnx expects a DinoForObjectDetection, got {type(model).__name__}.")
+    if opset < MIN_OPSET:
+        raise ValueError(
+            f"opset {opset} is too old: DINO's deformable attention is exported as ONNX GridSample, which needs "
+            f"opset >= {MIN_OPSET} (onnxruntime >= 1.11). Use --opset {DEFAULT_OPSET}."
+        )
+    for name, module in model.named_modules():
+        if isinstance(module, DinoMultiscaleDeformableAttention) and (
+            type(module).forward is not DinoMultiscaleDeformableAttention.forward
+        ):
+            raise DinoExportError(
+                f"{name} ({type(module).__name__}) overrides the deformable-attention forward; only the built-in "
+                "formulation (bilinear grid_sample, exported as ONNX GridSample) can be expressed in standard ONNX."
+            )
+    from . import deformable_attention
+
+    if deformable_attention.multi_scale_deformable_attention_pytorch is not multi_scale_deformable_attention_pytorch:
+        raise DinoExportError("multi_scale_deformable_attention_pytorch was replaced; cannot export the sampler.")
+
+
+def _check_standard_ops(onnx_model) -> None:
+    custom = sorted({f"{node.domain}::{node.op_type}" for node in onnx_model.graph.node if node.domain not in _STANDARD_DOMAINS})
+    if custom:
+        raise DinoExportError(
+            f"the exported graph contains non-standard operators {custom}; a stock onnxruntime could not run it "
+            "(a custom op in the model that has no ONNX equivalent, e.g. a replaced deformable attention)."
+        )
+
+
+def export_onnx(
+    model: DinoForObjectDetection,
+    output_path: str | os.PathLike,
+    opset: int = DEFAULT_OPSET,
+    processor=None,
+    example_size: tuple[int, int] = (480, 640),
+    dynamic_batch: bool = True,
+    dynamic_size: bool = True,
+    verbose: bool = False,
+) -> Path:
+    """Export `model` to one ONNX file with inputs `pixel_values [B, 3, H, W]`, `pixel_mask [B, H, W]` (int64) and
+    outputs `logits [B, Q, C]`, `pred_boxes [B, Q, 4]`, `encoder_topk_indices [B, Q]`.
+
+    Args:
+        model: the detector (put in eval mode; float32 weights are exported as they are).
+        output_path: the `.onnx` file to write (weights inside it when under the 2 GB protobuf limit, else next to
+            it as `<name>.data`).
+        processor: the model's image processor; its configuration is stored in the file's metadata (with the
+            model config, for label names), so that :class:`DinoOnnxDetector` needs nothing else.
+        opset: ONNX opset, at least 16 (GridSample).
+        example_size: `(height, width)` of the example batch used for tracing (any size the processor produces).
+        dynamic_batch, dynamic_size: make the batch / the height and width symbolic (the default). With
+            `dynamic_size=False` the graph only accepts `example_size`.
+
+    Raises:
+        ValueError: opset too old. ImportError: onnx / onnxscript missing (names the `onnx` extra).
+        DinoExportError: the model (or a replaced attention) cannot be expressed with standard ONNX operators.
+    """
+    require_onnx()
+    _check_exportable(model, opset)
+    import onnx
+
+    model = model.eval()
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    height, width = example_size
+    device = next(model.parameters()).device
+    pixel_values = torch.zeros(2 if dynamic_batch else 1, model.config.num_channels, height, width, device=device)
+    pixel_mask = torch.ones(pixel_values.shape[0], height, width, dtype=torch.long, device=device)
+    if dynamic_batch:  # a padded second image, so that the mask arithmetic is traced in general form
+        pixel_mask[1, height * 3 // 4:, width * 2 // 3:] = 0
+    # smaller sides give 1-pixel levels, which torch.export would have to special-case; the processor makes >= 800
+    min_side = 128
+    batch = torch.export.Dim("batch", min=1, max=1024) if dynamic_batch else None
+    h_dim = torch.export.Dim("height", min=min_side, max=8192) if dynamic_size else None
+    w_dim = torch.export.Dim("width", min=min_side, max=8192) if dynamic_size else None
+    dynamic_shapes = {
+        "pixel_values": {k: v for k, v in {0: batch, 2: h_dim, 3: w_dim}.items() if v is not None},
+        "pixel_mask": {k: v for k, v in {0: batch, 1: h_dim, 2: w_dim}.items() if v is not None},
+    }
+    graph = DinoOnnxGraph(model)
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(graph, (pixel_values, pixel_mask), dynamic_shapes=dynamic_shapes, strict=False)
+            program = torch.onnx.export(
+                exported, input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES), opset_version=opset,
+                # optimize=False: the exporter's graph optimizer (onnxscript) dropped the min/max constants of
+                # merged Clip nodes (inverse_sigmoid of the decoder anchors) on the 6-layer model, giving an invalid
+                # graph; onnxruntime optimizes the graph itself when it loads it
+                dynamo=True, verbose=verbose, optimize=False,
+            )
+    except torch._dynamo.exc.UserError as error:  # a guard pinned a size: the model is not shape-generic
+        raise DinoExportError(f"the model cannot be traced for every image size: {error}") from error
+    except Exception as error:
+        if "No ONNX function found" in str(error) or "DispatchError" in type(error).__name__:
+            raise DinoExportError(f"an operator of the model has no ONNX equivalent: {error}") from error
+        raise
+    _check_standard_ops(program.model_proto)
+    metadata = {"hf_dino.config": model.config.to_json_string()}
+    if processor is not None:
+        metadata["hf_dino.preprocessor"] = processor.to_json_string()
+    for key, value in metadata.items():
+        program.model_proto.metadata_props.add(key=key, value=value)
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    program.save(str(output_path), external_data=size > _PROTOBUF_LIMIT // 2)
+    onnx.checker.check_model(str(output_path))
+    return output_path
+
+
+class DinoOnnxDetector:
+    """Runs an exported DINO graph with onnxruntime: processor -> session -> `post_process_object_detection`.
+
+    Args:
+        path: the `.onnx` file written by :func:`export_onnx` / `hf-dino export`.
+        processor: the image processor; by default the one stored in the file by :func:`export_onnx`, else
+            `DinoImageProcessor()` defaults.
+        providers: onnxruntime execution providers (default: CPU).
+        num_threads: intra-op threads of the session (onnxruntime's default when None).
+    """
+
+    def __init__(self, path: str | os.PathLike, processor=None, providers: Sequence[str] | None = None,
+                 num_threads: int | None = None):
+        ort = require_onnxruntime()
+        options = ort.SessionOptions()
+        if num_threads is not None:
+            options.intra_op_num_threads = num_threads
+        self.session = ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
+        names = [i.name for i in self.session.get_inputs()]
+        if names != list(INPUT_NAMES):
+            raise ValueError(f"{path} is not a DINO export: inputs {names}, expected {list(INPUT_NAMES)}.")
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        self.config = None
+        if "hf_dino.config" in metadata:
+            from .configuration_dino import DinoConfig
+
+            self.config = DinoConfig(**json.loads(metadata["hf_dino.config"]))
+        if processor is None:
+            from .image_processing_dino import DinoImageProcessor
+
+            stored = metadata.get("hf_dino.preprocessor")
+            processor = DinoImageProcessor.from_dict(json.loads(stored)) if stored else DinoImageProcessor()
+        self.processor = processor
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        """Label names stored at export time (empty when the file has none)."""
+        return {int(k): v for k, v in self.config.id2label.items()} if self.config is not None else {}
+
+    def forward(self, pixel_values, pixel_mask=None) -> dict[str, np.ndarray]:
+        """Raw graph outputs `{"logits", "pred_boxes", "encoder_topk_indices"}` (numpy) for a processed batch."""
+        pixel_values = np.ascontiguousarray(_to_numpy(pixel_values), dtype=np.float32)
+        if pixel_mask is None:
+            pixel_mask = np.ones((pixel_values.shape[0], *pixel_values.shape[2:]), dtype=np.int64)
+        pixel_mask = np.ascontiguousarray(_to_numpy(pixel_mask), dtype=np.int64)
+        outputs = self.session.run(list(OUTPUT_NAMES), {"pixel_values": pixel_values, "pixel_mask": pixel_mask})
+        return dict(zip(OUTPUT_NAMES, outputs))
+
+    def detect(self, images: Sequence[Any], threshold: float = 0.3, top_k: int = 300) -> list[dict[str, torch.Tensor]]:
+        """Images (PIL / arrays) -> one `{"scores", "labels", "boxes"}` dict per image, boxes in input pixels."""
+        inputs = self.processor(list(images), return_tensors="pt")
+        outputs = self.forward(inputs["pixel_values"], inputs["pixel_mask"])
+        sizes = [_image_hw(image) for image in images]
+        return self.processor.post_process_object_detection(outputs, threshold, sizes, top_k)
+
+    def __call__(self, images: Sequence[Any], threshold: float = 0.3, top_k: int = 300) -> list[dict[str, torch.Tensor]]:
+        return self.detect(images, threshold, top_k)
+
+
+def _to_numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _image_hw(image) -> tuple[int, int]:
+    if hasattr(image, "height") and hasattr(image, "width"):
+        return image.height, image.width
+    shape = np.asarray(image).shape
+    return (shape[-2], shape[-1]) if shape[0] in (1, 3) and shape[-1] not in (1, 3) else (shape[0], shape[1])
