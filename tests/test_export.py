@@ -23,8 +23,10 @@ pytest.importorskip("onnxscript", reason="the `onnx` extra (pip install 'hf_dino
 
 from hf_dino import DinoForObjectDetection  # noqa: E402
 from hf_dino.export import DinoExportError, DinoOnnxDetector, export_onnx  # noqa: E402
-from parity_utils import (  # noqa: E402
-    COCO_MINI, FIXTURE_MODEL_NAMES, ForcedSelection, convert_with_cli, require_parity, write_original_checkpoint,
+from hf_dino.modeling_dino import forced_query_selection  # noqa: E402
+
+from conftest import (  # noqa: E402
+    COCO_MINI, FIXTURE_MODEL_NAMES, convert_with_cli, require_parity, write_original_checkpoint,
 )
 
 ATOL = 1e-4
@@ -54,7 +56,7 @@ def exported(request, tmp_path_factory):
 
 
 def pytorch_forced(model, pixel_values, pixel_mask, selection):
-    with torch.no_grad(), ForcedSelection(selection):
+    with torch.no_grad(), forced_query_selection(model, selection):
         outputs = model(pixel_values=pixel_values, pixel_mask=pixel_mask)
     return outputs.logits, outputs.pred_boxes
 
@@ -164,7 +166,7 @@ def test_cli_predict_onnx_matches_pytorch(exported, tmp_path):
     image = Image.open(images[0]).convert("RGB")
     inputs = detector.processor([image], return_tensors="pt")
     selection = torch.from_numpy(detector.forward(inputs["pixel_values"], inputs["pixel_mask"])["encoder_topk_indices"])
-    with torch.no_grad(), ForcedSelection(selection):
+    with torch.no_grad(), forced_query_selection(model, selection):
         outputs = model(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"])
     reference = detector.processor.post_process_object_detection(outputs, 0.0, [(image.height, image.width)], 50)[0]
     assert len(predictions) == 50
@@ -191,7 +193,7 @@ def test_post_process_accepts_numpy(exported):
 
 
 def _tiny():
-    from tiny_dino import tiny_model
+    from conftest import tiny_model
 
     return tiny_model()
 

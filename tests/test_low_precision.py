@@ -16,19 +16,15 @@ import pytest
 import torch
 
 import hf_dino.deformable_attention as da
-from hf_dino import DinoConfig, DinoForObjectDetection, DinoImageProcessor
+from hf_dino import DinoForObjectDetection, DinoImageProcessor
 from hf_dino.kernels import _loader
 
-TINY = dict(
-    backbone="resnet18", d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-    decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, encoder_n_points=2, decoder_n_points=2,
-    num_queries=30, num_denoising=10, num_labels=5,
-)
-
+from conftest import tiny_model as conftest_tiny_model
 
 def tiny_model() -> DinoForObjectDetection:
-    torch.manual_seed(0)
-    return DinoForObjectDetection(DinoConfig(**TINY)).eval()
+    """The shared tiny model with two encoder and decoder layers and denoising queries (training steps)."""
+    return conftest_tiny_model(seed=0, encoder_layers=2, decoder_layers=2, num_queries=30, num_denoising=10,
+                               num_labels=5)
 
 
 def batch():

@@ -18,7 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import COCO_MINI, REPO
+from conftest import COCO_MINI, REPO, tiny_model
+
 VAL = COCO_MINI / "val2017"
 IMAGE_A = VAL / "000000000139.jpg"  # 640x426
 IMAGE_B = VAL / "000000000802.jpg"  # 424x640
@@ -39,26 +40,10 @@ def _import_model():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    DinoConfig, DinoForObjectDetection, DinoImageProcessor = _import_model()
-    config = DinoConfig(
-        backbone="resnet18",
-        num_feature_levels=2,
-        backbone_out_indices=[2, 3],
-        d_model=32,
-        encoder_layers=1,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        encoder_n_points=2,
-        decoder_n_points=2,
-        num_queries=20,
-        num_denoising=0,
-        disable_custom_kernels=True,  # plumbing under test: no C++ extension build in these tests
-    )
-    torch.manual_seed(0)
-    model = DinoForObjectDetection(config).eval()
+    _, _, DinoImageProcessor = _import_model()
+    # plumbing under test: no C++ extension build in these tests
+    model = tiny_model(seed=0, num_feature_levels=2, backbone_out_indices=[2, 3], decoder_layers=2,
+                       disable_custom_kernels=True)
     folder = tmp_path_factory.mktemp("tiny_dino")
     model.save_pretrained(folder)
     DinoImageProcessor(size=SMALL_SIZE).save_pretrained(folder)
