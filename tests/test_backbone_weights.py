@@ -295,6 +295,7 @@ def test_model_keeps_loaded_weights_and_from_pretrained_does_not_reload(tmp_path
 # ---- examples/train.py ------------------------------------------------------------------------------------------
 def test_train_script_starts_from_imagenet_weights_with_data(tmp_path, monkeypatch):
     import importlib.util
+    import sys
     from pathlib import Path
 
     import huggingface_hub.constants
@@ -303,6 +304,7 @@ def test_train_script_starts_from_imagenet_weights_with_data(tmp_path, monkeypat
 
     spec = importlib.util.spec_from_file_location("train_script", Path(__file__).parents[1] / "examples" / "train.py")
     train = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "train_script", train)  # its dataclasses look their module up
     spec.loader.exec_module(train)
     labels = build_label_map([{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}], "contiguous")
     data = ["--train-images", str(tmp_path), "--train-annotations", str(tmp_path / "a.json"), "--config", "compact"]
