@@ -428,6 +428,8 @@ def test_import_compiles_nothing(tmp_path):
 def test_impossible_build_warns_once_and_falls_back(tmp_path, monkeypatch, breakage):
     monkeypatch.setattr(_loader, "_modules", {})  # a fresh "process": nothing built or failed yet
     monkeypatch.setattr(_loader, "_errors", {})
+    for name in [name for name in sys.modules if name.startswith("hf_dino_msda_")]:  # nor loaded by an earlier test
+        monkeypatch.delitem(sys.modules, name)
     monkeypatch.setenv(_loader.ENV_CACHE, str(tmp_path / "cache"))
     monkeypatch.delenv(_loader.ENV_DISABLE, raising=False)
     if breakage == "no_compiler":

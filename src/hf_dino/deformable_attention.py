@@ -102,14 +102,13 @@ def multi_scale_deformable_attention(
 
     The kernel (custom op ``hf_dino::ms_deform_attn``) runs when ``use_custom_kernel`` is true, the environment
     variable ``HF_DINO_DISABLE_CUSTOM_KERNELS`` is not ``1``, the device type is CPU or CUDA (float32 / float64 /
-    float16 / bfloat16), its extension could be built, and the model is not being traced by ``torch.export`` /
-    ``torch.onnx.export``; otherwise the pure-PyTorch path. Both paths return ``value``'s dtype and sum in at least
-    float32 on CPU. Under export the pure-PyTorch path is what gets recorded: its ``grid_sample`` is one standard
-    operator (ONNX ``GridSample``), whereas the custom op would be an opaque node no runtime knows (see
-    ``hf_dino.export``).
+    float16 / bfloat16), and its extension could be built; otherwise the pure-PyTorch path. Both paths
+    return ``value``'s dtype and sum in at least float32 on CPU. (``torch.export`` records the custom op;
+    ``hf_dino.export`` switches the attention modules to the pure-PyTorch path for ONNX, whose ``GridSample``
+    is a standard operator.)
     """
     kernels = _kernels
-    if use_custom_kernel and kernels is not None and not torch.compiler.is_exporting():
+    if use_custom_kernel and kernels is not None:
         if kernels.kernel_usable(value, sampling_locations, attention_weights):
             return kernels.ms_deform_attn(
                 value, spatial_shapes, level_start_index, sampling_locations, attention_weights

@@ -28,18 +28,19 @@ sampler:
   outputs against :class:`DinoOnnxDetector` before trusting it.
 
 How the model becomes exportable (both numerically identical to the eager model): level sizes travel as Python
-ints / symbolic sizes next to the ``spatial_shapes`` tensor (no size is read back from a tensor), and while
-``torch.export`` traces the model, :func:`hf_dino.deformable_attention.multi_scale_deformable_attention` takes the
-pure-PyTorch (``grid_sample``) path instead of the compiled custom op, which no ONNX runtime knows.
+ints / symbolic sizes next to the ``spatial_shapes`` tensor (no size is read back from a tensor), and during the
+export every deformable attention module takes the pure-PyTorch (``grid_sample``) path instead of the compiled custom
+op, which no ONNX runtime knows (:func:`pure_pytorch_attention`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -138,6 +139,21 @@ def _check_standard_ops(onnx_model) -> None:
         )
 
 
+@contextlib.contextmanager
+def pure_pytorch_attention(model: torch.nn.Module) -> Iterator[None]:
+    """While active, every deformable attention module of `model` runs the pure-PyTorch path (`grid_sample`, ONNX
+    `GridSample`) rather than the compiled custom op; the modules' own setting is restored afterwards."""
+    modules = [m for m in model.modules() if isinstance(m, DinoMultiscaleDeformableAttention)]
+    saved = [m.disable_custom_kernels for m in modules]
+    for module in modules:
+        module.disable_custom_kernels = True
+    try:
+        yield
+    finally:
+        for module, value in zip(modules, saved):
+            module.disable_custom_kernels = value
+
+
 def export_onnx(
     model: DinoForObjectDetection,
     output_path: str | os.PathLike,
@@ -190,7 +206,7 @@ def export_onnx(
     }
     graph = DinoOnnxGraph(model)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), pure_pytorch_attention(model):
             exported = torch.export.export(graph, (pixel_values, pixel_mask), dynamic_shapes=dynamic_shapes, strict=False)
             program = torch.onnx.export(
                 exported, input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES), opset_version=opset,
