@@ -8,6 +8,7 @@ import torch
 
 from hf_dino.configuration_dino import compact_config
 from hf_dino.training import (
+    CheckpointError,
     ModelEMA,
     ResumableBatchSampler,
     atomic_torch_save,
@@ -73,7 +74,9 @@ def test_ema_update():
 
 def test_atomic_checkpoints(tmp_path):
     torch.manual_seed(0)
-    save_checkpoint(tmp_path, 3, {"epoch": 1, "value": torch.arange(3)})
+    # the keys load_checkpoint requires of a training state of examples/train.py
+    required = {"model": {}, "optimizer": {}, "scheduler": {}, "start_batch": 0, "global_step": 3}
+    save_checkpoint(tmp_path, 3, {**required, "epoch": 1, "value": torch.arange(3)})
     expected_next = torch.rand(2)  # the RNG stream right after the checkpoint
     save_checkpoint(tmp_path, 7, {"epoch": 2})
     (tmp_path / ".tmp-checkpoint-9").mkdir()  # a crash while writing: ignored
@@ -89,5 +92,5 @@ def test_atomic_checkpoints(tmp_path):
     assert not list(tmp_path.glob(".*.tmp-*"))
     atomic_torch_save({"a": 1}, tmp_path / "x.pt")
     assert torch.load(tmp_path / "x.pt") == {"a": 1}
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         load_checkpoint(tmp_path / "checkpoint-8")
