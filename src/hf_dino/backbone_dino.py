@@ -12,6 +12,8 @@ import logging
 import math
 import os
 import re
+import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -243,6 +245,156 @@ class DinoFrozenBatchNorm2d(nn.Module):
         return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
 
 
+class DinoFoldedConv(NamedTuple):
+    """A convolution with the frozen batch norm after it folded in: `bn(conv(x)) == conv2d(x, weight, bias)`."""
+
+    weight: torch.Tensor  # [C_out, C_in / groups, k_h, k_w], channels-last
+    bias: torch.Tensor  # [C_out]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class DinoFoldedResNet:
+    """Inference-only view of a frozen-batch-norm timm ResNet (`DinoBackbone.body`): the same function as
+    `body(pixel_values)`, with every batch norm folded into the convolution before it and the maps kept in
+    channels-last memory format (what oneDNN's CPU convolutions run fastest on).
+
+    The module is not changed: its parameters and buffers (what is trained, saved and converted) stay as they are,
+    and the folded weights (`W * scale`, `bias * scale + shift`, computed in float64 and cast to the weight's dtype)
+    live only here. They are cached and recomputed when any source tensor changes (new tensor, in-place update,
+    `.to()`); the cache holds weak references to the sources only.
+
+    `DinoFoldedResNet.supports(body)` tells whether the layout is the plain timm ResNet this class knows (conv-bn-ReLU
+    stem, then `Bottleneck` / `BasicBlock` stages without attention, anti-aliasing, drop-block or drop-path);
+    `DinoBackbone` falls back to `body` otherwise.
+    """
+
+    def __init__(self, body: nn.Module):
+        if not self.supports(body):
+            raise ValueError(f"{type(body).__name__} is not a plain frozen-batch-norm timm ResNet")
+        self.body = body
+        self._pairs: list[tuple[nn.Conv2d, DinoFrozenBatchNorm2d]] = []
+        self._plan: list[tuple[str, object]] = []  # (child name, what runs it), in the body's order
+        for name, child in body.named_children():
+            if name == "conv1":
+                self._plan.append((name, ("stem", self._pair(child, body.bn1))))
+            elif name in ("bn1", "act1"):
+                self._plan.append((name, None))  # folded into the stem convolution / applied with it
+            elif name == "maxpool":
+                self._plan.append((name, ("module", child)))
+            else:  # a stage
+                blocks = []
+                for block in child:
+                    convs = [self._pair(getattr(block, f"conv{i}"), getattr(block, f"bn{i}"))
+                             for i in (1, 2, 3) if hasattr(block, f"conv{i}")]
+                    downsample = None if block.downsample is None else self._pair(*block.downsample)
+                    blocks.append((convs, downsample))
+                self._plan.append((name, ("stage", blocks)))
+        self._return_layers = set(body.return_layers)
+        self._cache: tuple[list, dict] | None = None
+
+    def __getstate__(self) -> dict:
+        # copies and pickles (`copy.deepcopy(model)`, `torch.save(model)`) start without the cache (weak references)
+        return {**self.__dict__, "_cache": None}
+
+    @staticmethod
+    def supports(body: nn.Module) -> bool:
+        from timm.models.resnet import BasicBlock, Bottleneck
+
+        def conv_bn(conv, bn) -> bool:
+            return isinstance(conv, nn.Conv2d) and isinstance(bn, DinoFrozenBatchNorm2d) and conv.padding_mode == "zeros"
+
+        def block_ok(block) -> bool:
+            if type(block) not in (Bottleneck, BasicBlock):
+                return False
+            n = 3 if isinstance(block, Bottleneck) else 2
+            plain = all(conv_bn(getattr(block, f"conv{i}"), getattr(block, f"bn{i}")) and
+                        type(getattr(block, f"act{i}")) is nn.ReLU for i in range(1, n + 1))
+            extras = (isinstance(block.drop_block, nn.Identity) and isinstance(block.aa, nn.Identity)
+                      and block.se is None and block.drop_path is None)
+            ds = block.downsample
+            ds_ok = ds is None or (isinstance(ds, nn.Sequential) and len(ds) == 2 and conv_bn(ds[0], ds[1]))
+            return plain and extras and ds_ok
+
+        names = [name for name, _ in body.named_children()]
+        if not hasattr(body, "return_layers") or names[:3] != ["conv1", "bn1", "act1"]:
+            return False
+        if not conv_bn(body.conv1, body.bn1) or type(body.act1) is not nn.ReLU:
+            return False
+        for name, child in body.named_children():
+            if name == "maxpool":
+                if not isinstance(child, nn.MaxPool2d):
+                    return False
+            elif re.fullmatch(r"layer\d", name):
+                if not isinstance(child, nn.Sequential) or not all(block_ok(b) for b in child):
+                    return False
+            elif name not in ("conv1", "bn1", "act1"):
+                return False
+        return True
+
+    def _pair(self, conv: nn.Conv2d, bn: DinoFrozenBatchNorm2d) -> int:
+        self._pairs.append((conv, bn))
+        return len(self._pairs) - 1
+
+    @staticmethod
+    def _sources(conv: nn.Conv2d, bn: DinoFrozenBatchNorm2d) -> list[torch.Tensor]:
+        tensors = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        return tensors if conv.bias is None else [*tensors, conv.bias]
+
+    @torch.no_grad()
+    def folded_convolutions(self) -> list[DinoFoldedConv]:
+        """The folded convolutions, from the cache while none of their source tensors changed."""
+        sources = [t for conv, bn in self._pairs for t in self._sources(conv, bn)]
+        state = [(t._version, t.data_ptr()) for t in sources]
+        if self._cache is not None:
+            refs, cached_state, folded = self._cache
+            if cached_state == state and all(ref() is t for ref, t in zip(refs, sources)):
+                return folded
+        folded = []
+        for conv, bn in self._pairs:
+            scale = bn.weight.double() * (bn.running_var.double() + bn.eps).rsqrt()
+            shift = bn.bias.double() - bn.running_mean.double() * scale
+            bias = shift if conv.bias is None else conv.bias.double() * scale + shift
+            weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
+            dtype = conv.weight.dtype
+            folded.append(DinoFoldedConv(
+                weight.to(dtype).contiguous(memory_format=torch.channels_last), bias.to(dtype),
+                conv.stride, conv.padding, conv.dilation, conv.groups,
+            ))
+        self._cache = ([weakref.ref(t) for t in sources], state, folded)
+        return folded
+
+    @torch.no_grad()
+    def __call__(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """`[B, C, H, W]` -> the returned stages' maps `[B, C_l, H_l, W_l]` (channels-last), as `body` returns."""
+        convs = self.folded_convolutions()
+        x = pixel_values.contiguous(memory_format=torch.channels_last)
+        outputs = []
+        for name, step in self._plan:
+            if step is not None:
+                kind, what = step
+                if kind == "stem":
+                    x = convs[what](x).relu_()
+                elif kind == "module":
+                    x = what(x)
+                else:
+                    for block_convs, downsample in what:
+                        shortcut = x if downsample is None else convs[downsample](x)
+                        for index in block_convs[:-1]:
+                            x = convs[index](x).relu_()
+                        x = convs[block_convs[-1]](x)
+                        x += shortcut
+                        x.relu_()
+            if name in self._return_layers:
+                outputs.append(x)
+        return outputs
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # ImageNet weights
 # ----------------------------------------------------------------------------------------------------------------------
@@ -451,6 +603,22 @@ class DinoBackbone(nn.Module):
             logger.warning("newly initialised (not in the ImageNet weights %s): %s", weights, new)
         return new
 
+    def folded_body(self) -> DinoFoldedResNet | None:
+        """The inference view of a ResNet body with its batch norms folded (`DinoFoldedResNet`), None for a Swin
+        or a ResNet layout it does not know. Built on first use; not a submodule (nothing is saved)."""
+        folded = self.__dict__.get("_folded_body")
+        if folded is None or (folded is not False and folded.body is not self.body):
+            folded = DinoFoldedResNet(self.body) if DinoFoldedResNet.supports(self.body) else False
+            self.__dict__["_folded_body"] = folded
+        return folded or None
+
     def forward(self, pixel_values: torch.Tensor, padding_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        features = self.body(pixel_values)
+        """pixel_values `[B, C, H, W]`, padding_mask `[B, H, W]` (True = padding) -> `(map, mask)` per returned stage.
+
+        A ResNet in eval mode without autograd (`torch.no_grad()`, `torch.inference_mode()`) runs its folded,
+        channels-last inference view (`folded_body`); training, gradients and tracing/compiling run `body` itself.
+        """
+        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        folded = None if self.training or torch.is_grad_enabled() or tracing else self.folded_body()
+        features = self.body(pixel_values) if folded is None else folded(pixel_values)
         return [(f, F.interpolate(padding_mask[None].float(), size=f.shape[-2:])[0].bool()) for f in features]

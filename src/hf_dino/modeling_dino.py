@@ -229,7 +229,7 @@ class DinoMultiscaleDeformableAttention(nn.Module):
         Returns: `[B, Q, D]`.
         """
         b, q, _ = query.shape
-        value = self.value_proj(value).masked_fill(value_padding_mask[..., None], 0.0)
+        value = self.value_proj(value).masked_fill_(value_padding_mask[..., None], 0.0)  # in place: one copy less
         value = value.view(b, value.shape[1], self.n_heads, self.d_model // self.n_heads)
         offsets = self.sampling_offsets(query).view(b, q, self.n_heads, self.n_levels, self.n_points, 2)
         weights = self.attention_weights(query).view(b, q, self.n_heads, self.n_levels * self.n_points)
@@ -275,9 +275,10 @@ class DinoEncoderLayer(GradientCheckpointingLayer):
             hidden_states + position_embeddings, reference_points, hidden_states, padding_mask, spatial_shapes,
             spatial_shapes_list, level_start_index,
         )
-        hidden_states = self.norm1(hidden_states + self.dropout(attended))
+        # residuals added in place into the fresh branch outputs: no extra `[B, S, D]` tensor per layer
+        hidden_states = self.norm1(self.dropout(attended).add_(hidden_states))
         ffn = self.linear2(self.dropout(self.activation(self.linear1(hidden_states))))
-        return self.norm2(hidden_states + self.dropout(ffn))
+        return self.norm2(self.dropout(ffn).add_(hidden_states))
 
 
 class DinoEncoder(nn.Module):

@@ -1,0 +1,109 @@
+"""The ResNet inference fast path (`DinoFoldedResNet`: batch norms folded into the convolutions, channels-last) computes
+the backbone's function, runs only where it should, and changes nothing that is trained or saved."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_dino import DinoConfig
+from hf_dino.backbone_dino import DinoBackbone, DinoFoldedResNet, DinoFrozenBatchNorm2d
+from conftest import tiny_model
+
+
+def randomize_batch_norms(module: torch.nn.Module, seed: int = 0) -> None:
+    """Statistics far from the identity, so that a folding mistake shows in the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in module.modules():
+            if isinstance(bn, DinoFrozenBatchNorm2d):
+                n = bn.weight.numel()
+                bn.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                bn.bias.copy_(torch.randn(n, generator=generator) * 0.5)
+                bn.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
+                bn.running_var.copy_(torch.rand(n, generator=generator) * 2 + 0.1)
+
+
+@pytest.fixture(scope="module", params=["resnet18", "resnet50"])  # BasicBlock and Bottleneck stages
+def backbone(request):
+    torch.manual_seed(0)
+    module = DinoBackbone(DinoConfig(backbone=request.param)).eval()
+    randomize_batch_norms(module)
+    return module
+
+
+def float64_reference(backbone: DinoBackbone, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    """The unfolded body (convolution, then frozen batch norm) in float64, on a copy."""
+    import copy
+
+    with torch.no_grad():
+        return copy.deepcopy(backbone.body).double()(pixel_values.double())
+
+
+def assert_matches_reference(features, reference) -> None:
+    assert len(features) == len(reference)
+    for ours, ref in zip(features, reference):
+        assert ours.shape == ref.shape and ours.dtype == torch.float32
+        scale = ref.abs().max().item()
+        # float32 rounding only: the unfolded float32 body deviates from the float64 one by ~1e-6 relative
+        assert (ours.double() - ref).abs().max().item() <= 2e-5 * scale
+
+
+def test_folded_path_matches_float64_unfolded_backbone(backbone):
+    assert DinoFoldedResNet.supports(backbone.body)
+    pixel_values = torch.randn(2, 3, 48, 64)
+    padding_mask = torch.zeros(2, 48, 64, dtype=torch.bool)
+    with torch.no_grad():
+        features = backbone(pixel_values, padding_mask)
+    assert all(f.is_contiguous(memory_format=torch.channels_last) for f, _ in features), "fast path not taken"
+    assert_matches_reference([f for f, _ in features], float64_reference(backbone, pixel_values))
+
+
+def test_folded_weights_follow_in_place_updates(backbone):
+    """The cache is recomputed when a source tensor changes (here: new weights loaded in place)."""
+    pixel_values = torch.randn(1, 3, 64, 64)
+    padding_mask = torch.zeros(1, 64, 64, dtype=torch.bool)
+    with torch.no_grad():
+        backbone(pixel_values, padding_mask)  # fills the cache
+        state = {k: v.clone() for k, v in backbone.state_dict().items()}
+        randomize_batch_norms(backbone, seed=1)
+        backbone.body.conv1.weight.mul_(0.5)
+        features = [f for f, _ in backbone(pixel_values, padding_mask)]
+    assert_matches_reference(features, float64_reference(backbone, pixel_values))
+    backbone.load_state_dict(state)
+
+
+def test_training_and_gradients_run_the_module_itself(backbone):
+    pixel_values = torch.randn(1, 3, 64, 64)
+    padding_mask = torch.zeros(1, 64, 64, dtype=torch.bool)
+    body_output = backbone.body(pixel_values)  # autograd on
+    eval_with_grad = [f for f, _ in backbone(pixel_values, padding_mask)]
+    assert all(torch.equal(a, b) for a, b in zip(eval_with_grad, body_output))
+    assert eval_with_grad[-1].requires_grad  # layer2-4 stay trainable through the unfolded path
+    backbone.train()
+    try:
+        with torch.no_grad():
+            train_no_grad = [f for f, _ in backbone(pixel_values, padding_mask)]
+    finally:
+        backbone.eval()
+    assert all(torch.equal(a, b) for a, b in zip(train_no_grad, body_output))
+
+
+def test_fast_path_changes_nothing_saved(tmp_path):
+    model = tiny_model()
+    randomize_batch_norms(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "before")
+    with torch.no_grad():
+        model(pixel_values=torch.randn(1, 3, 64, 96))
+    assert model.model.backbone.folded_body()._cache is not None, "the fast path did not run"
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], v) and after[k].is_contiguous() for k, v in before.items())
+    model.save_pretrained(tmp_path / "after")  # safetensors refuses non-contiguous tensors: none were made
+    saved_before, saved_after = load_file(tmp_path / "before" / "model.safetensors"), load_file(
+        tmp_path / "after" / "model.safetensors"
+    )
+    assert list(saved_after) == list(saved_before)
+    assert all(torch.equal(saved_after[k], v) for k, v in saved_before.items())
