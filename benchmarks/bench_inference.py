@@ -7,7 +7,7 @@ The input is a real COCO image (the first of ../shared/data/coco-mini/val2017, o
 ``DinoImageProcessor`` (shorter side 800); without one, a random 800x1216 tensor. The three models run interleaved (A, B, C, A, B, C, ...) so background
 load affects them alike; medians are reported.
 
-    python benchmarks/bench_inference.py [--threads 2] [--repeats 3] [--image FILE] [--device cpu]
+    python benchmarks/bench_inference.py [--threads 2] [--repeats 3] [--image FILE] [--device cpu] [--bf16]
 """
 
 from __future__ import annotations
@@ -53,6 +53,24 @@ class _PytorchPath:
                 os.environ[ENV_DISABLE] = previous
 
 
+class _Autocast:
+    """Runs a float32 model under ``torch.autocast(device, torch.bfloat16)``."""
+
+    def __init__(self, model, device_type: str):
+        self.model, self.device_type = model, device_type
+
+    def __call__(self, **inputs):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return self.model(**inputs)
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
 def deformable_detr():
     from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection
 
@@ -70,6 +88,12 @@ def main() -> int:
     parser.add_argument("--image", default=None, help="image file (default: first COCO-MINI val image)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-deformable-detr", action="store_true")
+    parser.add_argument("--skip-pytorch-path", action="store_true", help="leave out the pure-PyTorch attention run")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run torch.compile(model) (inductor; its compile time is printed, not timed)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also run bfloat16: the model converted (from_pretrained(..., dtype=torch.bfloat16) "
+                             "does the same) and the float32 model under torch.autocast")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -98,19 +122,25 @@ def main() -> int:
     load_extension(device.type)
 
     dino = DinoForObjectDetection(DinoConfig()).to(device).eval()
-    candidates = {
-        "hf_dino (kernel)": dino,
-        "hf_dino (pytorch path)": _PytorchPath(dino),
-    }
+    candidates = {"hf_dino (kernel)": dino}
+    if not args.skip_pytorch_path:
+        candidates["hf_dino (pytorch path)"] = _PytorchPath(dino)
+    if args.bf16:
+        candidates["hf_dino bf16 (model.to)"] = DinoForObjectDetection(DinoConfig()).to(device, torch.bfloat16).eval()
+        candidates["hf_dino bf16 (autocast)"] = _Autocast(dino, device.type)
+    if args.compile:
+        candidates["hf_dino torch.compile"] = torch.compile(dino)
     if not args.skip_deformable_detr:
         candidates["transformers DeformableDetr"] = deformable_detr().to(device).eval()
 
     print(f"torch {torch.__version__}, device={device.type}, threads={torch.get_num_threads()}, "
-          f"image {source} -> {height}x{width}, batch 1, repeats={args.repeats}")
+          f"image {source} -> {height}x{width}, batch 1, repeats={args.repeats}, load average {load_average()}")
     times: dict[str, list[float]] = {name: [] for name in candidates}
     with torch.no_grad():
-        for name, model in candidates.items():  # warm-up
+        for name, model in candidates.items():  # warm-up (and compilation)
+            start = time.perf_counter()
             model(pixel_values=pixel_values, pixel_mask=pixel_mask)
+            print(f"{name}: first call {time.perf_counter() - start:.1f} s", flush=True)
         for _ in range(args.repeats):
             for name, model in candidates.items():
                 synchronize()
@@ -118,11 +148,14 @@ def main() -> int:
                 model(pixel_values=pixel_values, pixel_mask=pixel_mask)
                 synchronize()
                 times[name].append(time.perf_counter() - start)
+    print(f"load average after the runs: {load_average()}")
     base = statistics.median(times["hf_dino (kernel)"])
+    peer = statistics.median(times["transformers DeformableDetr"]) if "transformers DeformableDetr" in times else None
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"{name:28s} median {median * 1e3:9.1f} ms   (kernel model / this = {base / median:4.2f}x; "
-              f"runs {', '.join(f'{v:.2f}' for v in values)} s)")
+        versus_peer = f"this / DeformableDetr = {median / peer:4.2f}x; " if peer else ""
+        print(f"{name:28s} median {median * 1e3:9.1f} ms   ({versus_peer}this / hf_dino fp32 kernel = "
+              f"{median / base:4.2f}x; runs {', '.join(f'{v:.2f}' for v in values)} s)")
     return 0
 
 
