@@ -76,7 +76,7 @@ def deformable_detr():
 
     config = DeformableDetrConfig(
         num_queries=900, two_stage=True, with_box_refine=True, two_stage_num_proposals=900,
-        encoder_ffn_dim=2048, decoder_ffn_dim=2048, dropout=0.0,
+        encoder_ffn_dim=2048, decoder_ffn_dim=2048, dropout=0.0, num_labels=91,  # COCO's class ids, as DINO
     )
     return DeformableDetrForObjectDetection(config)
 

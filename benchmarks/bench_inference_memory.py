@@ -69,7 +69,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="child processes per candidate (interleaved)")
-    parser.add_argument("--steps", type=int, default=2, help="timed forwards per child, after one warm-up")
+    parser.add_argument("--steps", type=int, default=2,
+                        help="timed forwards per child, after one warm-up (0: peak memory only)")
     parser.add_argument("--autocast", action="store_true", help="also float32 models under bfloat16 autocast")
     parser.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -97,15 +98,18 @@ def main() -> int:
             for key, value in record.items():
                 results[(model, mode)].setdefault(key, []).extend(value if isinstance(value, list) else [value])
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
-    ours_fp32 = statistics.median(results[("hf_dino", "float32")]["times"])
+    def median(values: list) -> float:  # --steps 0 measures memory only
+        return statistics.median(values) if values else float("nan")
+
+    ours_fp32 = median(results[("hf_dino", "float32")].get("times", []))
     for (model, mode), record in results.items():
         if not record:
             continue
-        latency, peak = statistics.median(record["times"]), max(record["peak_rss_gb"])
+        latency, peak = median(record.get("times", [])), max(record["peak_rss_gb"])
         peer = results[("transformers DeformableDetr", mode)]
         peer_text = ""
         if model == "hf_dino" and peer:
-            peer_text = (f"  vs peer: {latency / statistics.median(peer['times']):4.2f}x time, "
+            peer_text = (f"  vs peer: {latency / median(peer.get('times', [])):4.2f}x time, "
                          f"{peak / max(peer['peak_rss_gb']):4.2f}x peak RSS")
         print(f"{model:28s} {mode:9s} median {latency:6.2f} s ({latency / ours_fp32:4.2f}x our float32)  "
               f"peak RSS {peak:5.2f} GB (model built: {max(record['model_rss_gb']):4.2f} GB){peer_text}")
