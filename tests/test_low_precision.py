@@ -171,7 +171,7 @@ def test_pipeline_and_cli_in_bfloat16(model_dir, tmp_path):
     from PIL import Image
     from transformers import pipeline
 
-    from hf_dino.cli import main
+    from hf_dino_cli import main
 
     image = Image.fromarray(torch.randint(0, 255, (120, 150, 3), generator=torch.Generator().manual_seed(1),
                                           dtype=torch.uint8).numpy())
