@@ -618,7 +618,7 @@ class DinoBackbone(nn.Module):
         A ResNet in eval mode without autograd (`torch.no_grad()`, `torch.inference_mode()`) runs its folded,
         channels-last inference view (`folded_body`); training, gradients and tracing/compiling run `body` itself.
         """
-        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
         folded = None if self.training or torch.is_grad_enabled() or tracing else self.folded_body()
         features = self.body(pixel_values) if folded is None else folded(pixel_values)
         return [(f, F.interpolate(padding_mask[None].float(), size=f.shape[-2:])[0].bool()) for f in features]
