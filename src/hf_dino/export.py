@@ -195,11 +195,14 @@ def export_onnx(
     pixel_mask = torch.ones(pixel_values.shape[0], height, width, dtype=torch.long, device=device)
     if dynamic_batch:  # a padded second image, so that the mask arithmetic is traced in general form
         pixel_mask[1, height * 3 // 4:, width * 2 // 3:] = 0
-    # smaller sides give 1-pixel levels, which torch.export would have to special-case; the processor makes >= 800
-    min_side = 128
+    # Height and width are `Dim.DYNAMIC`: torch.export records the guards its symbolic-shape solver cannot prove
+    # for every size (e.g. `h <= 7 * ceil(h / 7)` of the Swin window padding, or the contiguity checks of its window
+    # reshapes) as checks of the traced program instead of refusing them; they decide strides, not values, and the
+    # ONNX graph is generic (tests/test_export.py runs it at other sizes, window multiples and 1-window maps
+    # included). A size that the model really specialises on still raises (`DinoExportError`).
     batch = torch.export.Dim("batch", min=1, max=1024) if dynamic_batch else None
-    h_dim = torch.export.Dim("height", min=min_side, max=8192) if dynamic_size else None
-    w_dim = torch.export.Dim("width", min=min_side, max=8192) if dynamic_size else None
+    h_dim = torch.export.Dim.DYNAMIC if dynamic_size else None
+    w_dim = torch.export.Dim.DYNAMIC if dynamic_size else None
     dynamic_shapes = {
         "pixel_values": {k: v for k, v in {0: batch, 2: h_dim, 3: w_dim}.items() if v is not None},
         "pixel_mask": {k: v for k, v in {0: batch, 1: h_dim, 2: w_dim}.items() if v is not None},
