@@ -345,7 +345,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def add_export_parser(subparsers) -> argparse.ArgumentParser:
-    from .export import DEFAULT_OPSET, MIN_OPSET
+    from .export import DEFAULT_OPSET, MIN_EXPORTER_OPSET
 
     parser = subparsers.add_parser(
         "export",
@@ -360,7 +360,8 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="saved model folder or Hub id")
     parser.add_argument("--output", required=True, help="the .onnx file to write")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                        help=f"ONNX opset (default {DEFAULT_OPSET}; at least {MIN_OPSET} for GridSample)")
+                        help=f"ONNX opset (default {DEFAULT_OPSET}; at least {MIN_EXPORTER_OPSET}: GridSample needs 16, "
+                             f"the exporter writes >= {MIN_EXPORTER_OPSET})")
     parser.add_argument("--static-batch", action="store_true", help="fix the batch size to 1 (default: dynamic)")
     parser.add_argument("--static-size", nargs=2, type=int, metavar=("HEIGHT", "WIDTH"),
                         help="fix the input size to HEIGHT x WIDTH (default: dynamic height and width)")

@@ -50,6 +50,7 @@ from .deformable_attention import multi_scale_deformable_attention_pytorch
 from .modeling_dino import DinoForObjectDetection, DinoMultiscaleDeformableAttention
 
 __all__ = [
+    "MIN_EXPORTER_OPSET",
     "MIN_OPSET",
     "DEFAULT_OPSET",
     "INPUT_NAMES",
@@ -62,6 +63,7 @@ __all__ = [
 ]
 
 MIN_OPSET = 16  # ONNX GridSample (4-D) exists from opset 16
+MIN_EXPORTER_OPSET = 18  # the oldest opset the torch.onnx (dynamo) exporter writes (16 and 17 fail to convert)
 DEFAULT_OPSET = 18  # the torch.onnx (dynamo) exporter's own opset
 INPUT_NAMES = ("pixel_values", "pixel_mask")
 OUTPUT_NAMES = ("logits", "pred_boxes", "encoder_topk_indices")
@@ -115,6 +117,13 @@ def _check_exportable(model: nn.Module, opset: int) -> None:
         raise ValueError(
             f"opset {opset} is too old: DINO's deformable attention is exported as ONNX GridSample, which needs "
             f"opset >= {MIN_OPSET} (onnxruntime >= 1.11). Use --opset {DEFAULT_OPSET}."
+        )
+    if opset < MIN_EXPORTER_OPSET:
+        raise ValueError(
+            f"opset {opset} has GridSample, but the torch.onnx (dynamo) exporter used here writes opset "
+            f">= {MIN_EXPORTER_OPSET} only: asked for {opset}, it exports at {MIN_EXPORTER_OPSET} and its conversion "
+            f"down fails on the Reduce* operators (their `axes` became an input in opset 18), leaving an opset-18 "
+            f"file. Use --opset {MIN_EXPORTER_OPSET} or newer (onnxruntime >= 1.14 runs it)."
         )
     for name, module in model.named_modules():
         if isinstance(module, DinoMultiscaleDeformableAttention) and (
@@ -173,13 +182,14 @@ def export_onnx(
             it as `<name>.data`).
         processor: the model's image processor; its configuration is stored in the file's metadata (with the
             model config, for label names), so that :class:`DinoOnnxDetector` needs nothing else.
-        opset: ONNX opset, at least 16 (GridSample).
+        opset: ONNX opset, at least 18: GridSample needs 16, and the torch.onnx (dynamo) exporter writes 18 and
+            newer only (a clear ValueError for 16 and 17, which it cannot convert the graph down to).
         example_size: `(height, width)` of the example batch used for tracing (any size the processor produces).
         dynamic_batch, dynamic_size: make the batch / the height and width symbolic (the default). With
             `dynamic_size=False` the graph only accepts `example_size`.
 
     Raises:
-        ValueError: opset too old. ImportError: onnx / onnxscript missing (names the `onnx` extra).
+        ValueError: opset too old (< 16: no GridSample; 16, 17: not written by the exporter). ImportError: onnx / onnxscript missing (names the `onnx` extra).
         DinoExportError: the model (or a replaced attention) cannot be expressed with standard ONNX operators.
     """
     require_onnx()
