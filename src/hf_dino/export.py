@@ -30,7 +30,9 @@ sampler:
 How the model becomes exportable (both numerically identical to the eager model): level sizes travel as Python
 ints / symbolic sizes next to the ``spatial_shapes`` tensor (no size is read back from a tensor), and during the
 export every deformable attention module takes the pure-PyTorch (``grid_sample``) path instead of the compiled custom
-op, which no ONNX runtime knows (:func:`pure_pytorch_attention`).
+op, which no ONNX runtime knows (:func:`pure_pytorch_attention`). The Swin backbone writes its padded sizes as
+ceil-divisions, its reshapes with explicit sizes and its shifted-window mask from comparisons with the (symbolic)
+map size, so window padding, masks and patch merging follow the input size in the graph.
 """
 
 from __future__ import annotations
