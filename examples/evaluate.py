@@ -34,7 +34,8 @@ from PIL import Image
 
 import hf_dino  # noqa: F401 - registers DINO with the Auto classes (`pip install -e .` in a checkout)
 from hf_dino.evaluation import CocoEvaluator, build_label_to_category_id, format_metrics_table
-from hf_dino.tta import add_tta_arguments, tta_from_args
+from hf_dino.tta import tta_from_args
+from hf_dino_cli import add_tta_arguments
 
 
 def parse_args(argv=None) -> argparse.Namespace:

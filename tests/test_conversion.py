@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from conftest import PARITY, REPO, require_parity
+from conftest import PARITY, REPO, require_parity, subprocess_env
 
 CONVERTER = REPO / "conversion" / "convert_original_checkpoint.py"
 
@@ -79,7 +79,7 @@ def test_other_pickled_objects_need_an_explicit_opt_in(converter, tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(CONVERTER), *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, str(CONVERTER), *args], capture_output=True, text=True, env=subprocess_env())
 
 
 def test_bad_files_fail_with_one_line_naming_the_file(tmp_path):

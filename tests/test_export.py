@@ -174,7 +174,7 @@ def test_cli_predict_onnx_matches_pytorch(exported, tmp_path):
     """`hf-dino predict --onnx` writes the detections of the PyTorch model (forced to the same query selection)."""
     from PIL import Image
 
-    from hf_dino.cli import main
+    from hf_dino_cli import main
 
     _, model, detector, *_, tmp = exported
     images = sorted(COCO_MINI.rglob("*.jpg"))[:1] if COCO_MINI.exists() else []

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import verify
-from conftest import REPO, tiny_model, tiny_processor
+from conftest import REPO, subprocess_env, tiny_model, tiny_processor
 from hf_dino import hub
 from hf_dino.model_card import CITATION, finetuned_model_card, metrics_table, released_model_card, usage_snippet
 from hf_dino.released_checkpoints import BY_FILE_NAME, RELEASED_CHECKPOINTS, find_checkpoint, markdown_table
@@ -353,7 +353,7 @@ def test_converter_verify_against_original_fixture(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "conversion" / "convert_original_checkpoint.py"), "--checkpoint", str(checkpoint),
          "--model-name", "dino-r50-4scale", "--output-dir", str(tmp_path / "hf"), "--verify", str(fixture)],
-        capture_output=True, text=True,
+        capture_output=True, text=True, env=subprocess_env(),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "OK: max |diff|" in proc.stdout

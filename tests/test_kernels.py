@@ -670,6 +670,9 @@ def test_built_wheel_ships_and_compiles_the_sources(tmp_path):
         names = set(archive.namelist())
         for source in _loader._SOURCES["cpu"] + _loader._SOURCES["cuda"] + _loader._HEADERS["cpu"]:
             assert f"hf_dino/kernels/csrc/{source}" in names
+        assert "hf_dino_cli/__init__.py" in names  # the `hf-dino` command's package ships too
+        (entry_points,) = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
+        assert "hf-dino = hf_dino_cli:main" in archive.read(entry_points).decode()
         archive.extractall(tmp_path / "site")
     code = textwrap.dedent(
         """

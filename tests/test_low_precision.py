@@ -19,6 +19,7 @@ import hf_dino.deformable_attention as da
 from hf_dino import DinoForObjectDetection, DinoImageProcessor
 from hf_dino.kernels import _loader
 
+from conftest import subprocess_env
 from conftest import tiny_model as conftest_tiny_model
 
 def tiny_model() -> DinoForObjectDetection:
@@ -171,7 +172,7 @@ def test_pipeline_and_cli_in_bfloat16(model_dir, tmp_path):
     from PIL import Image
     from transformers import pipeline
 
-    from hf_dino.cli import main
+    from hf_dino_cli import main
 
     image = Image.fromarray(torch.randint(0, 255, (120, 150, 3), generator=torch.Generator().manual_seed(1),
                                           dtype=torch.uint8).numpy())
@@ -204,7 +205,7 @@ def test_evaluate_script_in_bfloat16(model_dir, tmp_path):
         [sys.executable, str(script), "--model", str(model_dir), "--images", str(COCO_MINI / "val2017"),
          "--annotations", str(annotations), "--max-images", "2", "--dtype", "bfloat16", "--labels-are-category-ids",
          "--output", str(tmp_path / "results.json"), "--metrics-output", str(tmp_path / "metrics.json")],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env=subprocess_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())

@@ -10,6 +10,8 @@ import functools
 import http.server
 import io
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import COCO_MINI, REPO, tiny_model
+from conftest import COCO_MINI, REPO, subprocess_env, tiny_model
 
 VAL = COCO_MINI / "val2017"
 IMAGE_A = VAL / "000000000139.jpg"  # 640x426
@@ -182,11 +184,29 @@ def test_pipeline_tiny_and_extreme_images(detector):
 
 def test_console_script_declared():
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert 'hf-dino = "hf_dino.cli:main"' in pyproject
+    assert 'hf-dino = "hf_dino_cli:main"' in pyproject
+
+
+def test_cli_help_imports_neither_torch_nor_hf_dino():
+    """`hf-dino ... --help` and argument errors answer from argparse alone (importing hf_dino takes seconds)."""
+    code = (
+        "import sys, hf_dino_cli\n"
+        "for argv in (['--help'], ['predict', '--help'], ['export', '--help'], ['predict', 'a.jpg']):\n"
+        "    try:\n"
+        "        hf_dino_cli.main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('IMPORTED', sorted({'torch', 'transformers', 'hf_dino', 'numpy'} & set(sys.modules)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env())
+    assert result.returncode == 0, result.stderr
+    assert "IMPORTED []" in result.stdout, result.stdout[-500:]
+    assert "--onnx" in result.stdout and "--opset" in result.stdout and "--tta-scales" in result.stdout
+    assert "give --model (PyTorch) or --onnx" in result.stderr  # `predict` without a model: checked before imports
 
 
 def test_cli_has_predict_subcommand():
-    from hf_dino.cli import build_parser
+    from hf_dino_cli import build_parser
 
     parser = build_parser()
     args = parser.parse_args(["predict", "a.jpg", "dir", "--model", "m", "--threshold", "0.4", "--batch-size", "2"])
@@ -194,7 +214,7 @@ def test_cli_has_predict_subcommand():
     assert args.batch_size == 2 and callable(args.func)
     with pytest.raises(SystemExit):
         parser.parse_args([])
-    from hf_dino.cli import main
+    from hf_dino_cli import main
 
     assert main(["predict", "a.jpg"]) == 2  # --model (or --onnx) is required
 
@@ -248,7 +268,7 @@ def input_folder(tmp_path):
 
 
 def test_cli_predict_end_to_end(model_dir, input_folder, tmp_path, capsys):
-    from hf_dino.cli import main
+    from hf_dino_cli import main
 
     out = tmp_path / "out"
     missing = tmp_path / "does_not_exist.jpg"
@@ -308,7 +328,7 @@ def test_cli_predict_end_to_end(model_dir, input_folder, tmp_path, capsys):
 
 
 def test_cli_all_good_inputs_exit_zero_and_threshold(model_dir, tmp_path):
-    from hf_dino.cli import main
+    from hf_dino_cli import main
 
     out = tmp_path / "out"
     rc = main(["predict", str(IMAGE_B), "--model", str(model_dir), "--threshold", "0.99", "--out", str(out),
@@ -319,7 +339,7 @@ def test_cli_all_good_inputs_exit_zero_and_threshold(model_dir, tmp_path):
 
 
 def test_cli_unloadable_model_is_a_clear_error(tmp_path, capsys):
-    from hf_dino.cli import main
+    from hf_dino_cli import main
 
     rc = main(["predict", str(IMAGE_A), "--model", str(tmp_path / "no_model_here"), "--out", str(tmp_path / "o")])
     assert rc == 1
@@ -327,7 +347,7 @@ def test_cli_unloadable_model_is_a_clear_error(tmp_path, capsys):
 
 
 def test_cli_model_folder_that_does_not_exist(tmp_path, capsys):
-    from hf_dino.cli import main
+    from hf_dino_cli import main
 
     for missing in (tmp_path / "no_model_here", "./runs/final", "~/models/dino"):
         rc = main(["predict", str(IMAGE_A), "--model", str(missing), "--out", str(tmp_path / "o")])
@@ -339,7 +359,7 @@ def test_cli_model_folder_that_does_not_exist(tmp_path, capsys):
 def test_cli_refuses_models_that_are_not_dino(tmp_path, capsys):
     from transformers import DetrConfig
 
-    from hf_dino.cli import main
+    from hf_dino_cli import main
 
     folder = tmp_path / "detr"
     DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False).save_pretrained(folder)
@@ -351,7 +371,7 @@ def test_cli_refuses_models_that_are_not_dino(tmp_path, capsys):
 
 
 def test_cli_rejects_top_k_zero(model_dir, tmp_path, capsys):
-    from hf_dino.cli import main
+    from hf_dino_cli import main
 
     rc = main(["predict", str(IMAGE_A), "--model", str(model_dir), "--top-k", "0", "--out", str(tmp_path / "o")])
     assert rc == 2 and "--top-k must be >= 1" in capsys.readouterr().err

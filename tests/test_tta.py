@@ -247,7 +247,7 @@ def model_dir(tmp_path_factory):
 
 
 def test_cli_predict_tta(model_dir, images, tmp_path):
-    from hf_dino.cli import main
+    from hf_dino_cli import main
 
     folder = tmp_path / "in"
     folder.mkdir()

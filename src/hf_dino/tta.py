@@ -384,22 +384,8 @@ class DinoTTA:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def add_tta_arguments(parser) -> None:
-    """Add `--tta`, `--tta-scales`, `--tta-no-flip`, `--tta-ensemble` to an `argparse` parser."""
-    group = parser.add_argument_group("test-time augmentation (hf_dino.tta)")
-    group.add_argument("--tta", action="store_true",
-                       help="test-time augmentation: several scales, plain and mirrored, ensembled one-to-one "
-                       "(DINO paper, Appendix A)")
-    group.add_argument("--tta-scales", type=float, nargs="+", default=list(DEFAULT_SCALES), metavar="S",
-                       help="resize factors of the processor's size, the first one the main view "
-                       f"(default {' '.join(map(str, DEFAULT_SCALES))})")
-    group.add_argument("--tta-no-flip", action="store_true", help="no mirrored views")
-    group.add_argument("--tta-ensemble", default="one-to-one", choices=["one-to-one", "nms"],
-                       help="one-to-one (the paper's, default) or nms (gather all views, batched NMS)")
-
-
 def tta_from_args(args, model: torch.nn.Module, processor: Any) -> DinoTTA | None:
-    """The `DinoTTA` that the options of :func:`add_tta_arguments` ask for (None without `--tta`)."""
+    """The `DinoTTA` that the command-line options of `hf_dino_cli.add_tta_arguments` ask for (None without `--tta`)."""
     if not args.tta:
         return None
     return DinoTTA(model, processor, scales=args.tta_scales, flip=not args.tta_no_flip, ensemble=args.tta_ensemble)

@@ -1,6 +1,10 @@
 # Copyright 2026 The hf_dino authors. Licensed under the Apache License, Version 2.0.
 """`hf-dino` command line.
 
+This package is the command-line surface of `hf_dino`, kept outside it on purpose: importing `hf_dino` registers
+DINO with the transformers Auto classes, which imports torch and transformers (seconds), while `hf-dino --help` and
+argument errors need only `argparse`. Every command imports `hf_dino` when it runs.
+
     hf-dino predict IMAGE_OR_DIR... --model MODEL [--threshold T] [--device D] [--batch-size N] [--out DIR] [--tta]
     hf-dino predict IMAGE_OR_DIR... --onnx model.onnx [--model MODEL] ...     (onnxruntime, hf_dino.export)
     hf-dino export --model MODEL --output model.onnx [--opset N] [--static-batch] [--static-size]
@@ -21,7 +25,7 @@ from pathlib import Path
 
 __all__ = [
     "main", "build_parser", "SUBCOMMANDS", "add_predict_parser", "run_predict", "add_export_parser", "run_export",
-    "collect_images",
+    "collect_images", "add_tta_arguments",
 ]
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
@@ -63,8 +67,6 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--no-draw", action="store_true", help="do not write annotated images")
     parser.add_argument("--max-draw", type=int, default=100, help="draw at most this many detections per image")
     parser.add_argument("--no-progress", action="store_true", help="disable the progress bar")
-    from .tta import add_tta_arguments
-
     add_tta_arguments(parser)
     parser.set_defaults(func=run_predict)
     return parser
@@ -149,8 +151,8 @@ def _load_model_and_processor(model_name: str, device, dtype: str = "float32"):
 
     import hf_dino  # noqa: F401 - registers DINO with the Auto classes
 
-    from .configuration_dino import DinoConfig
-    from .image_processing_dino import DinoImageProcessor
+    from hf_dino.configuration_dino import DinoConfig
+    from hf_dino.image_processing_dino import DinoImageProcessor
 
     _check_model_argument(model_name)
     try:
@@ -183,7 +185,7 @@ def _load_model_and_processor(model_name: str, device, dtype: str = "float32"):
 def _load_onnx_runner(onnx_path: str, model_name: str | None):
     """(DinoOnnxDetector, processor, id2label) for `predict --onnx`; --model, when given, supplies the processor and
     the label names (else those stored in the file by `hf-dino export`)."""
-    from .export import DinoOnnxDetector
+    from hf_dino.export import DinoOnnxDetector
 
     processor, id2label = None, None
     if model_name is not None:
@@ -199,13 +201,6 @@ def _load_onnx_runner(onnx_path: str, model_name: str | None):
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm.auto import tqdm
-
-    from .box_ops import box_xyxy_to_xywh
-    from .image_processing_dino import load_image_file, pil_to_rgb
-    from .visualization import draw_detections
-
     if args.batch_size < 1:
         _error("--batch-size must be >= 1")
         return 2
@@ -218,6 +213,14 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.onnx is not None and args.tta:
         _error("--tta runs the PyTorch model; it does not combine with --onnx")
         return 2
+    # argument errors are reported before the (seconds-long) imports
+    import torch
+    from tqdm.auto import tqdm
+
+    from hf_dino.box_ops import box_xyxy_to_xywh
+    from hf_dino.image_processing_dino import load_image_file, pil_to_rgb
+    from hf_dino.visualization import draw_detections
+
     files, failures = collect_images(args.inputs, recursive=args.recursive)
     for item, message in failures:
         _error(f"{item}: {message}")
@@ -236,7 +239,7 @@ def run_predict(args: argparse.Namespace) -> int:
     except Exception as error:  # noqa: BLE001 - reported as a CLI error
         _error(f"cannot load model {args.onnx or args.model!r}: {error}")
         return 1
-    from .tta import tta_from_args
+    from hf_dino.tta import tta_from_args
 
     tta = tta_from_args(args, model, processor)
 
@@ -339,14 +342,26 @@ def run_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def add_tta_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `--tta`, `--tta-scales`, `--tta-no-flip`, `--tta-ensemble` (read by `hf_dino.tta.tta_from_args`)."""
+    group = parser.add_argument_group("test-time augmentation (hf_dino.tta)")
+    group.add_argument("--tta", action="store_true",
+                       help="test-time augmentation: several scales, plain and mirrored, ensembled one-to-one "
+                       "(DINO paper, Appendix A)")
+    group.add_argument("--tta-scales", type=float, nargs="+", metavar="S",
+                       help="resize factors of the processor's size, the first one the main view "
+                       "(default: 1.0, the processor's size only)")
+    group.add_argument("--tta-no-flip", action="store_true", help="no mirrored views")
+    group.add_argument("--tta-ensemble", default="one-to-one", choices=["one-to-one", "nms"],
+                       help="one-to-one (the paper's, default) or nms (gather all views, batched NMS)")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # export
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 def add_export_parser(subparsers) -> argparse.ArgumentParser:
-    from .export import DEFAULT_OPSET, MIN_EXPORTER_OPSET
-
     parser = subparsers.add_parser(
         "export",
         help="export a DINO model to ONNX (standard operators, dynamic batch / height / width)",
@@ -359,9 +374,9 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="saved model folder or Hub id")
     parser.add_argument("--output", required=True, help="the .onnx file to write")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                        help=f"ONNX opset (default {DEFAULT_OPSET}; at least {MIN_EXPORTER_OPSET}: GridSample needs 16, "
-                             f"the exporter writes >= {MIN_EXPORTER_OPSET})")
+    parser.add_argument("--opset", type=int,
+                        help="ONNX opset (default: hf_dino.export.DEFAULT_OPSET, the exporter's own; at least 18: "
+                        "GridSample appeared in 16, but the torch.onnx exporter writes 18 and newer)")
     parser.add_argument("--static-batch", action="store_true", help="fix the batch size to 1 (default: dynamic)")
     parser.add_argument("--static-size", nargs=2, type=int, metavar=("HEIGHT", "WIDTH"),
                         help="fix the input size to HEIGHT x WIDTH (default: dynamic height and width)")
@@ -371,7 +386,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_export(args: argparse.Namespace) -> int:
     try:
-        from .export import DinoExportError, export_onnx, require_onnx
+        from hf_dino.export import DinoExportError, export_onnx, require_onnx
 
         require_onnx()
     except ImportError as error:
@@ -383,8 +398,10 @@ def run_export(args: argparse.Namespace) -> int:
         _error(f"cannot load model {args.model!r}: {error}")
         return 1
     kwargs = {"example_size": tuple(args.static_size)} if args.static_size else {}
+    if args.opset is not None:
+        kwargs["opset"] = args.opset
     try:
-        path = export_onnx(model, args.output, processor=processor, opset=args.opset,
+        path = export_onnx(model, args.output, processor=processor,
                            dynamic_batch=not args.static_batch, dynamic_size=args.static_size is None, **kwargs)
     except (ValueError, TypeError, DinoExportError) as error:
         _error(str(error))
@@ -412,7 +429,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
