@@ -33,11 +33,8 @@ ATOL = 1e-4
 SCORE_ATOL = 1e-4
 
 
-# slow: one export of the full-size model (~5 min of CPU here, 12 min wall on the shared 2-core machine)
-@pytest.fixture(scope="module", params=[pytest.param("r50_4scale", marks=pytest.mark.slow)])
-def exported(request, tmp_path_factory):
-    """Converted fixture model, exported once per fixture (the expensive step; its time is printed)."""
-    fixture = request.param
+def _export_fixture(fixture, tmp_path_factory):
+    """Converted fixture model, exported once (the expensive step; its time is printed)."""
     folder = require_parity(fixture)
     tmp = tmp_path_factory.mktemp(f"export_{fixture}")
     checkpoint = write_original_checkpoint(fixture, tmp)
@@ -53,6 +50,12 @@ def exported(request, tmp_path_factory):
     expected = load_file(folder / "expected.safetensors")
     pixel_mask = (~inputs["pixel_mask"]).long()  # fixture: True on padding; transformers: 1 = pixel
     return fixture, model, detector, inputs["pixel_values"], pixel_mask, expected, tmp
+
+
+# slow: one export of the full-size R50 model; the dynamic-shape tests below run on this one file
+@pytest.fixture(scope="module", params=[pytest.param("r50_4scale", marks=pytest.mark.slow)])
+def exported(request, tmp_path_factory):
+    return _export_fixture(request.param, tmp_path_factory)
 
 
 def pytorch_forced(model, pixel_values, pixel_mask, selection):
@@ -112,13 +115,33 @@ def test_graph_is_standard_and_dynamic(exported):
     assert not list(tmp.glob("*.data")), "weights should be inside the single .onnx file"
 
 
-def test_fixture_batch_matches_original(exported):
+_FIXTURE_OUTPUTS: dict[str, dict] = {}  # onnxruntime's outputs on a fixture batch, shared by the tests that read them
+
+
+def fixture_batch_outputs(exported) -> dict:
+    fixture, _, detector, pixel_values, pixel_mask, *_ = exported
+    if fixture not in _FIXTURE_OUTPUTS:
+        _FIXTURE_OUTPUTS[fixture] = detector.forward(pixel_values, pixel_mask)
+    return _FIXTURE_OUTPUTS[fixture]
+
+
+def _fixture_batch_matches_original(exported):
     fixture, model, detector, pixel_values, pixel_mask, expected, _ = exported
-    out = detector.forward(pixel_values, pixel_mask)
+    out = fixture_batch_outputs(exported)
     check_rule(
         f"{fixture} fixture batch", out, expected["internals.enc_token_scores"], expected["internals.enc_topk_indices"],
         expected["pred_logits"], expected["pred_boxes"], model, pixel_values, pixel_mask,
     )
+
+
+def test_fixture_batch_matches_original(exported):
+    _fixture_batch_matches_original(exported)
+
+
+@pytest.mark.slow
+def test_swinl_fixture_batch_matches_original(tmp_path_factory):
+    """Swin-L: the one full-size check against the original (its dynamic shapes are tested on a tiny Swin below)."""
+    _fixture_batch_matches_original(_export_fixture("swinl_4scale", tmp_path_factory))
 
 
 def _against_pytorch(label, exported, pixel_values, pixel_mask):
@@ -176,8 +199,8 @@ def test_cli_predict_onnx_matches_pytorch(exported, tmp_path):
 
 
 def test_post_process_accepts_numpy(exported):
-    _, _, detector, pixel_values, pixel_mask, *_ = exported
-    out = detector.forward(pixel_values, pixel_mask)
+    detector = exported[2]
+    out = fixture_batch_outputs(exported)
     from_numpy = detector.processor.post_process_object_detection(out, 0.0, [(480, 640)] * 2)
     from_torch = detector.processor.post_process_object_detection(
         {k: torch.from_numpy(v) for k, v in out.items()}, 0.0, [(480, 640)] * 2
@@ -185,6 +208,47 @@ def test_post_process_accepts_numpy(exported):
     for a, b in zip(from_numpy, from_torch):
         for key in ("scores", "labels", "boxes"):
             assert torch.equal(a[key], b[key])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Swin and 5 scales, dynamic shapes: a tiny Swin (4 stages of 2 blocks, so every stage has a shifted-window block)
+# with 5 feature levels, exported once; the same file at other sizes (window multiples, maps smaller than one window)
+# and batch sizes must agree with the PyTorch model (same rule as above)
+# ----------------------------------------------------------------------------------------------------------------------
+TINY_SWIN = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2), window_size=7)
+
+
+@pytest.fixture(scope="module")
+def tiny_swin_5scale(tmp_path_factory):
+    from conftest import tiny_model
+
+    from hf_dino.configuration_dino import SWIN_ARCHITECTURES
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(SWIN_ARCHITECTURES, "swin_export_test", TINY_SWIN)
+        model = tiny_model(backbone="swin_export_test", num_feature_levels=5)
+        assert model.config.backbone_out_indices == [0, 1, 2, 3]
+        start = time.perf_counter()
+        path = export_onnx(model, tmp_path_factory.mktemp("tiny_swin") / "dino.onnx", example_size=(200, 260))
+        print(f"\n[tiny Swin, 5 scales] export_onnx took {time.perf_counter() - start:.1f} s")
+        yield model, DinoOnnxDetector(path)
+
+
+# (200, 260): the traced size; (231, 177): other level shapes; (224, 448): every Swin stage a multiple of the
+# window (no window padding); (97, 131): the last stages smaller than one window (one padded window)
+@pytest.mark.slow  # the export of even a tiny model takes minutes (torch.export + ONNX translation), the runs seconds
+@pytest.mark.parametrize("size", [(200, 260), (231, 177), (224, 448), (97, 131)])
+def test_tiny_swin_5scale_any_size_and_batch(tiny_swin_5scale, size):
+    model, detector = tiny_swin_5scale
+    torch.manual_seed(sum(size))
+    for batch in (1, 3):
+        pixel_values = torch.randn(batch, 3, *size)
+        pixel_mask = torch.ones(batch, *size, dtype=torch.long)
+        pixel_mask[-1, size[0] - 40:, size[1] - 30:] = 0  # the last image padded at the bottom right
+        scores, selection, logits, boxes = pytorch_scores_and_selection(model, pixel_values, pixel_mask)
+        out = detector.forward(pixel_values, pixel_mask)
+        check_rule(f"tiny Swin 5-scale {size} batch {batch}", out, scores, selection, logits, boxes, model,
+                   pixel_values, pixel_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -201,6 +265,15 @@ def _tiny():
 def test_opset_too_old_is_refused(tmp_path):
     with pytest.raises(ValueError, match="GridSample.*opset >= 16"):
         export_onnx(_tiny(), tmp_path / "m.onnx", opset=15)
+
+
+@pytest.mark.parametrize("opset", [16, 17])
+def test_opsets_the_exporter_cannot_write_are_refused(tmp_path, opset):
+    """GridSample exists from opset 16, but the dynamo exporter only writes >= 18 (asked for 16 it silently
+    leaves an opset-18 file after a failed down-conversion): a clear error naming the opset to use instead."""
+    with pytest.raises(ValueError, match=r"exporter used here writes opset >= 18.*Use --opset 18"):
+        export_onnx(_tiny(), tmp_path / "m.onnx", opset=opset)
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_replaced_deformable_attention_is_refused(tmp_path):

@@ -9,7 +9,6 @@ timm/Hub `.safetensors`, torchvision `.pth` or Microsoft Swin `.pth` file).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import weakref
@@ -23,18 +22,24 @@ from .configuration_dino import SWIN_ARCHITECTURES, DinoConfig
 
 logger = logging.getLogger(__name__)
 
+def _ceil_to(size: int, multiple: int) -> int:
+    """`size` rounded up to a multiple of `multiple` (written as a ceil-division, which stays a simple expression when
+    `size` is a symbolic size under `torch.export`)."""
+    return (size + multiple - 1) // multiple * multiple
+
+
 def _window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
     """`[B, H, W, C]` -> `[B * num_windows, window * window, C]` (H, W multiples of `window`)."""
     b, h, w, c = x.shape
     x = x.view(b, h // window, window, w // window, window, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(b * (h // window) * (w // window), window * window, c)
 
 
-def _window_reverse(windows: torch.Tensor, window: int, h: int, w: int) -> torch.Tensor:
+def _window_reverse(windows: torch.Tensor, window: int, b: int, h: int, w: int) -> torch.Tensor:
     """Inverse of `_window_partition`: `[B * num_windows, window * window, C]` -> `[B, H, W, C]`."""
     c = windows.shape[-1]
-    x = windows.view(-1, h // window, w // window, window, window, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
+    x = windows.view(b, h // window, w // window, window, window, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
 
 
 class DinoSwinWindowAttention(nn.Module):
@@ -69,7 +74,7 @@ class DinoSwinWindowAttention(nn.Module):
         if mask is not None:
             windows = mask.shape[0]
             attn = attn.view(bw // windows, windows, self.num_heads, n, n) + mask[None, :, None]
-            attn = attn.view(-1, self.num_heads, n, n)
+            attn = attn.view(bw, self.num_heads, n, n)
         attn = attn.softmax(dim=-1)
         return self.proj((attn @ v).transpose(1, 2).reshape(bw, n, c))
 
@@ -95,13 +100,12 @@ class DinoSwinBlock(nn.Module):
         window = self.window_size
         shortcut = x
         x = self.norm1(x).view(b, height, width, c)
-        pad_b, pad_r = (window - height % window) % window, (window - width % window) % window
-        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        hp, wp = x.shape[1:3]
+        hp, wp = _ceil_to(height, window), _ceil_to(width, window)
+        x = F.pad(x, (0, 0, 0, wp - width, 0, hp - height))
         if self.shift_size > 0:
             x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
         x = self.attn(_window_partition(x, window), shift_mask if self.shift_size > 0 else None)
-        x = _window_reverse(x, window, hp, wp)
+        x = _window_reverse(x, window, b, hp, wp)
         if self.shift_size > 0:
             x = torch.roll(x, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
         x = x[:, :height, :width].reshape(b, height * width, c)
@@ -119,9 +123,9 @@ class DinoSwinPatchMerging(nn.Module):
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         b, _, c = x.shape
-        x = F.pad(x.view(b, height, width, c), (0, 0, 0, width % 2, 0, height % 2))
+        x = F.pad(x.view(b, height, width, c), (0, 0, 0, _ceil_to(width, 2) - width, 0, _ceil_to(height, 2) - height))
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
-        return self.reduction(self.norm(x.view(b, -1, 4 * c)))
+        return self.reduction(self.norm(x.view(b, (height + 1) // 2 * ((width + 1) // 2), 4 * c)))
 
 
 class DinoSwinStage(nn.Module):
@@ -135,18 +139,21 @@ class DinoSwinStage(nn.Module):
         self.downsample = DinoSwinPatchMerging(dim) if downsample else None
 
     def shift_mask(self, height: int, width: int, device: torch.device) -> torch.Tensor:
-        """Attention mask `[windows, N, N]` (0 / -100) that keeps rolled-in regions apart."""
+        """Attention mask `[windows, N, N]` (0 / -100) that keeps rolled-in regions apart.
+
+        After the cyclic shift the padded `[hp, wp]` map has three bands per axis (rows `< hp - window`, rows in
+        `[hp - window, hp - shift)`, rows `>= hp - shift`; columns alike): 3 x 3 regions, numbered `3 * row_band +
+        column_band`. Tokens of a window attend only to tokens of their own region. Computed from comparisons with
+        the (possibly symbolic) sizes, so an exported graph builds the mask for every input size."""
         window, shift = self.window_size, self.window_size // 2
-        hp, wp = math.ceil(height / window) * window, math.ceil(width / window) * window
-        region = torch.zeros((1, hp, wp, 1), device=device)
-        count = 0
-        for hs in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
-            for ws in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
-                region[:, hs, ws, :] = count
-                count += 1
-        region = _window_partition(region, window).squeeze(-1)
+        hp, wp = _ceil_to(height, window), _ceil_to(width, window)
+        rows, cols = torch.arange(hp, device=device), torch.arange(wp, device=device)
+        row_band = (rows >= hp - window).long() + (rows >= hp - shift).long()
+        col_band = (cols >= wp - window).long() + (cols >= wp - shift).long()
+        region = (3 * row_band[:, None] + col_band[None, :]).to(torch.float32)
+        region = _window_partition(region[None, :, :, None], window).squeeze(-1)
         mask = region[:, None, :] - region[:, :, None]
-        return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+        return torch.where(mask != 0, -100.0, 0.0)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         mask = self.shift_mask(height, width, x.device)
@@ -165,8 +172,7 @@ class DinoSwinPatchEmbed(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
         h, w = pixel_values.shape[-2:]
-        x = self.proj(F.pad(pixel_values, (0, (p - w % p) % p, 0, (p - h % p) % p)))
-        return x
+        return self.proj(F.pad(pixel_values, (0, _ceil_to(w, p) - w, 0, _ceil_to(h, p) - h)))
 
 
 class DinoSwinTransformer(nn.Module):
@@ -194,14 +200,14 @@ class DinoSwinTransformer(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         x = self.patch_embed(pixel_values)
-        height, width = x.shape[-2:]
+        b, _, height, width = x.shape
         x = self.patch_embed.norm(x.flatten(2).transpose(1, 2))
         outputs = []
         for i, stage in enumerate(self.layers):
             x = stage(x, height, width)
             if i in self.out_indices:
                 out = getattr(self, f"norm{i}")(x)
-                outputs.append(out.view(-1, height, width, self.num_features[i]).permute(0, 3, 1, 2).contiguous())
+                outputs.append(out.view(b, height, width, self.num_features[i]).permute(0, 3, 1, 2).contiguous())
             if stage.downsample is not None:
                 x = stage.downsample(x, height, width)
                 height, width = (height + 1) // 2, (width + 1) // 2

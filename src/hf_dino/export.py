@@ -30,7 +30,9 @@ sampler:
 How the model becomes exportable (both numerically identical to the eager model): level sizes travel as Python
 ints / symbolic sizes next to the ``spatial_shapes`` tensor (no size is read back from a tensor), and during the
 export every deformable attention module takes the pure-PyTorch (``grid_sample``) path instead of the compiled custom
-op, which no ONNX runtime knows (:func:`pure_pytorch_attention`).
+op, which no ONNX runtime knows (:func:`pure_pytorch_attention`). The Swin backbone writes its padded sizes as
+ceil-divisions, its reshapes with explicit sizes and its shifted-window mask from comparisons with the (symbolic)
+map size, so window padding, masks and patch merging follow the input size in the graph.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from .deformable_attention import multi_scale_deformable_attention_pytorch
 from .modeling_dino import DinoForObjectDetection, DinoMultiscaleDeformableAttention
 
 __all__ = [
+    "MIN_EXPORTER_OPSET",
     "MIN_OPSET",
     "DEFAULT_OPSET",
     "INPUT_NAMES",
@@ -62,6 +65,7 @@ __all__ = [
 ]
 
 MIN_OPSET = 16  # ONNX GridSample (4-D) exists from opset 16
+MIN_EXPORTER_OPSET = 18  # the oldest opset the torch.onnx (dynamo) exporter writes (16 and 17 fail to convert)
 DEFAULT_OPSET = 18  # the torch.onnx (dynamo) exporter's own opset
 INPUT_NAMES = ("pixel_values", "pixel_mask")
 OUTPUT_NAMES = ("logits", "pred_boxes", "encoder_topk_indices")
@@ -115,6 +119,13 @@ def _check_exportable(model: nn.Module, opset: int) -> None:
         raise ValueError(
             f"opset {opset} is too old: DINO's deformable attention is exported as ONNX GridSample, which needs "
             f"opset >= {MIN_OPSET} (onnxruntime >= 1.11). Use --opset {DEFAULT_OPSET}."
+        )
+    if opset < MIN_EXPORTER_OPSET:
+        raise ValueError(
+            f"opset {opset} has GridSample, but the torch.onnx (dynamo) exporter used here writes opset "
+            f">= {MIN_EXPORTER_OPSET} only: asked for {opset}, it exports at {MIN_EXPORTER_OPSET} and its conversion "
+            f"down fails on the Reduce* operators (their `axes` became an input in opset 18), leaving an opset-18 "
+            f"file. Use --opset {MIN_EXPORTER_OPSET} or newer (onnxruntime >= 1.14 runs it)."
         )
     for name, module in model.named_modules():
         if isinstance(module, DinoMultiscaleDeformableAttention) and (
@@ -173,13 +184,14 @@ def export_onnx(
             it as `<name>.data`).
         processor: the model's image processor; its configuration is stored in the file's metadata (with the
             model config, for label names), so that :class:`DinoOnnxDetector` needs nothing else.
-        opset: ONNX opset, at least 16 (GridSample).
+        opset: ONNX opset, at least 18: GridSample needs 16, and the torch.onnx (dynamo) exporter writes 18 and
+            newer only (a clear ValueError for 16 and 17, which it cannot convert the graph down to).
         example_size: `(height, width)` of the example batch used for tracing (any size the processor produces).
         dynamic_batch, dynamic_size: make the batch / the height and width symbolic (the default). With
             `dynamic_size=False` the graph only accepts `example_size`.
 
     Raises:
-        ValueError: opset too old. ImportError: onnx / onnxscript missing (names the `onnx` extra).
+        ValueError: opset too old (< 16: no GridSample; 16, 17: not written by the exporter). ImportError: onnx / onnxscript missing (names the `onnx` extra).
         DinoExportError: the model (or a replaced attention) cannot be expressed with standard ONNX operators.
     """
     require_onnx()
@@ -195,11 +207,14 @@ def export_onnx(
     pixel_mask = torch.ones(pixel_values.shape[0], height, width, dtype=torch.long, device=device)
     if dynamic_batch:  # a padded second image, so that the mask arithmetic is traced in general form
         pixel_mask[1, height * 3 // 4:, width * 2 // 3:] = 0
-    # smaller sides give 1-pixel levels, which torch.export would have to special-case; the processor makes >= 800
-    min_side = 128
+    # Height and width are `Dim.DYNAMIC`: torch.export records the guards its symbolic-shape solver cannot prove
+    # for every size (e.g. `h <= 7 * ceil(h / 7)` of the Swin window padding, or the contiguity checks of its window
+    # reshapes) as checks of the traced program instead of refusing them; they decide strides, not values, and the
+    # ONNX graph is generic (tests/test_export.py runs it at other sizes, window multiples and 1-window maps
+    # included). A size that the model really specialises on still raises (`DinoExportError`).
     batch = torch.export.Dim("batch", min=1, max=1024) if dynamic_batch else None
-    h_dim = torch.export.Dim("height", min=min_side, max=8192) if dynamic_size else None
-    w_dim = torch.export.Dim("width", min=min_side, max=8192) if dynamic_size else None
+    h_dim = torch.export.Dim.DYNAMIC if dynamic_size else None
+    w_dim = torch.export.Dim.DYNAMIC if dynamic_size else None
     dynamic_shapes = {
         "pixel_values": {k: v for k, v in {0: batch, 2: h_dim, 3: w_dim}.items() if v is not None},
         "pixel_mask": {k: v for k, v in {0: batch, 1: h_dim, 2: w_dim}.items() if v is not None},

@@ -375,8 +375,8 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="saved model folder or Hub id")
     parser.add_argument("--output", required=True, help="the .onnx file to write")
     parser.add_argument("--opset", type=int,
-                        help="ONNX opset (default: hf_dino.export.DEFAULT_OPSET, the exporter's own; at least 16, "
-                        "where GridSample appeared)")
+                        help="ONNX opset (default: hf_dino.export.DEFAULT_OPSET, the exporter's own; at least 18: "
+                        "GridSample appeared in 16, but the torch.onnx exporter writes 18 and newer)")
     parser.add_argument("--static-batch", action="store_true", help="fix the batch size to 1 (default: dynamic)")
     parser.add_argument("--static-size", nargs=2, type=int, metavar=("HEIGHT", "WIDTH"),
                         help="fix the input size to HEIGHT x WIDTH (default: dynamic height and width)")
