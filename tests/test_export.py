@@ -138,7 +138,7 @@ def test_fixture_batch_matches_original(exported):
     _fixture_batch_matches_original(exported)
 
 
-@pytest.mark.slow
+@pytest.mark.export_swin
 def test_swinl_fixture_batch_matches_original(tmp_path_factory):
     """Swin-L: the one full-size check against the original (its dynamic shapes are tested on a tiny Swin below)."""
     _fixture_batch_matches_original(_export_fixture("swinl_4scale", tmp_path_factory))
@@ -236,7 +236,7 @@ def tiny_swin_5scale(tmp_path_factory):
 
 # (200, 260): the traced size; (231, 177): other level shapes; (224, 448): every Swin stage a multiple of the
 # window (no window padding); (97, 131): the last stages smaller than one window (one padded window)
-@pytest.mark.slow  # the export of even a tiny model takes minutes (torch.export + ONNX translation), the runs seconds
+@pytest.mark.export_swin  # the export of even a tiny model takes minutes (torch.export + ONNX translation), the runs seconds
 @pytest.mark.parametrize("size", [(200, 260), (231, 177), (224, 448), (97, 131)])
 def test_tiny_swin_5scale_any_size_and_batch(tiny_swin_5scale, size):
     model, detector = tiny_swin_5scale
