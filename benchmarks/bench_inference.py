@@ -21,16 +21,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-try:
-    import hf_dino  # noqa: F401
-except ImportError:  # running from a checkout without installation
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from hf_dino import DinoConfig  # noqa: E402
-from hf_dino.kernels import ENV_DISABLE, build_error, kernel_usable, load_extension  # noqa: E402
-from hf_dino.modeling_dino import DinoForObjectDetection  # noqa: E402
+from hf_dino import DinoConfig
+from hf_dino.kernels import ENV_DISABLE, build_error, kernel_usable, load_extension
+from hf_dino.modeling_dino import DinoForObjectDetection
 
 COCO_MINI_VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini" / "val2017"
 

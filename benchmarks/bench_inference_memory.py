@@ -43,8 +43,9 @@ def worker(model_name: str, mode: str, steps: int, threads: int) -> dict:
 
         model = DinoForObjectDetection(DinoConfig())
     else:
-        sys.path.insert(0, str(REPO / "benchmarks"))
-        from bench_inference import deformable_detr
+        from bench_inference import (
+            deformable_detr,  # this script's folder is on the path (run as a script)
+        )
 
         model = deformable_detr()
     model.eval()
@@ -80,8 +81,7 @@ def main() -> int:
 
     modes = ["float32", "bfloat16"] + (["autocast"] if args.autocast else [])
     runs = [(model, mode) for mode in modes for model in ("hf_dino", "transformers DeformableDetr")]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(
-        [str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
     results: dict[tuple[str, str], dict[str, list]] = {run: {} for run in runs}
     print(f"threads={args.threads}, 1x3x800x1333, {args.repeats} processes x {args.steps} forwards per candidate, "
           f"interleaved; load average {os.getloadavg()[0]:.1f} at start")

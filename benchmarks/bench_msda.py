@@ -15,17 +15,14 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-try:
-    from hf_dino.deformable_attention import multi_scale_deformable_attention, multi_scale_deformable_attention_pytorch
-except ImportError:  # running from a checkout without installation
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from hf_dino.deformable_attention import multi_scale_deformable_attention, multi_scale_deformable_attention_pytorch
-
 import hf_dino.kernels as kernels
+from hf_dino.deformable_attention import (
+    multi_scale_deformable_attention,
+    multi_scale_deformable_attention_pytorch,
+)
 
 LEVELS = [(100, 152), (50, 76), (25, 38), (13, 19)]
 HEADS, HEAD_DIM, POINTS = 8, 32, 4

@@ -27,15 +27,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-try:
-    import hf_dino  # noqa: F401
-except ImportError:  # running from a checkout without installation
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from hf_dino import DinoConfig, DinoForObjectDetection, DinoImageProcessor  # noqa: E402
-from hf_dino.export import DinoOnnxDetector, export_onnx, require_onnxruntime  # noqa: E402
+from hf_dino import DinoConfig, DinoForObjectDetection, DinoImageProcessor
+from hf_dino.export import DinoOnnxDetector, export_onnx, require_onnxruntime
 
 COCO_MINI_VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini" / "val2017"
 

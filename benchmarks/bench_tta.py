@@ -19,21 +19,16 @@ import contextlib
 import io
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-try:
-    import hf_dino  # noqa: F401
-except ImportError:  # a checkout without installation
-    sys.path.insert(0, str(REPO / "src"))
+from hf_dino.evaluation import CocoEvaluator, build_label_to_category_id
+from hf_dino.tta import DinoTTA, ensemble_nms, ensemble_one_to_one
 
-from hf_dino.evaluation import CocoEvaluator, build_label_to_category_id  # noqa: E402
-from hf_dino.tta import DinoTTA, ensemble_nms, ensemble_one_to_one  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:

@@ -117,3 +117,42 @@ def force_selection():
     from hf_dino.modeling_dino import forced_query_selection
 
     return forced_query_selection
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Running on several workers (pytest-xdist; the README's test command uses `-n 2 --dist loadgroup`)
+# ----------------------------------------------------------------------------------------------------------------------
+def _shares_a_fixture(item) -> bool:
+    """Whether the test uses a fixture built once for several tests (module, class, package or session scope)."""
+    definitions = item._fixtureinfo.name2fixturedefs.values()
+    return any(d.scope != "function" for defs in definitions for d in defs)
+
+
+def pytest_configure(config):
+    """On an xdist worker: the CPU cores are shared by the workers, so torch (and the processes tests start) use
+    `cores / workers` threads instead of every core each, which would oversubscribe them."""
+    import os
+
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = str(max(1, (os.cpu_count() or 1) // int(workers)))
+        os.environ.setdefault("OMP_NUM_THREADS", threads)
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Work units for `--dist loadgroup`: the tests of one file stay together (their module-scoped fixtures, such as
+    a converted parity fixture or an exported graph, are built once), except slow tests that share nothing, which
+    are units of their own; the units holding slow tests come first (run `--no-loadscope-reorder`), so that the
+    longest work starts at once and the workers finish together. Without xdist this only orders the tests."""
+    def unit(item) -> str:
+        slow_alone = item.get_closest_marker("slow") is not None and not _shares_a_fixture(item)
+        return item.nodeid if slow_alone else item.nodeid.split("::")[0]
+
+    units = {item: unit(item) for item in items}
+    slow_units = {units[item] for item in items if item.get_closest_marker("slow") is not None}
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(units[item]))
+    order = {item: index for index, item in enumerate(items)}
+    items.sort(key=lambda item: (units[item] not in slow_units, order[item]))
