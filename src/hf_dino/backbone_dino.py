@@ -612,11 +612,11 @@ class DinoBackbone(nn.Module):
     def folded_body(self) -> DinoFoldedResNet | None:
         """The inference view of a ResNet body with its batch norms folded (`DinoFoldedResNet`), None for a Swin
         or a ResNet layout it does not know. Built on first use; not a submodule (nothing is saved)."""
-        folded = self.__dict__.get("_folded_body")
-        if folded is None or (folded is not False and folded.body is not self.body):
-            folded = DinoFoldedResNet(self.body) if DinoFoldedResNet.supports(self.body) else False
-            self.__dict__["_folded_body"] = folded
-        return folded or None
+        body, folded = self.__dict__.get("_folded_body", (None, None))
+        if body is not self.body:  # first use, or `body` was replaced
+            folded = DinoFoldedResNet(self.body) if DinoFoldedResNet.supports(self.body) else None
+            self.__dict__["_folded_body"] = (self.body, folded)
+        return folded
 
     def forward(self, pixel_values: torch.Tensor, padding_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """pixel_values `[B, C, H, W]`, padding_mask `[B, H, W]` (True = padding) -> `(map, mask)` per returned stage.

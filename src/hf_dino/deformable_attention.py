@@ -69,17 +69,21 @@ def multi_scale_deformable_attention_pytorch(
     value_per_level = value.split([h * w for h, w in shapes], dim=1)
     # grid_sample wants coordinates in [-1, 1]
     sampling_grids = 2 * sampling_locations - 1
-    sampled = []
+    # [batch * heads, 1, queries, levels, points]
+    weights = attention_weights.transpose(1, 2).reshape(batch * num_heads, 1, num_queries, num_levels, num_points)
+    output = None
     for level, (height, width) in enumerate(shapes):
         # [batch * heads, head_dim, h, w]
         value_l = value_per_level[level].flatten(2).transpose(1, 2).reshape(batch * num_heads, head_dim, height, width)
         # [batch * heads, queries, points, 2]
         grid_l = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
         # [batch * heads, head_dim, queries, points]
-        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
-    # [batch * heads, 1, queries, levels * points]
-    weights = attention_weights.transpose(1, 2).reshape(batch * num_heads, 1, num_queries, num_levels * num_points)
-    output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)
+        sampled = F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
+        # weighted sum over the level's points, accumulated level by level: the same sum as over all levels x points
+        # at once, without materialising the samples of every level together ([batch * heads, head_dim, queries,
+        # levels * points], 0.3 GB per encoder layer for one 800x1201 image; a Concat in the ONNX graph)
+        weighted = (sampled * weights[:, :, :, level]).sum(-1)
+        output = weighted if output is None else output.add_(weighted)
     return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2).contiguous().to(output_dtype)
 
 
