@@ -448,3 +448,23 @@ def test_new_label_set_reinitialises_class_heads(tmp_path):
     prior = -math.log((1 - 0.01) / 0.01)
     assert model.class_embed.weight.shape == (3, 64) and model.model.denoising_class_embed.weight.shape == (4, 64)
     assert torch.allclose(model.class_embed.bias, torch.full((3,), prior))
+
+
+def test_encoder_feed_forward_in_chunks_at_inference_is_the_plain_block():
+    """`DinoEncoderLayer.feed_forward` runs the tokens in chunks at inference (eval, no autograd): the same function
+    as the plain block (float64 recomputation), which training and autograd use."""
+    import copy
+
+    from conftest import tiny_model as build_tiny_model
+    from hf_dino.modeling_dino import ENCODER_FFN_CHUNK_TOKENS
+
+    layer = build_tiny_model().model.encoder.layers[0]
+    hidden = torch.randn(2, ENCODER_FFN_CHUNK_TOKENS + 700, layer.linear1.in_features)  # 3 chunks, the last partial
+    reference = copy.deepcopy(layer).double()
+    expected = reference.linear2(reference.activation(reference.linear1(hidden.double())))
+    with torch.no_grad():
+        chunked = layer.feed_forward(hidden)
+    plain = layer.feed_forward(hidden)  # autograd on: the whole block at once
+    assert plain.grad_fn is not None and chunked.shape == hidden.shape
+    assert (chunked.double() - expected).abs().max() < 1e-5
+    assert (chunked - plain.detach()).abs().max() < 1e-6

@@ -255,6 +255,10 @@ class DinoMultiscaleDeformableAttention(nn.Module):
         return self.output_proj(output)
 
 
+# tokens per chunk of the encoder's feed-forward block at inference (`DinoEncoderLayer.feed_forward`)
+ENCODER_FFN_CHUNK_TOKENS = 1024
+
+
 class DinoEncoderLayer(GradientCheckpointingLayer):
     """Deformable self-attention over all levels' tokens, then a feed-forward block (post-norm)."""
 
@@ -277,8 +281,20 @@ class DinoEncoderLayer(GradientCheckpointingLayer):
         )
         # residuals added in place into the fresh branch outputs: no extra `[B, S, D]` tensor per layer
         hidden_states = self.norm1(self.dropout(attended).add_(hidden_states))
-        ffn = self.linear2(self.dropout(self.activation(self.linear1(hidden_states))))
-        return self.norm2(self.dropout(ffn).add_(hidden_states))
+        return self.norm2(self.dropout(self.feed_forward(hidden_states)).add_(hidden_states))
+
+    def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`linear2(activation(linear1(x)))`, `[B, S, D]` -> `[B, S, D]`.
+
+        At inference (eval mode, no autograd, not tracing) the tokens go through in chunks of
+        `ENCODER_FFN_CHUNK_TOKENS`: the `[chunk, ffn_dim]` intermediate (8 MB) is reused by the allocator and stays
+        in cache, where the whole `[S, ffn_dim]` one (164 MB per layer for an 800x1201 image) is freshly mapped and
+        written to memory at every layer. Each token's result is the same (the rows are independent)."""
+        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        if self.training or torch.is_grad_enabled() or tracing or hidden_states[..., 0].numel() <= ENCODER_FFN_CHUNK_TOKENS:
+            return self.linear2(self.dropout(self.activation(self.linear1(hidden_states))))
+        tokens = hidden_states.reshape(-1, hidden_states.shape[-1]).split(ENCODER_FFN_CHUNK_TOKENS)
+        return torch.cat([self.linear2(self.activation(self.linear1(chunk))) for chunk in tokens]).view_as(hidden_states)
 
 
 class DinoEncoder(nn.Module):
@@ -570,10 +586,13 @@ class DinoModel(DinoPreTrainedModel):
         memory, proposals = self.encoder_proposals(memory, padding_mask, spatial_shapes_list)
         output_memory = self.enc_output_norm(self.enc_output(memory))
         logits = self.enc_out_class_embed(output_memory)
-        boxes_logit = self.enc_out_bbox_embed(output_memory) + proposals
         topk_indices = self.rank_encoder_tokens(logits.max(-1)[0], self.config.num_queries)
-        selected_boxes_logit = torch.gather(boxes_logit, 1, topk_indices.unsqueeze(-1).expand(-1, -1, 4))
-        selected_logits = torch.gather(logits, 1, topk_indices.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        # the box head runs on the selected tokens only (the selection uses the class scores alone): the same boxes
+        # as predicting every token's box and gathering, for K instead of S tokens
+        selected = topk_indices.unsqueeze(-1)
+        selected_memory = torch.gather(output_memory, 1, selected.expand(-1, -1, output_memory.shape[-1]))
+        selected_boxes_logit = self.enc_out_bbox_embed(selected_memory) + torch.gather(proposals, 1, selected.expand(-1, -1, 4))
+        selected_logits = torch.gather(logits, 1, selected.expand(-1, -1, logits.shape[-1]))
         return selected_boxes_logit.detach(), selected_logits, selected_boxes_logit.sigmoid(), topk_indices
 
     def rank_encoder_tokens(self, scores: torch.Tensor, k: int) -> torch.LongTensor:
