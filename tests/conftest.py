@@ -123,9 +123,10 @@ def force_selection():
 # Running on several workers (pytest-xdist; the README's test command uses `-n 2 --dist loadgroup`)
 # ----------------------------------------------------------------------------------------------------------------------
 def _shares_a_fixture(item) -> bool:
-    """Whether the test uses a fixture built once for several tests (module, class, package or session scope)."""
+    """Whether the test uses a fixture of this test suite built once for several tests (module, class, package or
+    session scope; pytest's own, such as `tmp_path_factory`, have no `baseid` and do not count)."""
     definitions = item._fixtureinfo.name2fixturedefs.values()
-    return any(d.scope != "function" for defs in definitions for d in defs)
+    return any(d.scope != "function" and d.baseid for defs in definitions for d in defs)
 
 
 def pytest_configure(config):

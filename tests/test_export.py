@@ -138,7 +138,7 @@ def test_fixture_batch_matches_original(exported):
     _fixture_batch_matches_original(exported)
 
 
-@pytest.mark.export_swin
+@pytest.mark.slow  # ~13 min on one core (the export alone ~8 min): its own work unit under pytest-xdist
 def test_swinl_fixture_batch_matches_original(tmp_path_factory):
     """Swin-L: the one full-size check against the original (its dynamic shapes are tested on a tiny Swin below)."""
     _fixture_batch_matches_original(_export_fixture("swinl_4scale", tmp_path_factory))
