@@ -251,6 +251,26 @@ def test_tiny_swin_5scale_any_size_and_batch(tiny_swin_5scale, size):
                    pixel_values, pixel_mask)
 
 
+@pytest.mark.slow  # one export (~1.5 min on one core): its own work unit under pytest-xdist
+def test_tiny_resnet_5scale_any_size_and_batch(tmp_path):
+    """A 5-level ResNet model (the extra level is a stride-2 convolution on the last map), exported once, at the
+    traced size and another one, batches 1 and 2 (the last image padded), against the PyTorch model."""
+    from conftest import tiny_model
+
+    model = tiny_model(num_feature_levels=5)
+    assert not model.model.backbone.is_swin and len(model.model.input_projections) == 5
+    detector = DinoOnnxDetector(export_onnx(model, tmp_path / "dino.onnx", example_size=(96, 128)))
+    for size in [(96, 128), (131, 101)]:
+        torch.manual_seed(sum(size))
+        for batch in (1, 2):
+            pixel_values = torch.randn(batch, 3, *size)
+            pixel_mask = torch.ones(batch, *size, dtype=torch.long)
+            pixel_mask[-1, size[0] - 30:, size[1] - 20:] = 0
+            scores, selection, logits, boxes = pytorch_scores_and_selection(model, pixel_values, pixel_mask)
+            check_rule(f"tiny ResNet 5-scale {size} batch {batch}", detector.forward(pixel_values, pixel_mask), scores,
+                       selection, logits, boxes, model, pixel_values, pixel_mask)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # errors (no export needed)
 # ----------------------------------------------------------------------------------------------------------------------
