@@ -22,6 +22,15 @@ from .configuration_dino import SWIN_ARCHITECTURES, DinoConfig
 
 logger = logging.getLogger(__name__)
 
+
+def runs_eager_inference(module: nn.Module) -> bool:
+    """Whether `module` runs eager inference: eval mode, no autograd, and no tracing, compiling or exporting. Only
+    then may the inference fast paths (the folded ResNet, the chunked encoder feed-forward) replace the plain
+    computation, which training, gradients and graph capture always see."""
+    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    return not (module.training or torch.is_grad_enabled() or tracing)
+
+
 def _ceil_to(size: int, multiple: int) -> int:
     """`size` rounded up to a multiple of `multiple` (written as a ceil-division, which stays a simple expression when
     `size` is a symbolic size under `torch.export`)."""
@@ -624,7 +633,6 @@ class DinoBackbone(nn.Module):
         A ResNet in eval mode without autograd (`torch.no_grad()`, `torch.inference_mode()`) runs its folded,
         channels-last inference view (`folded_body`); training, gradients and tracing/compiling run `body` itself.
         """
-        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
-        folded = None if self.training or torch.is_grad_enabled() or tracing else self.folded_body()
+        folded = self.folded_body() if runs_eager_inference(self) else None
         features = self.body(pixel_values) if folded is None else folded(pixel_values)
         return [(f, F.interpolate(padding_mask[None].float(), size=f.shape[-2:])[0].bool()) for f in features]

@@ -31,7 +31,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from .backbone_dino import DinoBackbone, DinoSwinWindowAttention
+from .backbone_dino import DinoBackbone, DinoSwinWindowAttention, runs_eager_inference
 from .configuration_dino import DinoConfig
 from .deformable_attention import multi_scale_deformable_attention
 from .denoising import DenoisingMeta, build_contrastive_denoising_queries, inverse_sigmoid
@@ -290,8 +290,7 @@ class DinoEncoderLayer(GradientCheckpointingLayer):
         `ENCODER_FFN_CHUNK_TOKENS`: the `[chunk, ffn_dim]` intermediate (8 MB) is reused by the allocator and stays
         in cache, where the whole `[S, ffn_dim]` one (164 MB per layer for an 800x1201 image) is freshly mapped and
         written to memory at every layer. Each token's result is the same (the rows are independent)."""
-        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
-        if self.training or torch.is_grad_enabled() or tracing or hidden_states[..., 0].numel() <= ENCODER_FFN_CHUNK_TOKENS:
+        if not runs_eager_inference(self) or hidden_states[..., 0].numel() <= ENCODER_FFN_CHUNK_TOKENS:
             return self.linear2(self.dropout(self.activation(self.linear1(hidden_states))))
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1]).split(ENCODER_FFN_CHUNK_TOKENS)
         return torch.cat([self.linear2(self.activation(self.linear1(chunk))) for chunk in tokens]).view_as(hidden_states)
