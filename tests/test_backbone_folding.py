@@ -77,9 +77,13 @@ def test_folded_weights_follow_in_place_updates(backbone):
 def test_training_and_gradients_run_the_module_itself(backbone):
     pixel_values = torch.randn(1, 3, 64, 64)
     padding_mask = torch.zeros(1, 64, 64, dtype=torch.bool)
-    body_output = backbone.body(pixel_values)  # autograd on
+    # autograd on: the module itself, on a channels-last copy of the image (the layout is the only difference)
+    body_output = backbone.body(pixel_values.contiguous(memory_format=torch.channels_last))
     eval_with_grad = [f for f, _ in backbone(pixel_values, padding_mask)]
     assert all(torch.equal(a, b) for a, b in zip(eval_with_grad, body_output))
+    with torch.no_grad():
+        contiguous_layout = backbone.body(pixel_values)
+    assert_matches_reference(eval_with_grad, [f.double() for f in contiguous_layout])
     assert eval_with_grad[-1].requires_grad  # layer2-4 stay trainable through the unfolded path
     backbone.train()
     try:

@@ -450,21 +450,42 @@ def test_new_label_set_reinitialises_class_heads(tmp_path):
     assert torch.allclose(model.class_embed.bias, torch.full((3,), prior))
 
 
-def test_encoder_feed_forward_in_chunks_at_inference_is_the_plain_block():
-    """`DinoEncoderLayer.feed_forward` runs the tokens in chunks at inference (eval, no autograd): the same function
-    as the plain block (float64 recomputation), which training and autograd use."""
+def test_encoder_feed_forward_in_chunks_is_the_plain_block():
+    """`DinoEncoderLayer.feed_forward` runs the tokens in chunks: at inference the same function as the plain block,
+    under autograd the same function and gradients (float64 recomputation of the plain block), without keeping the
+    `[tokens, ffn_dim]` intermediate for the backward pass (each chunk is checkpointed)."""
     import copy
 
     from conftest import tiny_model as build_tiny_model
     from hf_dino.modeling_dino import ENCODER_FFN_CHUNK_TOKENS
 
-    layer = build_tiny_model().model.encoder.layers[0]
+    layer = build_tiny_model().model.encoder.layers[0].train()
     hidden = torch.randn(2, ENCODER_FFN_CHUNK_TOKENS + 700, layer.linear1.in_features)  # 3 chunks, the last partial
     reference = copy.deepcopy(layer).double()
-    expected = reference.linear2(reference.activation(reference.linear1(hidden.double())))
+    reference_input = hidden.double().requires_grad_()
+    expected = reference.linear2(reference.activation(reference.linear1(reference_input)))
+    upstream = torch.randn_like(expected)
+    expected.backward(upstream)
+
     with torch.no_grad():
         chunked = layer.feed_forward(hidden)
-    plain = layer.feed_forward(hidden)  # autograd on: the whole block at once
-    assert plain.grad_fn is not None and chunked.shape == hidden.shape
-    assert (chunked.double() - expected).abs().max() < 1e-5
-    assert (chunked - plain.detach()).abs().max() < 1e-6
+    assert chunked.shape == hidden.shape
+    assert (chunked.double() - expected.detach()).abs().max() < 1e-5
+
+    saved_storages = []
+
+    def pack(tensor):
+        saved_storages.append(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    trained_input = hidden.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = layer.feed_forward(trained_input)
+    # kept for the backward pass: the chunks of the input (views of it), nothing computed
+    assert saved_storages and set(saved_storages) == {trained_input.untyped_storage().data_ptr()}
+    assert torch.equal(output.detach(), chunked)
+    output.backward(upstream.float())
+    assert (trained_input.grad.double() - reference_input.grad).abs().max() < 1e-5
+    for name in ("linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"):
+        grad, expected_grad = layer.get_parameter(name).grad.double(), reference.get_parameter(name).grad
+        assert (grad - expected_grad).abs().max() < 1e-5 * expected_grad.abs().max(), name

@@ -23,12 +23,16 @@ from .configuration_dino import SWIN_ARCHITECTURES, DinoConfig
 logger = logging.getLogger(__name__)
 
 
+def captures_graph() -> bool:
+    """Whether the code runs under graph capture (`torch.jit.trace`, `torch.compile`, `torch.export`): the eager fast
+    paths (the folded ResNet, the chunked encoder feed-forward) leave the plain computation to the capture."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
 def runs_eager_inference(module: nn.Module) -> bool:
-    """Whether `module` runs eager inference: eval mode, no autograd, and no tracing, compiling or exporting. Only
-    then may the inference fast paths (the folded ResNet, the chunked encoder feed-forward) replace the plain
-    computation, which training, gradients and graph capture always see."""
-    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
-    return not (module.training or torch.is_grad_enabled() or tracing)
+    """Whether `module` runs eager inference: eval mode, no autograd, and no graph capture. Only then may the folded
+    ResNet replace the plain one, which training, gradients and graph capture always see."""
+    return not (module.training or torch.is_grad_enabled() or captures_graph())
 
 
 def _ceil_to(size: int, multiple: int) -> int:
@@ -631,8 +635,15 @@ class DinoBackbone(nn.Module):
         """pixel_values `[B, C, H, W]`, padding_mask `[B, H, W]` (True = padding) -> `(map, mask)` per returned stage.
 
         A ResNet in eval mode without autograd (`torch.no_grad()`, `torch.inference_mode()`) runs its folded,
-        channels-last inference view (`folded_body`); training, gradients and tracing/compiling run `body` itself.
+        channels-last inference view (`folded_body`); training, gradients and tracing/compiling run `body` itself,
+        eagerly on a channels-last copy of the image (oneDNN's convolutions run faster on that layout; the maps come
+        out channels-last, whose flattening into tokens needs no copy).
         """
         folded = self.folded_body() if runs_eager_inference(self) else None
-        features = self.body(pixel_values) if folded is None else folded(pixel_values)
+        if folded is not None:
+            features = folded(pixel_values)
+        elif self.is_swin or captures_graph():
+            features = self.body(pixel_values)
+        else:
+            features = self.body(pixel_values.contiguous(memory_format=torch.channels_last))
         return [(f, F.interpolate(padding_mask[None].float(), size=f.shape[-2:])[0].bool()) for f in features]

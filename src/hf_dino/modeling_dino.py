@@ -25,13 +25,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from .backbone_dino import DinoBackbone, DinoSwinWindowAttention, runs_eager_inference
+from .backbone_dino import DinoBackbone, DinoSwinWindowAttention, captures_graph
 from .configuration_dino import DinoConfig
 from .deformable_attention import multi_scale_deformable_attention
 from .denoising import DenoisingMeta, build_contrastive_denoising_queries, inverse_sigmoid
@@ -145,11 +146,6 @@ def box_sine_embedding(boxes: torch.Tensor, num_features: int = 128, temperature
     return torch.cat([sine_embedding(c * scale, num_features, temperature) for c in (y, x, w, h)], dim=-1)
 
 
-def feed_forward_activation(name: str) -> nn.Module:
-    """The FFN activation; ReLU works in place on the (large) hidden activations of the encoder."""
-    return nn.ReLU(inplace=True) if name == "relu" else ACT2FN[name]
-
-
 class DinoMLPPredictionHead(nn.Module):
     """A small MLP (ReLU between layers): the box heads and the reference-point head. Layers are `layers.{i}`."""
 
@@ -229,7 +225,7 @@ class DinoMultiscaleDeformableAttention(nn.Module):
         Returns: `[B, Q, D]`.
         """
         b, q, _ = query.shape
-        value = self.value_proj(value).masked_fill_(value_padding_mask[..., None], 0.0)  # in place: one copy less
+        value = self.value_proj(value).masked_fill(value_padding_mask[..., None], 0.0)
         value = value.view(b, value.shape[1], self.n_heads, self.d_model // self.n_heads)
         offsets = self.sampling_offsets(query).view(b, q, self.n_heads, self.n_levels, self.n_points, 2)
         weights = self.attention_weights(query).view(b, q, self.n_heads, self.n_levels * self.n_points)
@@ -255,7 +251,8 @@ class DinoMultiscaleDeformableAttention(nn.Module):
         return self.output_proj(output)
 
 
-# tokens per chunk of the encoder's feed-forward block at inference (`DinoEncoderLayer.feed_forward`)
+# tokens per chunk of the encoder's feed-forward block (`DinoEncoderLayer.feed_forward`): the `[chunk, ffn_dim]`
+# intermediate is 8 MB in float32
 ENCODER_FFN_CHUNK_TOKENS = 1024
 
 
@@ -269,7 +266,7 @@ class DinoEncoderLayer(GradientCheckpointingLayer):
         self.linear1 = nn.Linear(config.d_model, config.encoder_ffn_dim)
         self.linear2 = nn.Linear(config.encoder_ffn_dim, config.d_model)
         self.norm2 = nn.LayerNorm(config.d_model)
-        self.activation = feed_forward_activation(config.activation_function)
+        self.activation = ACT2FN[config.activation_function]
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, hidden_states, position_embeddings, reference_points, padding_mask, spatial_shapes,
@@ -279,21 +276,31 @@ class DinoEncoderLayer(GradientCheckpointingLayer):
             hidden_states + position_embeddings, reference_points, hidden_states, padding_mask, spatial_shapes,
             spatial_shapes_list, level_start_index,
         )
-        # residuals added in place into the fresh branch outputs: no extra `[B, S, D]` tensor per layer
-        hidden_states = self.norm1(self.dropout(attended).add_(hidden_states))
-        return self.norm2(self.dropout(self.feed_forward(hidden_states)).add_(hidden_states))
+        hidden_states = self.norm1(hidden_states + self.dropout(attended))
+        return self.norm2(hidden_states + self.dropout(self.feed_forward(hidden_states)))
 
     def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """`linear2(activation(linear1(x)))`, `[B, S, D]` -> `[B, S, D]`.
+        """`linear2(dropout(activation(linear1(x))))`, `[B, S, D]` -> `[B, S, D]`, each token on its own.
 
-        At inference (eval mode, no autograd, not tracing) the tokens go through in chunks of
-        `ENCODER_FFN_CHUNK_TOKENS`: the `[chunk, ffn_dim]` intermediate (8 MB) is reused by the allocator and stays
-        in cache, where the whole `[S, ffn_dim]` one (164 MB per layer for an 800x1201 image) is freshly mapped and
-        written to memory at every layer. Each token's result is the same (the rows are independent)."""
-        if not runs_eager_inference(self) or hidden_states[..., 0].numel() <= ENCODER_FFN_CHUNK_TOKENS:
-            return self.linear2(self.dropout(self.activation(self.linear1(hidden_states))))
+        In eager mode the tokens go through in chunks of `ENCODER_FFN_CHUNK_TOKENS`. The whole `[B * S, ffn_dim]`
+        intermediate (330 MB per layer for two 800x1213 images) would be freshly mapped and written to memory at
+        every layer, and in training kept for the backward pass (2 GB over six layers); a chunk's (8 MB) is reused by
+        the allocator and stays in cache. Under autograd each chunk is checkpointed (`torch.utils.checkpoint`): the
+        backward pass recomputes its intermediate from the chunk's input (one more `linear1` per chunk) instead of
+        keeping it. The outputs are the same (rows are independent), the gradients the same sums in chunk order.
+        Graph capture (tracing, `torch.compile`, export) sees the plain block."""
+        if captures_graph() or hidden_states[..., 0].numel() <= ENCODER_FFN_CHUNK_TOKENS:
+            return self.feed_forward_block(hidden_states)
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1]).split(ENCODER_FFN_CHUNK_TOKENS)
-        return torch.cat([self.linear2(self.activation(self.linear1(chunk))) for chunk in tokens]).view_as(hidden_states)
+        if torch.is_grad_enabled():
+            outputs = [checkpoint(self.feed_forward_block, chunk, use_reentrant=False) for chunk in tokens]
+        else:
+            outputs = [self.feed_forward_block(chunk) for chunk in tokens]
+        return torch.cat(outputs).view_as(hidden_states)
+
+    def feed_forward_block(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The plain feed-forward block, `[..., D]` -> `[..., D]`."""
+        return self.linear2(self.dropout(self.activation(self.linear1(hidden_states))))
 
 
 class DinoEncoder(nn.Module):
@@ -348,7 +355,7 @@ class DinoDecoderLayer(GradientCheckpointingLayer):
         self.linear1 = nn.Linear(d, config.decoder_ffn_dim)
         self.linear2 = nn.Linear(config.decoder_ffn_dim, d)
         self.norm3 = nn.LayerNorm(d)
-        self.activation = feed_forward_activation(config.activation_function)
+        self.activation = ACT2FN[config.activation_function]
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, hidden_states, query_position, reference_points, self_attn_mask, memory, memory_padding_mask,
