@@ -146,6 +146,13 @@ def box_sine_embedding(boxes: torch.Tensor, num_features: int = 128, temperature
     return torch.cat([sine_embedding(c * scale, num_features, temperature) for c in (y, x, w, h)], dim=-1)
 
 
+def feed_forward_activation(name: str) -> nn.Module:
+    """The feed-forward activation. ReLU works in place, on the `[tokens, ffn_dim]` output of `linear1`, which the
+    feed-forward blocks compute on 2-D token matrices: the output is then a tensor of its own, not a view, so that
+    autograd needs no copy of it."""
+    return nn.ReLU(inplace=True) if name == "relu" else ACT2FN[name]
+
+
 class DinoMLPPredictionHead(nn.Module):
     """A small MLP (ReLU between layers): the box heads and the reference-point head. Layers are `layers.{i}`."""
 
@@ -266,7 +273,7 @@ class DinoEncoderLayer(GradientCheckpointingLayer):
         self.linear1 = nn.Linear(config.d_model, config.encoder_ffn_dim)
         self.linear2 = nn.Linear(config.encoder_ffn_dim, config.d_model)
         self.norm2 = nn.LayerNorm(config.d_model)
-        self.activation = ACT2FN[config.activation_function]
+        self.activation = feed_forward_activation(config.activation_function)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, hidden_states, position_embeddings, reference_points, padding_mask, spatial_shapes,
@@ -289,9 +296,10 @@ class DinoEncoderLayer(GradientCheckpointingLayer):
         backward pass recomputes its intermediate from the chunk's input (one more `linear1` per chunk) instead of
         keeping it. The outputs are the same (rows are independent), the gradients the same sums in chunk order.
         Graph capture (tracing, `torch.compile`, export) sees the plain block."""
-        if captures_graph() or hidden_states[..., 0].numel() <= ENCODER_FFN_CHUNK_TOKENS:
-            return self.feed_forward_block(hidden_states)
-        tokens = hidden_states.reshape(-1, hidden_states.shape[-1]).split(ENCODER_FFN_CHUNK_TOKENS)
+        tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
+        if captures_graph() or tokens.shape[0] <= ENCODER_FFN_CHUNK_TOKENS:
+            return self.feed_forward_block(tokens).view_as(hidden_states)
+        tokens = tokens.split(ENCODER_FFN_CHUNK_TOKENS)
         if torch.is_grad_enabled():
             outputs = [checkpoint(self.feed_forward_block, chunk, use_reentrant=False) for chunk in tokens]
         else:
@@ -299,7 +307,7 @@ class DinoEncoderLayer(GradientCheckpointingLayer):
         return torch.cat(outputs).view_as(hidden_states)
 
     def feed_forward_block(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The plain feed-forward block, `[..., D]` -> `[..., D]`."""
+        """The plain feed-forward block on a token matrix, `[tokens, D]` -> `[tokens, D]`."""
         return self.linear2(self.dropout(self.activation(self.linear1(hidden_states))))
 
 
@@ -355,7 +363,7 @@ class DinoDecoderLayer(GradientCheckpointingLayer):
         self.linear1 = nn.Linear(d, config.decoder_ffn_dim)
         self.linear2 = nn.Linear(config.decoder_ffn_dim, d)
         self.norm3 = nn.LayerNorm(d)
-        self.activation = ACT2FN[config.activation_function]
+        self.activation = feed_forward_activation(config.activation_function)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, hidden_states, query_position, reference_points, self_attn_mask, memory, memory_padding_mask,
@@ -370,7 +378,8 @@ class DinoDecoderLayer(GradientCheckpointingLayer):
             spatial_shapes_list, level_start_index,
         )
         hidden_states = self.norm1(hidden_states + self.dropout(attended))
-        ffn = self.linear2(self.dropout(self.activation(self.linear1(hidden_states))))
+        tokens = hidden_states.flatten(0, 1)  # a 2-D token matrix (see `feed_forward_activation`)
+        ffn = self.linear2(self.dropout(self.activation(self.linear1(tokens)))).view_as(hidden_states)
         return self.norm3(hidden_states + self.dropout(ffn))
 
 
