@@ -289,15 +289,17 @@ class DinoEncoderLayer(GradientCheckpointingLayer):
     def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """`linear2(dropout(activation(linear1(x))))`, `[B, S, D]` -> `[B, S, D]`, each token on its own.
 
-        In eager mode the tokens go through in chunks of `ENCODER_FFN_CHUNK_TOKENS`. The whole `[B * S, ffn_dim]`
-        intermediate (330 MB per layer for two 800x1213 images) would be freshly mapped and written to memory at
-        every layer, and in training kept for the backward pass (2 GB over six layers); a chunk's (8 MB) is reused by
-        the allocator and stays in cache. Under autograd each chunk is checkpointed (`torch.utils.checkpoint`): the
-        backward pass recomputes its intermediate from the chunk's input (one more `linear1` per chunk) instead of
-        keeping it. The outputs are the same (rows are independent), the gradients the same sums in chunk order.
-        Graph capture (tracing, `torch.compile`, export) sees the plain block."""
+        On the CPU, in eager mode, the tokens go through in chunks of `ENCODER_FFN_CHUNK_TOKENS`. The whole
+        `[B * S, ffn_dim]` intermediate (330 MB per layer for two 800x1213 images) would be freshly mapped and written
+        to memory at every layer, and in training kept for the backward pass (2 GB over six layers); a chunk's (8 MB)
+        is reused by the allocator and stays in cache. Under autograd each chunk is checkpointed
+        (`torch.utils.checkpoint`): the backward pass recomputes its intermediate from the chunk's input (one more
+        `linear1` per chunk) instead of keeping it. The outputs are the same (rows are independent), the gradients
+        the same sums in chunk order. Graph capture (tracing, `torch.compile`, export) and GPUs (no page faults to
+        avoid; fewer, larger kernels are faster; `gradient_checkpointing_enable()` saves memory there) run the plain
+        block."""
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
-        if captures_graph() or tokens.shape[0] <= ENCODER_FFN_CHUNK_TOKENS:
+        if captures_graph() or tokens.device.type != "cpu" or tokens.shape[0] <= ENCODER_FFN_CHUNK_TOKENS:
             return self.feed_forward_block(tokens).view_as(hidden_states)
         tokens = tokens.split(ENCODER_FFN_CHUNK_TOKENS)
         if torch.is_grad_enabled():
