@@ -635,9 +635,10 @@ class DinoBackbone(nn.Module):
         """pixel_values `[B, C, H, W]`, padding_mask `[B, H, W]` (True = padding) -> `(map, mask)` per returned stage.
 
         A ResNet in eval mode without autograd (`torch.no_grad()`, `torch.inference_mode()`) runs its folded,
-        channels-last inference view (`folded_body`); training, gradients and tracing/compiling run `body` itself,
-        eagerly on a channels-last copy of the image (oneDNN's convolutions run faster on that layout; the maps come
-        out channels-last, whose flattening into tokens needs no copy).
+        channels-last inference view (`folded_body`). Otherwise `body` itself runs: a ResNet in training or under
+        autograd on a channels-last copy of the image (oneDNN's convolutions run faster on that layout; the maps come
+        out channels-last, whose flattening into tokens needs no copy); a Swin, and any graph capture (tracing,
+        `torch.compile`, `torch.export`), on the image as given.
         """
         folded = self.folded_body() if runs_eager_inference(self) else None
         if folded is not None:
