@@ -450,16 +450,18 @@ def test_new_label_set_reinitialises_class_heads(tmp_path):
     assert torch.allclose(model.class_embed.bias, torch.full((3,), prior))
 
 
-def test_encoder_feed_forward_in_chunks_is_the_plain_block():
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_encoder_feed_forward_in_chunks_is_the_plain_block(activation):
     """`DinoEncoderLayer.feed_forward` runs the tokens in chunks: at inference the same function as the plain block,
     under autograd the same function and gradients (float64 recomputation of the plain block), without keeping the
-    `[tokens, ffn_dim]` intermediate for the backward pass (each chunk is checkpointed)."""
+    `[tokens, ffn_dim]` intermediate for the backward pass. ReLU runs as `DinoReluFeedForwardInChunks`, other
+    activations as a checkpoint per chunk."""
     import copy
 
     from conftest import tiny_model as build_tiny_model
     from hf_dino.modeling_dino import ENCODER_FFN_CHUNK_TOKENS
 
-    layer = build_tiny_model().model.encoder.layers[0].train()
+    layer = build_tiny_model(activation_function=activation).model.encoder.layers[0].train()
     hidden = torch.randn(2, ENCODER_FFN_CHUNK_TOKENS + 700, layer.linear1.in_features)  # 3 chunks, the last partial
     reference = copy.deepcopy(layer).double()
     reference_input = hidden.double().requires_grad_()
@@ -481,8 +483,12 @@ def test_encoder_feed_forward_in_chunks_is_the_plain_block():
     trained_input = hidden.clone().requires_grad_()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         output = layer.feed_forward(trained_input)
-    # kept for the backward pass: the chunks of the input (views of it), nothing computed
-    assert saved_storages and set(saved_storages) == {trained_input.untyped_storage().data_ptr()}
+    chunk_function = type(output.grad_fn.next_functions[0][0]).__name__
+    assert (chunk_function == "DinoReluFeedForwardInChunksBackward") == (activation == "relu"), chunk_function
+    # kept for the backward pass: the input (or views of it) and the parameters, nothing computed
+    input_storage = trained_input.untyped_storage().data_ptr()
+    parameter_storages = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    assert input_storage in saved_storages and set(saved_storages) <= {input_storage} | parameter_storages
     assert torch.equal(output.detach(), chunked)
     output.backward(upstream.float())
     assert (trained_input.grad.double() - reference_input.grad).abs().max() < 1e-5

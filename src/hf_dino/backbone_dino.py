@@ -29,12 +29,6 @@ def captures_graph() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
-def runs_eager_inference(module: nn.Module) -> bool:
-    """Whether `module` runs eager inference: eval mode, no autograd, and no graph capture. Only then may the folded
-    ResNet replace the plain one, which training, gradients and graph capture always see."""
-    return not (module.training or torch.is_grad_enabled() or captures_graph())
-
-
 def _ceil_to(size: int, multiple: int) -> int:
     """`size` rounded up to a multiple of `multiple` (written as a ceil-division, which stays a simple expression when
     `size` is a symbolic size under `torch.export`)."""
@@ -279,14 +273,16 @@ class DinoFoldedConv(NamedTuple):
 
 
 class DinoFoldedResNet:
-    """Inference-only view of a frozen-batch-norm timm ResNet (`DinoBackbone.body`): the same function as
+    """Eager view of a frozen-batch-norm timm ResNet (`DinoBackbone.body`): the same function as
     `body(pixel_values)`, with every batch norm folded into the convolution before it and the maps kept in
     channels-last memory format (what oneDNN's CPU convolutions run fastest on).
 
-    The module is not changed: its parameters and buffers (what is trained, saved and converted) stay as they are,
-    and the folded weights (`W * scale`, `bias * scale + shift`, computed in float64 and cast to the weight's dtype)
-    live only here. They are cached and recomputed when any source tensor changes (new tensor, in-place update,
-    `.to()`); the cache holds weak references to the sources only.
+    The module is not changed: its parameters and buffers (what is trained, saved and converted) stay as they are.
+    Without autograd the folded weights (`W * scale`, `bias * scale + shift`, computed in float64 and cast to the
+    weight's dtype) live only here, cached, and are recomputed when any source tensor changes (new tensor, in-place
+    update, `.to()`); the cache holds weak references to the sources only. Under autograd (training) the weights are
+    folded afresh at every call, `conv.weight * scale` in the weight's dtype, so that the gradients reach
+    `conv.weight`: the frozen batch norm costs no pass over the maps, forward or backward.
 
     `DinoFoldedResNet.supports(body)` tells whether the layout is the plain timm ResNet this class knows (conv-bn-ReLU
     stem, then `Bottleneck` / `BasicBlock` stages without attention, anti-aliasing, drop-block or drop-path);
@@ -365,9 +361,27 @@ class DinoFoldedResNet:
         tensors = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
         return tensors if conv.bias is None else [*tensors, conv.bias]
 
-    @torch.no_grad()
+    @staticmethod
+    def _fold_factors(conv: nn.Conv2d, bn: DinoFrozenBatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(scale, shift)` in float64: `bn(y) == y * scale + shift`."""
+        scale = bn.weight.double() * (bn.running_var.double() + bn.eps).rsqrt()
+        return scale, bn.bias.double() - bn.running_mean.double() * scale
+
+    @staticmethod
+    def _folded(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> DinoFoldedConv:
+        weight = weight.contiguous(memory_format=torch.channels_last)
+        return DinoFoldedConv(weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
     def folded_convolutions(self) -> list[DinoFoldedConv]:
-        """The folded convolutions, from the cache while none of their source tensors changed."""
+        """The folded convolutions: under autograd folded afresh (differentiable in the convolution's weight and
+        bias), otherwise from the cache while none of their source tensors changed."""
+        if torch.is_grad_enabled():
+            folded = []
+            for conv, bn in self._pairs:
+                scale, shift = (t.to(conv.weight.dtype) for t in self._fold_factors(conv, bn))
+                bias = shift if conv.bias is None else conv.bias * scale + shift
+                folded.append(self._folded(conv, conv.weight * scale.view(-1, 1, 1, 1), bias))
+            return folded
         sources = [t for conv, bn in self._pairs for t in self._sources(conv, bn)]
         state = [(t._version, t.data_ptr()) for t in sources]
         if self._cache is not None:
@@ -376,21 +390,16 @@ class DinoFoldedResNet:
                 return folded
         folded = []
         for conv, bn in self._pairs:
-            scale = bn.weight.double() * (bn.running_var.double() + bn.eps).rsqrt()
-            shift = bn.bias.double() - bn.running_mean.double() * scale
+            scale, shift = self._fold_factors(conv, bn)
             bias = shift if conv.bias is None else conv.bias.double() * scale + shift
             weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
-            dtype = conv.weight.dtype
-            folded.append(DinoFoldedConv(
-                weight.to(dtype).contiguous(memory_format=torch.channels_last), bias.to(dtype),
-                conv.stride, conv.padding, conv.dilation, conv.groups,
-            ))
+            folded.append(self._folded(conv, weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)))
         self._cache = ([weakref.ref(t) for t in sources], state, folded)
         return folded
 
-    @torch.no_grad()
     def __call__(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """`[B, C, H, W]` -> the returned stages' maps `[B, C_l, H_l, W_l]` (channels-last), as `body` returns."""
+        """`[B, C, H, W]` -> the returned stages' maps `[B, C_l, H_l, W_l]` (channels-last), as `body` returns.
+        The in-place additions and ReLUs act on convolution outputs, which no backward formula needs."""
         convs = self.folded_convolutions()
         x = pixel_values.contiguous(memory_format=torch.channels_last)
         outputs = []
@@ -623,7 +632,7 @@ class DinoBackbone(nn.Module):
         return new
 
     def folded_body(self) -> DinoFoldedResNet | None:
-        """The inference view of a ResNet body with its batch norms folded (`DinoFoldedResNet`), None for a Swin
+        """The eager view of a ResNet body with its batch norms folded (`DinoFoldedResNet`), None for a Swin
         or a ResNet layout it does not know. Built on first use; not a submodule (nothing is saved)."""
         body, folded = self.__dict__.get("_folded_body", (None, None))
         if body is not self.body:  # first use, or `body` was replaced
@@ -634,17 +643,10 @@ class DinoBackbone(nn.Module):
     def forward(self, pixel_values: torch.Tensor, padding_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """pixel_values `[B, C, H, W]`, padding_mask `[B, H, W]` (True = padding) -> `(map, mask)` per returned stage.
 
-        A ResNet in eval mode without autograd (`torch.no_grad()`, `torch.inference_mode()`) runs its folded,
-        channels-last inference view (`folded_body`). Otherwise `body` itself runs: a ResNet in training or under
-        autograd on a channels-last copy of the image (oneDNN's convolutions run faster on that layout; the maps come
-        out channels-last, whose flattening into tokens needs no copy); a Swin, and any graph capture (tracing,
-        `torch.compile`, `torch.export`), on the image as given.
+        A ResNet runs eagerly as its folded, channels-last view (`folded_body`), in training and inference alike (the
+        gradients reach the same parameters). A Swin, a ResNet layout the folded view does not know, and any graph
+        capture (tracing, `torch.compile`, `torch.export`) run `body` itself, on the image as given.
         """
-        folded = self.folded_body() if runs_eager_inference(self) else None
-        if folded is not None:
-            features = folded(pixel_values)
-        elif self.is_swin or captures_graph():
-            features = self.body(pixel_values)
-        else:
-            features = self.body(pixel_values.contiguous(memory_format=torch.channels_last))
+        folded = None if self.is_swin or captures_graph() else self.folded_body()
+        features = self.body(pixel_values) if folded is None else folded(pixel_values)
         return [(f, F.interpolate(padding_mask[None].float(), size=f.shape[-2:])[0].bool()) for f in features]

@@ -263,6 +263,51 @@ class DinoMultiscaleDeformableAttention(nn.Module):
 ENCODER_FFN_CHUNK_TOKENS = 1024
 
 
+class DinoReluFeedForwardInChunks(torch.autograd.Function):
+    """`linear2(relu(linear1(x)))` on a token matrix `[tokens, D]` -> `[tokens, D]`, computed `chunk_size` tokens at a
+    time, keeping only `x` and the weights for the backward pass.
+
+    The backward pass recomputes each chunk's `relu(linear1(x))` (one matrix product) and takes the five products of
+    the block's backward from it. `torch.utils.checkpoint` around the plain block would recompute the whole chunk,
+    `linear2` included: one product more per chunk, for nothing. Weight and bias gradients are summed over the chunks
+    in order, straight into one buffer each.
+    """
+
+    @staticmethod
+    def forward(ctx, tokens, weight1, bias1, weight2, bias2, chunk_size: int):
+        output = tokens.new_empty(tokens.shape[0], weight2.shape[0])
+        for start in range(0, tokens.shape[0], chunk_size):
+            hidden = torch.addmm(bias1, tokens[start : start + chunk_size], weight1.t()).relu_()
+            torch.addmm(bias2, hidden, weight2.t(), out=output[start : start + chunk_size])
+        ctx.save_for_backward(tokens, weight1, bias1, weight2)
+        ctx.chunk_size = chunk_size
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        tokens, weight1, bias1, weight2 = ctx.saved_tensors
+        needs_tokens, needs_weight1, needs_bias1, needs_weight2, needs_bias2, _ = ctx.needs_input_grad
+        grad_output = grad_output.contiguous()
+        grad_tokens = torch.empty_like(tokens) if needs_tokens else None
+        grad_weight1 = torch.zeros_like(weight1) if needs_weight1 else None
+        grad_bias1 = torch.zeros_like(bias1) if needs_bias1 else None
+        grad_weight2 = torch.zeros_like(weight2) if needs_weight2 else None
+        grad_bias2 = grad_output.sum(0) if needs_bias2 else None
+        for start in range(0, tokens.shape[0], ctx.chunk_size):
+            chunk, grad_chunk = tokens[start : start + ctx.chunk_size], grad_output[start : start + ctx.chunk_size]
+            hidden = torch.addmm(bias1, chunk, weight1.t()).relu_()
+            if needs_weight2:
+                grad_weight2.addmm_(grad_chunk.t(), hidden)
+            grad_hidden = torch.ops.aten.threshold_backward(grad_chunk @ weight2, hidden, 0.0)  # ReLU's gradient
+            if needs_bias1:
+                grad_bias1 += grad_hidden.sum(0)
+            if needs_weight1:
+                grad_weight1.addmm_(grad_hidden.t(), chunk)
+            if needs_tokens:
+                torch.mm(grad_hidden, weight1, out=grad_tokens[start : start + ctx.chunk_size])
+        return grad_tokens, grad_weight1, grad_bias1, grad_weight2, grad_bias2, None
+
+
 class DinoEncoderLayer(GradientCheckpointingLayer):
     """Deformable self-attention over all levels' tokens, then a feed-forward block (post-norm)."""
 
@@ -292,15 +337,22 @@ class DinoEncoderLayer(GradientCheckpointingLayer):
         On the CPU, in eager mode, the tokens go through in chunks of `ENCODER_FFN_CHUNK_TOKENS`. The whole
         `[B * S, ffn_dim]` intermediate (330 MB per layer for two 800x1213 images) would be freshly mapped and written
         to memory at every layer, and in training kept for the backward pass (2 GB over six layers); a chunk's (8 MB)
-        is reused by the allocator and stays in cache. Under autograd each chunk is checkpointed
-        (`torch.utils.checkpoint`): the backward pass recomputes its intermediate from the chunk's input (one more
-        `linear1` per chunk) instead of keeping it. The outputs are the same (rows are independent), the gradients
-        the same sums in chunk order. Graph capture (tracing, `torch.compile`, export) and GPUs (no page faults to
-        avoid; fewer, larger kernels are faster; `gradient_checkpointing_enable()` saves memory there) run the plain
-        block."""
+        is reused by the allocator and stays in cache. Under autograd the intermediate is not kept: the backward pass
+        recomputes it chunk by chunk (one more `linear1` per chunk). DINO's block (ReLU, no dropout in action, no
+        autocast) runs as `DinoReluFeedForwardInChunks`; any other as `torch.utils.checkpoint` of the plain block per
+        chunk. The outputs are the same (rows are independent), the gradients the same sums in chunk order. Graph
+        capture (tracing, `torch.compile`, export) and GPUs (no page faults to avoid; fewer, larger kernels are
+        faster; `gradient_checkpointing_enable()` saves memory there) run the plain block."""
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
         if captures_graph() or tokens.device.type != "cpu" or tokens.shape[0] <= ENCODER_FFN_CHUNK_TOKENS:
             return self.feed_forward_block(tokens).view_as(hidden_states)
+        dropout_acts = self.training and self.dropout.p > 0
+        if isinstance(self.activation, nn.ReLU) and not dropout_acts and not torch.is_autocast_enabled("cpu"):
+            output = DinoReluFeedForwardInChunks.apply(
+                tokens, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
+                ENCODER_FFN_CHUNK_TOKENS,
+            )
+            return output.view_as(hidden_states)
         tokens = tokens.split(ENCODER_FFN_CHUNK_TOKENS)
         if torch.is_grad_enabled():
             outputs = [checkpoint(self.feed_forward_block, chunk, use_reentrant=False) for chunk in tokens]
