@@ -439,14 +439,15 @@ def set_up_run(args, accelerator) -> TrainingRun:
     collate = DetectionCollator(processor)
     sampler = ResumableBatchSampler(len(train_set), args.batch_size, accelerator.num_processes, accelerator.process_index,
                                     seed=args.seed, multiple_of=args.gradient_accumulation_steps)
-    # own generator: creating the loader iterator must not consume the global RNG (exact resumption)
+    # own generators: creating a loader iterator must not consume the global RNG, which the training draws from
+    # (exact resumption; evaluation and its progress bar, which iterates differently, leave the training unchanged)
     train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate,
                                                num_workers=args.num_workers, generator=torch.Generator())
     val_loader = coco_gt = None
     if val_set is not None and not args.no_eval:
         shard = torch.utils.data.Subset(val_set, shard_indices(len(val_set), accelerator.num_processes, accelerator.process_index))
         val_loader = torch.utils.data.DataLoader(shard, batch_size=args.eval_batch_size, collate_fn=collate,
-                                                 num_workers=args.num_workers)
+                                                 num_workers=args.num_workers, generator=torch.Generator())
         coco_gt = val_set.coco_ground_truth()
 
     steps_per_epoch = sampler.num_batches // args.gradient_accumulation_steps

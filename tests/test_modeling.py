@@ -450,6 +450,23 @@ def test_new_label_set_reinitialises_class_heads(tmp_path):
     assert torch.allclose(model.class_embed.bias, torch.full((3,), prior))
 
 
+def test_relu_feed_forward_in_chunks_gradcheck():
+    """`DinoReluFeedForwardInChunks` against numerical derivatives (float64, a partial last chunk), with every input
+    trainable and with frozen weights (only the tokens' gradient computed)."""
+    from hf_dino.modeling_dino import DinoReluFeedForwardInChunks
+
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(10, 4, dtype=torch.float64, generator=generator)
+    # linear1's weight and bias, linear2's weight and bias
+    weights = [torch.randn(*shape, dtype=torch.float64, generator=generator) for shape in ((6, 4), (6,), (4, 6), (4,))]
+    block = lambda x, w1, b1, w2, b2: DinoReluFeedForwardInChunks.apply(x, w1, b1, w2, b2, 3)  # noqa: E731
+    expected = torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(tokens, *weights[:2])), *weights[2:])
+    assert torch.allclose(block(tokens, *weights), expected, rtol=0, atol=1e-12)
+    inputs = [tokens.clone().requires_grad_()] + [w.clone().requires_grad_() for w in weights]
+    assert torch.autograd.gradcheck(block, inputs)
+    assert torch.autograd.gradcheck(block, [tokens.clone().requires_grad_(), *weights])
+
+
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_encoder_feed_forward_in_chunks_is_the_plain_block(activation):
     """`DinoEncoderLayer.feed_forward` runs the tokens in chunks: at inference the same function as the plain block,

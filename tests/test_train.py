@@ -144,6 +144,19 @@ def test_kill_and_resume_is_exact(tmp_path, synthetic_dir):
     assert [h["AP"] for h in crash_history] == [h["AP"] for h in ref_history]
 
 
+def test_evaluation_and_progress_bars_leave_the_training_unchanged(tmp_path, synthetic_dir):
+    """The same 2 epochs with evaluation after each epoch and progress bars on, and with neither: bit-identical
+    weights (evaluating must not draw from the random numbers the training uses)."""
+    common = ["--synthetic-dir", str(synthetic_dir), "--epochs", "2", "--report-to", "none", *TINY]
+    quiet, watched = tmp_path / "quiet", tmp_path / "watched"
+    _run(["--output-dir", str(quiet), "--no-eval", *common])
+    _run(["--output-dir", str(watched), *[a for a in common if a != "--no-progress"]])
+    assert len(json.loads((watched / "metrics.json").read_text())["history"]) == 2  # it did evaluate twice
+    a, b = _weights(quiet / "final"), _weights(watched / "final")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "evaluation or the progress bars changed the trained weights"
+
+
 def test_accelerate_launch_two_processes(tmp_path, synthetic_dir):
     out = tmp_path / "ddp"
     proc = _run(

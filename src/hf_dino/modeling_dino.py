@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -270,11 +271,21 @@ class DinoReluFeedForwardInChunks(torch.autograd.Function):
     The backward pass recomputes each chunk's `relu(linear1(x))` (one matrix product) and takes the five products of
     the block's backward from it. `torch.utils.checkpoint` around the plain block would recompute the whole chunk,
     `linear2` included: one product more per chunk, for nothing. Weight and bias gradients are summed over the chunks
-    in order, straight into one buffer each.
+    in order, straight into one buffer each. Differentiable once (no double backward).
     """
 
     @staticmethod
-    def forward(ctx, tokens, weight1, bias1, weight2, bias2, chunk_size: int):
+    def forward(
+        ctx,
+        tokens: torch.Tensor,
+        weight1: torch.Tensor,
+        bias1: torch.Tensor,
+        weight2: torch.Tensor,
+        bias2: torch.Tensor,
+        chunk_size: int,
+    ) -> torch.Tensor:
+        """tokens `[N, D]`; `linear1`'s weight `[F, D]` and bias `[F]`; `linear2`'s weight `[D, F]` and bias `[D]`
+        -> `[N, D]`."""
         output = tokens.new_empty(tokens.shape[0], weight2.shape[0])
         for start in range(0, tokens.shape[0], chunk_size):
             hidden = torch.addmm(bias1, tokens[start : start + chunk_size], weight1.t()).relu_()
@@ -284,6 +295,7 @@ class DinoReluFeedForwardInChunks(torch.autograd.Function):
         return output
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
         tokens, weight1, bias1, weight2 = ctx.saved_tensors
         needs_tokens, needs_weight1, needs_bias1, needs_weight2, needs_bias2, _ = ctx.needs_input_grad
