@@ -133,3 +133,38 @@ def test_fast_path_changes_nothing_saved(tmp_path):
     )
     assert list(saved_after) == list(saved_before)
     assert all(torch.equal(saved_after[k], v) for k, v in saved_before.items())
+
+
+def test_replaced_modules_are_seen(backbone):
+    """The folded view is rebuilt when a module of the body is replaced after first use: a new convolution is folded
+    in, and a layer the view does not know (here a wrapped convolution, as adapter libraries insert) falls back to the
+    body itself."""
+    import copy
+
+    module = copy.deepcopy(backbone)
+    pixel_values = torch.randn(1, 3, 64, 64)
+    padding_mask = torch.zeros(1, 64, 64, dtype=torch.bool)
+    with torch.no_grad():
+        module(pixel_values, padding_mask)  # builds the view for the original modules
+        block = module.body.layer2[0]
+        old = block.conv1
+        replacement = torch.nn.Conv2d(old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+                                      bias=False)
+        block.conv1 = replacement
+        features = [f for f, _ in module(pixel_values, padding_mask)]
+    assert module.folded_body() is not None and all(f.is_contiguous(memory_format=torch.channels_last) for f in features)
+    assert_matches_reference(features, float64_reference(module, pixel_values))
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, conv):
+            super().__init__()
+            self.base_layer = conv
+
+        def forward(self, x):
+            return self.base_layer(x) * 0.5
+
+    block.conv1 = Wrapped(replacement)
+    with torch.no_grad():
+        features = [f for f, _ in module(pixel_values, padding_mask)]
+    assert module.folded_body() is None
+    assert_matches_reference(features, float64_reference(module, pixel_values))

@@ -633,11 +633,14 @@ class DinoBackbone(nn.Module):
 
     def folded_body(self) -> DinoFoldedResNet | None:
         """The eager view of a ResNet body with its batch norms folded (`DinoFoldedResNet`), None for a Swin
-        or a ResNet layout it does not know. Built on first use; not a submodule (nothing is saved)."""
-        body, folded = self.__dict__.get("_folded_body", (None, None))
-        if body is not self.body:  # first use, or `body` was replaced
+        or a ResNet layout it does not know. Built on first use, and again whenever any module of `body` was replaced
+        (e.g. a convolution swapped, or wrapped by an adapter library, which the view may no longer support); not a
+        submodule (nothing is saved)."""
+        modules = tuple(self.body.modules())
+        built_for, folded = self.__dict__.get("_folded_body", ((), None))
+        if modules != built_for:  # identity of every module (`nn.Module` compares by identity)
             folded = DinoFoldedResNet(self.body) if DinoFoldedResNet.supports(self.body) else None
-            self.__dict__["_folded_body"] = (self.body, folded)
+            self.__dict__["_folded_body"] = (modules, folded)
         return folded
 
     def forward(self, pixel_values: torch.Tensor, padding_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
