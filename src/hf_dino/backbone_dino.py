@@ -367,33 +367,30 @@ class DinoFoldedResNet:
         scale = bn.weight.double() * (bn.running_var.double() + bn.eps).rsqrt()
         return scale, bn.bias.double() - bn.running_mean.double() * scale
 
-    @staticmethod
-    def _folded(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> DinoFoldedConv:
-        weight = weight.contiguous(memory_format=torch.channels_last)
-        return DinoFoldedConv(weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    @classmethod
+    def _fold(cls, conv: nn.Conv2d, bn: DinoFrozenBatchNorm2d, compute_dtype: torch.dtype) -> DinoFoldedConv:
+        """`bn(conv(x)) == conv2d(x, W * scale, bias * scale + shift)`, computed in `compute_dtype` and cast to the
+        weight's dtype (differentiable in `conv.weight` and `conv.bias`)."""
+        scale, shift = (t.to(compute_dtype) for t in cls._fold_factors(conv, bn))
+        weight = conv.weight.to(compute_dtype) * scale.view(-1, 1, 1, 1)
+        bias = shift if conv.bias is None else conv.bias.to(compute_dtype) * scale + shift
+        dtype = conv.weight.dtype
+        return DinoFoldedConv(weight.to(dtype).contiguous(memory_format=torch.channels_last), bias.to(dtype),
+                              conv.stride, conv.padding, conv.dilation, conv.groups)
 
     def folded_convolutions(self) -> list[DinoFoldedConv]:
-        """The folded convolutions: under autograd folded afresh (differentiable in the convolution's weight and
-        bias), otherwise from the cache while none of their source tensors changed."""
+        """The folded convolutions: under autograd folded afresh in the weight's dtype (differentiable in the
+        convolution's weight and bias), otherwise in float64, from the cache while none of their source tensors
+        changed."""
         if torch.is_grad_enabled():
-            folded = []
-            for conv, bn in self._pairs:
-                scale, shift = (t.to(conv.weight.dtype) for t in self._fold_factors(conv, bn))
-                bias = shift if conv.bias is None else conv.bias * scale + shift
-                folded.append(self._folded(conv, conv.weight * scale.view(-1, 1, 1, 1), bias))
-            return folded
+            return [self._fold(conv, bn, conv.weight.dtype) for conv, bn in self._pairs]
         sources = [t for conv, bn in self._pairs for t in self._sources(conv, bn)]
         state = [(t._version, t.data_ptr()) for t in sources]
         if self._cache is not None:
             refs, cached_state, folded = self._cache
             if cached_state == state and all(ref() is t for ref, t in zip(refs, sources)):
                 return folded
-        folded = []
-        for conv, bn in self._pairs:
-            scale, shift = self._fold_factors(conv, bn)
-            bias = shift if conv.bias is None else conv.bias.double() * scale + shift
-            weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
-            folded.append(self._folded(conv, weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)))
+        folded = [self._fold(conv, bn, torch.float64) for conv, bn in self._pairs]
         self._cache = ([weakref.ref(t) for t in sources], state, folded)
         return folded
 
