@@ -119,6 +119,13 @@ void forward_typed(const MsdaParams& p, const at::Tensor& value, const at::Tenso
   });
 }
 
+// Whether the backward runs the split variant: forced, or automatically when there are fewer (batch, head)
+// pairs than threads (e.g. batch 1 on a many-core machine).
+bool backward_splits(const MsdaParams& p) {
+  const int mode = backward_mode().load();
+  return mode == 2 || (mode == 0 && p.batch * p.heads < at::get_num_threads());
+}
+
 // Backward with values stored as V and everything (grad_value included) computed in T.
 template <typename T, typename V>
 void backward_typed(const MsdaParams& p, const at::Tensor& value, const at::Tensor& locations,
@@ -131,13 +138,15 @@ void backward_typed(const MsdaParams& p, const at::Tensor& value, const at::Tens
   // (batch, head, channel block).
   const int mode = backward_mode().load();
   const int64_t threads = at::get_num_threads();
-  const bool split = mode == 2 || (mode == 0 && work < threads);
+  const bool split = backward_splits(p);
   int64_t block = p.head_dim;
   if (split) {  // halve the channel blocks until there is a task per thread (forced: >= 4 blocks, for tests)
     const int64_t target = mode == 2 ? std::max<int64_t>(threads, 4 * work) : threads;
     while (block > 4 && work * ((p.head_dim + block - 1) / block) < target) block = (block + 1) / 2;
   }
   const int64_t value_tasks = work * ((p.head_dim + block - 1) / block);
+  // gather a (batch, head)'s value rows into a compact block when the queries sample them several times each
+  const bool stage_value = p.queries * p.levels * p.points >= 2 * p.tokens;
   std::vector<V> zeros(p.head_dim, V(0));
   const V* v = value.const_data_ptr<V>();
   const T* loc = locations.const_data_ptr<T>();
@@ -150,14 +159,20 @@ void backward_typed(const MsdaParams& p, const at::Tensor& value, const at::Tens
     constexpr int D = decltype(dim)::value;
     if (!split) {
       at::parallel_for(0, work, 1, [&](int64_t begin, int64_t end) {
+        // per thread: the task's grad_value rows, and its value rows when they are read several times each
+        std::vector<T> grad_scratch(p.tokens * p.head_dim);
+        std::vector<V> value_scratch(stage_value ? p.tokens * p.head_dim : 0);
+        V* vs = stage_value ? value_scratch.data() : nullptr;
 #ifdef HF_DINO_MSDA_HAS_AVX2
         if (avx2) {
-          cpu_avx2::msda_backward_range<T, V, D>(p, v, loc, att, g, gv, gl, ga, zeros.data(), begin, end);
+          cpu_avx2::msda_backward_range<T, V, D>(p, v, loc, att, g, gv, gl, ga, zeros.data(), vs,
+                                                 grad_scratch.data(), begin, end);
           return;
         }
 #endif
         (void)avx2;
-        cpu_baseline::msda_backward_range<T, V, D>(p, v, loc, att, g, gv, gl, ga, zeros.data(), begin, end);
+        cpu_baseline::msda_backward_range<T, V, D>(p, v, loc, att, g, gv, gl, ga, zeros.data(), vs,
+                                                   grad_scratch.data(), begin, end);
       });
       return;
     }
@@ -245,10 +260,14 @@ std::vector<at::Tensor> msda_cpu_backward(const at::Tensor& value_in, const at::
               "msda_cpu_backward: grad_output has ", grad_output_in.numel(), " elements, expected ",
               p.batch * p.queries * p.heads * p.head_dim);
   const at::Tensor grad_output = grad_output_in.to(compute_type).contiguous();
-  at::Tensor grad_value = parallel_zeros(value.sizes(), value.options().dtype(compute_type));
+  const bool runs = p.batch * p.heads != 0 && p.queries != 0 && p.head_dim != 0;
+  // the single pass writes every grad_value element once; the split variant accumulates into zeros
+  at::Tensor grad_value = runs && !backward_splits(p)
+                              ? at::empty(value.sizes(), value.options().dtype(compute_type))
+                              : parallel_zeros(value.sizes(), value.options().dtype(compute_type));
   at::Tensor grad_locations = at::zeros_like(locations);
   at::Tensor grad_weights = at::zeros_like(weights);
-  if (p.batch * p.heads != 0 && p.queries != 0 && p.head_dim != 0) {
+  if (runs) {
     switch (value.scalar_type()) {
       case at::kFloat:
         backward_typed<float, float>(p, value, locations, weights, grad_output, grad_value, grad_locations,

@@ -137,13 +137,14 @@ void msda_forward_range(const MsdaParams& p, const V* value, const T* locations,
 }
 
 // Gradients of one sampling point: attention weight and location gradients are written, and, when
-// `gvbase` is not null, the point's contribution to grad_value is accumulated.
+// `gvbase` is not null, the point's contribution to grad_value is accumulated. Token rows are `value_stride`
+// elements apart in `vbase` and `grad_stride` apart in `gvbase`.
 template <typename T, typename V, int D>
 inline void msda_point_backward(const MsdaCorners<T>& s, T a, int64_t height, int64_t width, const V* vbase,
-                                T* gvbase, int64_t token_stride, const T* g, const V* zeros, int64_t dim, T* gloc,
-                                T* gatt) {
+                                int64_t value_stride, T* gvbase, int64_t grad_stride, const T* g, const V* zeros,
+                                int64_t dim, T* gloc, T* gatt) {
   const V* v[4];
-  for (int c = 0; c < 4; ++c) v[c] = s.valid[c] ? vbase + s.index[c] * token_stride : zeros;
+  for (int c = 0; c < 4; ++c) v[c] = s.valid[c] ? vbase + s.index[c] * value_stride : zeros;
   T dots[4];
   msda_dot4<T, V, D>(g, v[0], v[1], v[2], v[3], dim, dots);
   *gatt = s.weight[0] * dots[0] + s.weight[1] * dots[1] + s.weight[2] * dots[2] + s.weight[3] * dots[3];
@@ -154,25 +155,39 @@ inline void msda_point_backward(const MsdaCorners<T>& s, T a, int64_t height, in
   gloc[1] = a * static_cast<T>(height) * dy;
   if (gvbase != nullptr) {
     for (int c = 0; c < 4; ++c) {
-      if (s.valid[c]) msda_axpy<T, D>(gvbase + s.index[c] * token_stride, g, a * s.weight[c], dim);
+      if (s.valid[c]) msda_axpy<T, D>(gvbase + s.index[c] * grad_stride, g, a * s.weight[c], dim);
     }
   }
 }
 
 // Backward, single pass, for the flattened (batch, head) range [begin, end): a task owns grad_value[b, :, h, :].
-// grad_value (in T, whatever V is), grad_locations and grad_weights must be zero-initialised.
+// The task sums its grad_value rows in `grad_scratch` (tokens x head_dim, contiguous) and then writes them out
+// once, so grad_value needs no zero-filling and the scattered updates hit a compact block instead of every
+// heads-th row of grad_value. With `value_scratch` (tokens x head_dim) the task first gathers its value rows
+// there too (worth it when the queries sample each row several times, as in the encoder); null reads them in
+// place. grad_locations and grad_weights must be zero-initialised.
 template <typename T, typename V, int D>
 void msda_backward_range(const MsdaParams& p, const V* value, const T* locations, const T* weights,
                          const T* grad_output, T* grad_value, T* grad_locations, T* grad_weights, const V* zeros,
-                         int64_t begin, int64_t end) {
+                         V* value_scratch, T* grad_scratch, int64_t begin, int64_t end) {
   const int64_t dim = D > 0 ? D : p.head_dim;
   const int64_t token_stride = p.heads * dim;
   const int64_t lp = p.levels * p.points;
   for (int64_t bh = begin; bh < end; ++bh) {
     const int64_t b = bh / p.heads;
     const int64_t h = bh % p.heads;
-    const V* vbase = value + b * p.tokens * token_stride + h * dim;
-    T* gvbase = grad_value + b * p.tokens * token_stride + h * dim;
+    const V* vrows = value + b * p.tokens * token_stride + h * dim;
+    T* gvrows = grad_value + b * p.tokens * token_stride + h * dim;
+    const V* vbase = vrows;
+    int64_t value_stride = token_stride;
+    if (value_scratch != nullptr) {
+      for (int64_t t = 0; t < p.tokens; ++t) {
+        for (int64_t c = 0; c < dim; ++c) value_scratch[t * dim + c] = vrows[t * token_stride + c];
+      }
+      vbase = value_scratch;
+      value_stride = dim;
+    }
+    for (int64_t j = 0; j < p.tokens * dim; ++j) grad_scratch[j] = T(0);
     for (int64_t q = 0; q < p.queries; ++q) {
       const int64_t i = (b * p.queries + q) * p.heads + h;
       const T* loc = locations + i * lp * 2;
@@ -182,10 +197,14 @@ void msda_backward_range(const MsdaParams& p, const V* value, const T* locations
         for (int64_t k = l * p.points; k < (l + 1) * p.points; ++k) {
           MsdaCorners<T> s;
           if (!msda_corners<T>(loc[2 * k], loc[2 * k + 1], height, width, start, s)) continue;
-          msda_point_backward<T, V, D>(s, att[k], height, width, vbase, gvbase, token_stride, grad_output + i * dim,
-                                       zeros, dim, grad_locations + (i * lp + k) * 2, grad_weights + i * lp + k);
+          msda_point_backward<T, V, D>(s, att[k], height, width, vbase, value_stride, grad_scratch, dim,
+                                       grad_output + i * dim, zeros, dim, grad_locations + (i * lp + k) * 2,
+                                       grad_weights + i * lp + k);
         }
       }
+    }
+    for (int64_t t = 0; t < p.tokens; ++t) {
+      for (int64_t c = 0; c < dim; ++c) gvrows[t * token_stride + c] = grad_scratch[t * dim + c];
     }
   }
 }
@@ -210,8 +229,9 @@ void msda_backward_sampling_range(const MsdaParams& p, const V* value, const T* 
       for (int64_t k = l * p.points; k < (l + 1) * p.points; ++k) {
         MsdaCorners<T> s;
         if (!msda_corners<T>(loc[2 * k], loc[2 * k + 1], height, width, start, s)) continue;
-        msda_point_backward<T, V, D>(s, att[k], height, width, vbase, nullptr, token_stride, grad_output + i * dim,
-                                     zeros, dim, grad_locations + (i * lp + k) * 2, grad_weights + i * lp + k);
+        msda_point_backward<T, V, D>(s, att[k], height, width, vbase, token_stride, nullptr, 0,
+                                     grad_output + i * dim, zeros, dim, grad_locations + (i * lp + k) * 2,
+                                     grad_weights + i * lp + k);
       }
     }
   }

@@ -136,6 +136,40 @@ def test_dino_encoder_shapes_match_reference(simd_variants):
         assert_close_to_reference(*inputs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("queries", [2, 60], ids=["few-queries", "many-queries"])
+def test_backward_writes_every_grad_value_row(simd_variants, dtype, queries):
+    """The single-pass backward sums each (batch, head)'s grad_value rows in a scratch block and writes all of them
+    out (grad_value is not zero-filled first), and gathers the value rows into a block first when the queries sample
+    them several times each (queries x levels x points >= 2 x tokens: the many-queries case here, not the few).
+    All points lie in the left half of each level: the right half's gradient must be exactly zero, the rest agree
+    with the float64 reference."""
+    levels = [(6, 10), (3, 5)]
+    value, shapes, starts, locations, weights = make_inputs(levels, batch=2, queries=queries, heads=4, head_dim=8,
+                                                            points=4, dtype=torch.float64, seed=queries)
+    tokens, samples = value.shape[1], queries * len(levels) * 4
+    assert (samples >= 2 * tokens) == (queries == 60)
+    locations[..., 0] = locations[..., 0].clamp(0, 1) * 0.3  # x < 0.3: pixel x*W - 0.5 < 0.3*W - 0.5, corners < W/2
+    value = value.to(dtype)
+    if dtype == torch.bfloat16:
+        locations, weights = locations.float(), weights.float()
+    else:
+        locations, weights = locations.to(dtype), weights.to(dtype)
+    grad_output = torch.randn(2, queries, 4 * 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    _, ref_grads = reference64(value, shapes, locations, weights, grad_output.to(value.dtype).double())
+    right_half = torch.cat([
+        (torch.arange(h * w) % w >= w // 2) for h, w in levels
+    ])
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: torch.finfo(torch.bfloat16).eps}[dtype]
+    for _ in simd_variants():
+        for _ in range(2):  # twice: a second call must not see the first one's sums in reused memory
+            _, grads = kernel_with_grads(value, shapes, starts, locations, weights, grad_output.to(value.dtype))
+            assert torch.count_nonzero(grads[0][:, right_half]) == 0
+            assert torch.count_nonzero(grads[0][:, ~right_half]) > 0
+            scale = ref_grads[0].abs().max().item()
+            torch.testing.assert_close(grads[0].double() / scale, ref_grads[0] / scale, rtol=tol, atol=tol)
+
+
 def test_gradcheck_float64(cpu_extension):
     value, shapes, starts, locations, weights = make_inputs(LEVEL_SETS["odd"], batch=1, queries=3, heads=2,
                                                             head_dim=3, points=2, seed=3)
