@@ -67,9 +67,11 @@ def pytorch_forced(model, pixel_values, pixel_mask, selection):
 def pytorch_scores_and_selection(model, pixel_values, pixel_mask):
     """Our model's encoder token scores `[B, S]` and its own top-K selection."""
     captured = {}
-    hook = model.model.enc_out_class_embed.register_forward_hook(
-        lambda module, args, output: captured.__setitem__("scores", output.max(-1)[0])
-    )
+
+    def first_call(module, args, output):  # the class head's first call scores every token (the ranking); its
+        captured.setdefault("scores", output.max(-1)[0])  # second, the selected tokens. Returns None: output unchanged
+
+    hook = model.model.enc_out_class_embed.register_forward_hook(first_call)
     with torch.no_grad():
         outputs = model(pixel_values=pixel_values, pixel_mask=pixel_mask)
     hook.remove()

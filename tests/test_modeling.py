@@ -242,7 +242,11 @@ def test_forced_query_selection_replays_indices_on_one_instance_only(tiny_model)
     other = DinoForObjectDetection(tiny_config()).eval()
     x = images(12, (1, 3, 96, 128))
     token_logits = {}
-    hook = tiny_model.model.enc_out_class_embed.register_forward_hook(lambda m, a, o: token_logits.update(all=o))
+
+    def first_call(module, args, output):  # the class head's first call scores every token (the ranking); its
+        token_logits.setdefault("all", output)  # second, the selected tokens. Returns None: output unchanged
+
+    hook = tiny_model.model.enc_out_class_embed.register_forward_hook(first_call)
     with torch.no_grad():
         own = tiny_model(x)
         forced_indices = torch.randperm(own.encoder_last_hidden_state.shape[1], generator=torch.Generator().manual_seed(0))[:30][None]
@@ -254,7 +258,7 @@ def test_forced_query_selection_replays_indices_on_one_instance_only(tiny_model)
     assert record.calls == 1 and torch.equal(record.own, own.encoder_topk_indices)
     assert torch.equal(forced.encoder_topk_indices, forced_indices)
     expected_logits = token_logits["all"].gather(1, forced_indices[..., None].expand(-1, -1, 5))
-    assert torch.equal(forced.encoder_logits, expected_logits)
+    torch.testing.assert_close(forced.encoder_logits, expected_logits, rtol=1e-6, atol=1e-6)
     assert not torch.equal(forced.logits, own.logits)
     assert torch.equal(after.logits, own.logits) and "rank_encoder_tokens" not in vars(tiny_model.model)
     with torch.no_grad():
@@ -320,6 +324,51 @@ def test_training_forward_returns_all_losses_and_gradients():
     # ResNet stem and layer1 stay frozen as in the original
     assert not model.model.backbone.body.conv1.weight.requires_grad
     assert model.model.backbone.body.layer2[0].conv1.weight.requires_grad
+
+
+def test_query_selection_gradients_are_those_of_heads_over_all_tokens():
+    """`select_queries` runs the heads over all tokens without autograd (for the ranking) and differentiably on the
+    selected tokens only. The original runs them over all tokens, ranks, and gathers the selected rows (gradients
+    flow through the gather). In float64 both give the same selection, outputs and gradients, for the memory and
+    every head parameter; tokens that are padding or whose proposal is invalid are zeroed in both."""
+    torch.manual_seed(0)
+    # 65 tokens, 15 of them padding in the second image: 60 queries must select some of those
+    model = DinoModel(tiny_config(num_queries=60)).double().train()
+    shapes = [(6, 8), (3, 4), (2, 2), (1, 1)]
+    masks = [torch.zeros(2, h, w, dtype=torch.bool) for h, w in shapes]
+    for mask in masks:  # the second image's right quarter is padding
+        mask[1, :, mask.shape[2] - mask.shape[2] // 4:] = True
+    padding_mask = torch.cat([m.flatten(1) for m in masks], 1)
+    memory = torch.randn(2, padding_mask.shape[1], 64, dtype=torch.float64, requires_grad=True)
+    k = model.config.num_queries
+    generator = torch.Generator().manual_seed(1)
+    logit_weights = torch.randn(2, k, 5, generator=generator, dtype=torch.float64)
+    box_weights = torch.randn(2, k, 4, generator=generator, dtype=torch.float64)
+    heads = [model.enc_output, model.enc_output_norm, model.enc_out_class_embed, model.enc_out_bbox_embed]
+    params = [memory] + [p for head in heads for p in head.parameters()]
+
+    def original():
+        proposals, invalid = model.encoder_proposals(padding_mask, shapes, memory.dtype)
+        output = model.enc_output_norm(model.enc_output(memory.masked_fill(invalid, 0.0)))
+        logits = model.enc_out_class_embed(output)
+        boxes_logit = model.enc_out_bbox_embed(output) + proposals
+        topk = torch.topk(logits.max(-1)[0], k, dim=1)[1]
+        selected_logits = logits.gather(1, topk[..., None].expand(-1, -1, logits.shape[-1]))
+        selected_boxes = boxes_logit.gather(1, topk[..., None].expand(-1, -1, 4)).sigmoid()
+        return selected_logits, selected_boxes, topk
+
+    results = []
+    for run in (original, lambda: model.select_queries(memory, padding_mask, shapes)[1:]):
+        logits, boxes, topk = run()
+        loss = (logits * logit_weights).sum() + (boxes * box_weights).sum()
+        results.append((logits, boxes, topk, torch.autograd.grad(loss, params)))
+    (want_logits, want_boxes, want_topk, want_grads), (logits, boxes, topk, grads) = results
+    assert torch.equal(topk, want_topk)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(boxes, want_boxes, rtol=1e-12, atol=1e-12)
+    assert want_grads[0].abs().sum() > 0 and want_grads[0][padding_mask].abs().sum() == 0
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_gradient_checkpointing_gives_same_gradients():

@@ -36,11 +36,12 @@ def parity_run(request, tmp_path_factory):
 
     def capture(name, transform=lambda o: o):
         def hook(module, args, output):
-            captured[name] = transform(output)  # returns None: the output is left unchanged
+            captured.setdefault(name, transform(output))  # the first call; returns None: the output is unchanged
 
         return hook
 
     hooks = [
+        # the class head's first call scores every token (the ranking); its second, the selected tokens
         model.model.enc_out_class_embed.register_forward_hook(capture("enc_token_scores", lambda o: o.max(-1)[0])),
         model.model.register_forward_hook(capture("model_output")),
     ]

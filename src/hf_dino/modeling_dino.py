@@ -633,20 +633,20 @@ class DinoModel(DinoPreTrainedModel):
         return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
 
     @staticmethod
-    def encoder_proposals(memory: torch.Tensor, padding_mask: torch.Tensor, spatial_shapes_list):
+    def encoder_proposals(padding_mask: torch.Tensor, spatial_shapes_list, dtype: torch.dtype):
         """One proposal box per encoder token: centre = the token, size 0.05 * 2^level (normalized by the level's
-        valid size). Returns the memory with padded/invalid tokens zeroed `[B, S, D]` and the proposals in logit
-        space `[B, S, 4]` (+inf where padded or not strictly inside (0.01, 0.99))."""
-        b = memory.shape[0]
-        dtype = torch.promote_types(memory.dtype, torch.float32)  # box geometry: float32 in a 16-bit model
+        valid size). Returns the proposals in logit space `[B, S, 4]` (+inf where invalid) and `invalid` `[B, S, 1]`:
+        padded tokens and boxes not strictly inside (0.01, 0.99), whose memory the query selection zeroes."""
+        b = padding_mask.shape[0]
+        dtype = torch.promote_types(dtype, torch.float32)  # box geometry: float32 in a 16-bit model
         proposals, start = [], 0
         for level, (h, w) in enumerate(spatial_shapes_list):
             mask = padding_mask[:, start: start + h * w].view(b, h, w)
             valid_h = torch.sum(~mask[:, :, 0], 1)
             valid_w = torch.sum(~mask[:, 0, :], 1)
             grid_y, grid_x = torch.meshgrid(
-                torch.arange(h, dtype=dtype, device=memory.device),
-                torch.arange(w, dtype=dtype, device=memory.device),
+                torch.arange(h, dtype=dtype, device=padding_mask.device),
+                torch.arange(w, dtype=dtype, device=padding_mask.device),
                 indexing="ij",
             )
             grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)
@@ -659,9 +659,7 @@ class DinoModel(DinoPreTrainedModel):
         valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
         proposals = torch.log(proposals / (1 - proposals))
         invalid = padding_mask.unsqueeze(-1) | ~valid
-        proposals = proposals.masked_fill(invalid, float("inf"))
-        memory = memory.masked_fill(invalid, 0.0)
-        return memory, proposals
+        return proposals.masked_fill(invalid, float("inf")), invalid
 
     def select_queries(self, memory: torch.Tensor, padding_mask: torch.Tensor, spatial_shapes_list):
         """Mixed query selection (paper Sec. 3.3): the top-K encoder tokens by best class score give the initial
@@ -676,17 +674,24 @@ class DinoModel(DinoPreTrainedModel):
                 f"The image gives {num_tokens} encoder tokens, fewer than num_queries={self.config.num_queries}; "
                 "use larger images (the processor resizes to 800 px) or a config with fewer queries."
             )
-        memory, proposals = self.encoder_proposals(memory, padding_mask, spatial_shapes_list)
-        output_memory = self.enc_output_norm(self.enc_output(memory))
-        logits = self.enc_out_class_embed(output_memory)
-        topk_indices = self.rank_encoder_tokens(logits.max(-1)[0], self.config.num_queries)
-        # the box head runs on the selected tokens only (the selection uses the class scores alone): the same boxes
-        # as predicting every token's box and gathering, for K instead of S tokens
+        proposals, invalid = self.encoder_proposals(padding_mask, spatial_shapes_list, memory.dtype)
+        # The ranking needs every token's class score; the encoder loss, hence the gradient, only the K selected
+        # tokens. So the heads run over all S tokens without autograd, then again, differentiably, on the K
+        # selected rows (the same values): the backward pass handles K rows instead of S, and nothing of size S is
+        # kept for it. The box head only ever runs on the selected rows.
+        with torch.no_grad():
+            scores = self.enc_out_class_embed(self.encoder_output(memory.masked_fill(invalid, 0.0))).max(-1)[0]
+        topk_indices = self.rank_encoder_tokens(scores, self.config.num_queries)
         selected = topk_indices.unsqueeze(-1)
-        selected_memory = torch.gather(output_memory, 1, selected.expand(-1, -1, output_memory.shape[-1]))
+        selected_memory = torch.gather(memory, 1, selected.expand(-1, -1, memory.shape[-1]))
+        selected_memory = self.encoder_output(selected_memory.masked_fill(torch.gather(invalid, 1, selected), 0.0))
+        selected_logits = self.enc_out_class_embed(selected_memory)
         selected_boxes_logit = self.enc_out_bbox_embed(selected_memory) + torch.gather(proposals, 1, selected.expand(-1, -1, 4))
-        selected_logits = torch.gather(logits, 1, selected.expand(-1, -1, logits.shape[-1]))
         return selected_boxes_logit.detach(), selected_logits, selected_boxes_logit.sigmoid(), topk_indices
+
+    def encoder_output(self, memory: torch.Tensor) -> torch.Tensor:
+        """The projection of encoder tokens that the query-selection heads read, `[B, N, D]` -> `[B, N, D]`."""
+        return self.enc_output_norm(self.enc_output(memory))
 
     def rank_encoder_tokens(self, scores: torch.Tensor, k: int) -> torch.LongTensor:
         """The query-selection ranking: indices `[B, k]` of the `k` best encoder tokens by `scores` `[B, S]`,
