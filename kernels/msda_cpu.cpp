@@ -127,8 +127,9 @@ bool backward_splits(const MsdaParams& p) {
 }
 
 // Backward with values stored as V and everything (grad_value included) computed in T.
+// `split`: backward_splits(p), decided once by the caller (it also decides how grad_value is allocated).
 template <typename T, typename V>
-void backward_typed(const MsdaParams& p, const at::Tensor& value, const at::Tensor& locations,
+void backward_typed(const MsdaParams& p, bool split, const at::Tensor& value, const at::Tensor& locations,
                     const at::Tensor& weights, const at::Tensor& grad_output, at::Tensor& grad_value,
                     at::Tensor& grad_locations, at::Tensor& grad_weights) {
   const int64_t work = p.batch * p.heads;
@@ -138,7 +139,6 @@ void backward_typed(const MsdaParams& p, const at::Tensor& value, const at::Tens
   // (batch, head, channel block).
   const int mode = backward_mode().load();
   const int64_t threads = at::get_num_threads();
-  const bool split = backward_splits(p);
   int64_t block = p.head_dim;
   if (split) {  // halve the channel blocks until there is a task per thread (forced: >= 4 blocks, for tests)
     const int64_t target = mode == 2 ? std::max<int64_t>(threads, 4 * work) : threads;
@@ -261,8 +261,9 @@ std::vector<at::Tensor> msda_cpu_backward(const at::Tensor& value_in, const at::
               p.batch * p.queries * p.heads * p.head_dim);
   const at::Tensor grad_output = grad_output_in.to(compute_type).contiguous();
   const bool runs = p.batch * p.heads != 0 && p.queries != 0 && p.head_dim != 0;
+  const bool split = backward_splits(p);
   // the single pass writes every grad_value element once; the split variant accumulates into zeros
-  at::Tensor grad_value = runs && !backward_splits(p)
+  at::Tensor grad_value = runs && !split
                               ? at::empty(value.sizes(), value.options().dtype(compute_type))
                               : parallel_zeros(value.sizes(), value.options().dtype(compute_type));
   at::Tensor grad_locations = at::zeros_like(locations);
@@ -270,19 +271,19 @@ std::vector<at::Tensor> msda_cpu_backward(const at::Tensor& value_in, const at::
   if (runs) {
     switch (value.scalar_type()) {
       case at::kFloat:
-        backward_typed<float, float>(p, value, locations, weights, grad_output, grad_value, grad_locations,
+        backward_typed<float, float>(p, split, value, locations, weights, grad_output, grad_value, grad_locations,
                                      grad_weights);
         break;
       case at::kDouble:
-        backward_typed<double, double>(p, value, locations, weights, grad_output, grad_value, grad_locations,
+        backward_typed<double, double>(p, split, value, locations, weights, grad_output, grad_value, grad_locations,
                                        grad_weights);
         break;
       case at::kBFloat16:
-        backward_typed<float, c10::BFloat16>(p, value, locations, weights, grad_output, grad_value,
+        backward_typed<float, c10::BFloat16>(p, split, value, locations, weights, grad_output, grad_value,
                                              grad_locations, grad_weights);
         break;
       case at::kHalf:
-        backward_typed<float, c10::Half>(p, value, locations, weights, grad_output, grad_value, grad_locations,
+        backward_typed<float, c10::Half>(p, split, value, locations, weights, grad_output, grad_value, grad_locations,
                                          grad_weights);
         break;
       default: TORCH_CHECK(false, "msda_cpu_backward: unsupported dtype ", value.scalar_type());
