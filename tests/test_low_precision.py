@@ -1,11 +1,13 @@
 """bfloat16 / float16 models (`model.to(dtype)`, `from_pretrained(..., dtype=...)`) and bfloat16 autocast run end to
 end on CPU, with the compiled kernel and with the pure-PyTorch path, and agree with the float32 model.
 
-Box geometry (anchors, proposals, reference points, sampling locations) stays float32 in a 16-bit model; features are
-16-bit. The comparisons are against the same weights run in float32, to the 16-bit resolution."""
+Box geometry (anchors, proposals, reference points, sampling locations) stays float32 in a 16-bit model, and so do the
+query-selection heads (their ranking); features are 16-bit. The comparisons are against the same weights run in float32, to the 16-bit resolution."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import subprocess
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import hf_dino.deformable_attention as da
 from hf_dino import DinoForObjectDetection, DinoImageProcessor
@@ -124,13 +127,73 @@ def test_from_pretrained_in_bfloat16(fp32_run, tmp_path):
     fp32_model, reference = fp32_run
     fp32_model.save_pretrained(tmp_path)
     model = DinoForObjectDetection.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    # everything bfloat16 but the query-selection heads (`_keep_in_fp32_modules_strict`)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    kept = {name for name in dtypes if name.startswith(SELECTION_HEADS)}
+    assert len(kept) == 12 and all(dtypes[name] == torch.float32 for name in kept)
+    assert {dtypes[name] for name in dtypes.keys() - kept} == {torch.bfloat16}
     pixel_values, pixel_mask = batch()
+    converted = to_bfloat16_but_selection_heads(tiny_model())
     with torch.no_grad():
         outputs = model(pixel_values=pixel_values.bfloat16(), pixel_mask=pixel_mask)
-        converted = tiny_model().to(torch.bfloat16)(pixel_values=pixel_values.bfloat16(), pixel_mask=pixel_mask)
+        converted = converted(pixel_values=pixel_values.bfloat16(), pixel_mask=pixel_mask)
     assert torch.equal(outputs.logits, converted.logits) and torch.equal(outputs.pred_boxes, converted.pred_boxes)
+    assert outputs.logits.dtype == outputs.encoder_logits.dtype == torch.bfloat16
     assert_agrees_with_float32(outputs, reference, torch.bfloat16)
+
+
+SELECTION_HEADS = ("model.enc_output", "model.enc_output_norm", "model.enc_out_class_embed", "model.enc_out_bbox_embed")
+
+
+def to_bfloat16_but_selection_heads(model: DinoForObjectDetection) -> DinoForObjectDetection:
+    """The model cast to bfloat16 by hand, its query-selection heads left as they are (float32)."""
+    heads = {name: copy.deepcopy(model.get_submodule(name)) for name in SELECTION_HEADS}
+    model.to(torch.bfloat16)
+    for name, head in heads.items():
+        model.set_submodule(name, head)
+    return model
+
+
+@pytest.mark.parametrize("how", ["from_pretrained", "autocast"])
+def test_query_selection_ranks_in_float32(fp32_run, tmp_path, how):
+    """The top-K ranking of encoder tokens is made on float32 scores, from the float32 head weights, in a bfloat16
+    model from `from_pretrained` and under bfloat16 autocast: the scores it ranks equal a float64 recomputation of the
+    heads on the (16-bit) memory they read, with the float32 weights, to float32 precision. (bfloat16 weights or
+    products would be ~1e-2 off, and reorder near-tied tokens.)"""
+    fp32_model, _ = fp32_run
+    if how == "from_pretrained":
+        fp32_model.save_pretrained(tmp_path)
+        model = DinoForObjectDetection.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+        cast = contextlib.nullcontext()
+    else:
+        model, cast = tiny_model(), torch.autocast("cpu", dtype=torch.bfloat16)
+    inner, captured = model.model, {}
+
+    def rank(scores, k):
+        captured["scores"] = scores
+        return type(inner).rank_encoder_tokens(inner, scores, k)
+
+    def first_input(module, args):
+        captured.setdefault("memory", args[0])  # the all-token call comes first
+
+    inner.rank_encoder_tokens = rank
+    hook = inner.enc_output.register_forward_pre_hook(first_input)
+    pixel_values, pixel_mask = batch()
+    with torch.no_grad(), cast:
+        outputs = model(pixel_values=pixel_values.to(inner.level_embed.dtype), pixel_mask=pixel_mask)
+    hook.remove()
+    memory, scores = captured["memory"], captured["scores"]
+    assert memory.dtype == scores.dtype == torch.float32
+    # the heads read the model's memory (zeroed at the invalid tokens), upcast exactly
+    kept = memory.abs().sum(-1) > 0
+    assert torch.equal(memory[kept], outputs.encoder_last_hidden_state.float()[kept]) and kept.float().mean() > 0.5
+    heads = fp32_model.model
+    expected = F.linear(
+        F.layer_norm(F.linear(memory.double(), heads.enc_output.weight.double(), heads.enc_output.bias.double()),
+                     (memory.shape[-1],), heads.enc_output_norm.weight.double(), heads.enc_output_norm.bias.double()),
+        heads.enc_out_class_embed.weight.double(), heads.enc_out_class_embed.bias.double(),
+    ).max(-1)[0]
+    assert (scores.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
 def test_bfloat16_autocast_inference_and_training_step(fp32_run, attention_path):
@@ -180,7 +243,7 @@ def test_pipeline_and_cli_in_bfloat16(model_dir, tmp_path):
     assert detector.model.dtype == torch.bfloat16
     detections = detector(image, threshold=0.0)
     # the same model converted by hand, fed the processor's float32 pixels (the model casts them)
-    model = DinoForObjectDetection.from_pretrained(model_dir).to(torch.bfloat16).eval()
+    model = to_bfloat16_but_selection_heads(DinoForObjectDetection.from_pretrained(model_dir)).eval()
     processor = DinoImageProcessor.from_pretrained(model_dir)
     with torch.no_grad():
         outputs = model(**processor(images=image, return_tensors="pt"))

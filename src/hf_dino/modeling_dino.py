@@ -526,6 +526,11 @@ class DinoPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = [r"DinoEncoderLayer", r"DinoDecoderLayer", r"DinoSwinBlock"]
+    # The query-selection heads stay float32 when `from_pretrained` loads the model in 16 bits (as transformers' MoE
+    # models keep their routers): the top-K choice among encoder tokens whose scores differ in the third digit is
+    # what 16-bit rounding of these weights would change (see `DinoModel.select_queries`). Matches enc_output,
+    # enc_output_norm, enc_out_class_embed and enc_out_bbox_embed.
+    _keep_in_fp32_modules_strict = [r"enc_out"]
 
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
         # transformers treats models defined outside the library as "custom code" and then skips every module that
@@ -675,18 +680,27 @@ class DinoModel(DinoPreTrainedModel):
                 "use larger images (the processor resizes to 800 px) or a config with fewer queries."
             )
         proposals, invalid = self.encoder_proposals(padding_mask, spatial_shapes_list, memory.dtype)
-        # The ranking needs every token's class score; the encoder loss, hence the gradient, only the K selected
-        # tokens. So the heads run over all S tokens without autograd, then again, differentiably, on the K
-        # selected rows (the same values): the backward pass handles K rows instead of S, and nothing of size S is
-        # kept for it. The box head only ever runs on the selected rows.
-        with torch.no_grad():
-            scores = self.enc_out_class_embed(self.encoder_output(memory.masked_fill(invalid, 0.0))).max(-1)[0]
-        topk_indices = self.rank_encoder_tokens(scores, self.config.num_queries)
-        selected = topk_indices.unsqueeze(-1)
-        selected_memory = torch.gather(memory, 1, selected.expand(-1, -1, memory.shape[-1]))
-        selected_memory = self.encoder_output(selected_memory.masked_fill(torch.gather(invalid, 1, selected), 0.0))
-        selected_logits = self.enc_out_class_embed(selected_memory)
-        selected_boxes_logit = self.enc_out_bbox_embed(selected_memory) + torch.gather(proposals, 1, selected.expand(-1, -1, 4))
+        # The heads run in their own weights' dtype, outside autocast: float32 unless the whole model was cast (a
+        # 16-bit model from `from_pretrained` keeps them float32, `_keep_in_fp32_modules_strict`). The ranking is a
+        # discrete choice among scores that differ in the third digit, which bfloat16 weights or products reorder.
+        heads_memory = memory.to(self.enc_output.weight.dtype)
+        full_precision = (
+            torch.autocast(memory.device.type, enabled=False)
+            if torch.is_autocast_enabled(memory.device.type) else contextlib.nullcontext()
+        )
+        with full_precision:
+            # The ranking needs every token's class score; the encoder loss, hence the gradient, only the K selected
+            # tokens. So the heads run over all S tokens without autograd, then again, differentiably, on the K
+            # selected rows (the same values): the backward pass handles K rows instead of S, and nothing of size S
+            # is kept for it. The box head only ever runs on the selected rows.
+            with torch.no_grad():
+                scores = self.enc_out_class_embed(self.encoder_output(heads_memory.masked_fill(invalid, 0.0))).max(-1)[0]
+            topk_indices = self.rank_encoder_tokens(scores, self.config.num_queries)
+            selected = topk_indices.unsqueeze(-1)
+            selected_memory = torch.gather(heads_memory, 1, selected.expand(-1, -1, memory.shape[-1]))
+            selected_memory = self.encoder_output(selected_memory.masked_fill(torch.gather(invalid, 1, selected), 0.0))
+            selected_logits = self.enc_out_class_embed(selected_memory).to(memory.dtype)
+            selected_boxes_logit = self.enc_out_bbox_embed(selected_memory) + torch.gather(proposals, 1, selected.expand(-1, -1, 4))
         return selected_boxes_logit.detach(), selected_logits, selected_boxes_logit.sigmoid(), topk_indices
 
     def encoder_output(self, memory: torch.Tensor) -> torch.Tensor:
