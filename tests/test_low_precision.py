@@ -219,6 +219,36 @@ def test_bfloat16_autocast_inference_and_training_step(fp32_run, attention_path)
     assert model.model.encoder.layers[0].self_attn.sampling_offsets.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_encoder_feed_forward_in_chunks_in_16_bits(dtype):
+    """A 16-bit model's encoder feed-forward block on more tokens than one chunk (the CPU's chunked path,
+    `DinoReluFeedForwardInChunks`): output and gradients within a few 16-bit roundings of a float64 recomputation of
+    the plain block with the same (16-bit) weights and inputs."""
+    from hf_dino.modeling_dino import ENCODER_FFN_CHUNK_TOKENS
+
+    layer = tiny_model().model.encoder.layers[0].train().to(dtype)
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, ENCODER_FFN_CHUNK_TOKENS + 700, layer.linear1.in_features, generator=generator).to(dtype)
+    upstream = torch.randn(hidden.shape, generator=generator).to(dtype)
+    weights = [p.detach().double().requires_grad_() for p in (layer.linear1.weight, layer.linear1.bias,
+                                                              layer.linear2.weight, layer.linear2.bias)]
+    reference_input = hidden.double().requires_grad_()
+    expected = F.linear(F.linear(reference_input, *weights[:2]).relu(), *weights[2:])
+    expected.backward(upstream.double())
+
+    trained_input = hidden.clone().requires_grad_()
+    output = layer.feed_forward(trained_input)
+    assert type(output.grad_fn.next_functions[0][0]).__name__ == "DinoReluFeedForwardInChunksBackward"
+    output.backward(upstream)
+    eps = torch.finfo(dtype).eps
+    pairs = [(output, expected), (trained_input.grad, reference_input.grad)]
+    pairs += [(p.grad, w.grad) for p, w in zip((layer.linear1.weight, layer.linear1.bias, layer.linear2.weight,
+                                                layer.linear2.bias), weights)]
+    for got, want in pairs:
+        assert got.dtype == dtype
+        assert (got.double() - want).abs().max() <= 16 * eps * want.abs().max()
+
+
 # ---- asking for bfloat16 from the pipeline, the CLI and evaluate.py ----------------------------------------------
 COCO_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini"
 

@@ -295,11 +295,20 @@ class DinoReluFeedForwardInChunks(torch.autograd.Function):
         hidden_buffer = tokens.new_empty(min(chunk_size, tokens.shape[0]), weight1.shape[0])
         for start in range(0, tokens.shape[0], chunk_size):
             chunk = tokens[start : start + chunk_size]
-            hidden = torch.addmm(bias1, chunk, weight1.t(), out=hidden_buffer[: chunk.shape[0]]).relu_()
+            hidden = DinoReluFeedForwardInChunks.hidden(chunk, weight1, bias1, hidden_buffer[: chunk.shape[0]])
             torch.addmm(bias2, hidden, weight2.t(), out=output[start : start + chunk_size])
         ctx.save_for_backward(tokens, weight1, bias1, weight2)
         ctx.chunk_size = chunk_size
         return output
+
+    @staticmethod
+    def hidden(chunk: torch.Tensor, weight1: torch.Tensor, bias1: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`relu(chunk @ weight1.T + bias1)` into `out` `[rows, F]`. In float32/float64 the product, then the bias and the
+        ReLU in one pass (`addmm` would first copy the broadcast bias into `out`, and `relu_` make a second pass; same
+        values); aten's fused add + ReLU has no 16-bit kernel."""
+        if out.dtype in (torch.float32, torch.float64):
+            return torch.ops.aten._add_relu_(torch.mm(chunk, weight1.t(), out=out), bias1)
+        return torch.addmm(bias1, chunk, weight1.t(), out=out).relu_()
 
     @staticmethod
     @once_differentiable
@@ -317,7 +326,7 @@ class DinoReluFeedForwardInChunks(torch.autograd.Function):
         grad_hidden_buffer = tokens.new_empty(rows, weight1.shape[0])
         for start in range(0, tokens.shape[0], ctx.chunk_size):
             chunk, grad_chunk = tokens[start : start + ctx.chunk_size], grad_output[start : start + ctx.chunk_size]
-            hidden = torch.addmm(bias1, chunk, weight1.t(), out=hidden_buffer[: chunk.shape[0]]).relu_()
+            hidden = DinoReluFeedForwardInChunks.hidden(chunk, weight1, bias1, hidden_buffer[: chunk.shape[0]])
             if needs_weight2:
                 grad_weight2.addmm_(grad_chunk.t(), hidden)
             grad_hidden = torch.mm(grad_chunk, weight2, out=grad_hidden_buffer[: chunk.shape[0]])
