@@ -210,6 +210,31 @@ at::Tensor parallel_zeros(at::IntArrayRef sizes, const at::TensorOptions& option
   return out;
 }
 
+// The inputs as the loops read them, checked: contiguous; a 16-bit value is computed in float32, its (small) locations
+// and weights widened, the value itself not. `p` points into `shapes` and `starts`, which this struct keeps alive.
+struct MsdaInputs {
+  at::Tensor value, shapes, starts, locations, weights;
+  at::ScalarType compute_type;
+  MsdaParams p;
+};
+
+MsdaInputs prepare_inputs(const char* op, const at::Tensor& value, const at::Tensor& spatial_shapes,
+                          const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                          const at::Tensor& attention_weights) {
+  check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+               /*float_geometry_for_half_value=*/true);
+  TORCH_CHECK(value.device().is_cpu(), op, ": inputs must be on the CPU");
+  MsdaInputs in;
+  in.value = value.contiguous();
+  in.shapes = spatial_shapes.contiguous();
+  in.starts = level_start_index.contiguous();
+  in.compute_type = is_half(in.value) ? at::kFloat : in.value.scalar_type();
+  in.locations = sampling_locations.to(in.compute_type).contiguous();
+  in.weights = attention_weights.to(in.compute_type).contiguous();
+  in.p = make_params(in.value, in.shapes, in.starts, in.locations);
+  return in;
+}
+
 }  // namespace
 
 // value: float32, float64, bfloat16 or float16; locations and weights: value's dtype, or float32 with a
@@ -217,25 +242,17 @@ at::Tensor parallel_zeros(at::IntArrayRef sizes, const at::TensorOptions& option
 at::Tensor msda_cpu_forward(const at::Tensor& value_in, const at::Tensor& spatial_shapes_in,
                             const at::Tensor& level_start_index_in, const at::Tensor& sampling_locations_in,
                             const at::Tensor& attention_weights_in) {
-  check_inputs(value_in, spatial_shapes_in, level_start_index_in, sampling_locations_in, attention_weights_in,
-               /*float_geometry_for_half_value=*/true);
-  TORCH_CHECK(value_in.device().is_cpu(), "msda_cpu_forward: inputs must be on the CPU");
-  const at::Tensor value = value_in.contiguous();
-  const at::Tensor shapes = spatial_shapes_in.contiguous();
-  const at::Tensor starts = level_start_index_in.contiguous();
-  // a 16-bit value is computed in float32: its (small) locations and weights are widened, the value is not
-  const auto compute_type = is_half(value) ? at::kFloat : value.scalar_type();
-  const at::Tensor locations = sampling_locations_in.to(compute_type).contiguous();
-  const at::Tensor weights = attention_weights_in.to(compute_type).contiguous();
-  const auto p = make_params(value, shapes, starts, locations);
-  at::Tensor output = at::empty({p.batch, p.queries, p.heads * p.head_dim}, value.options());
+  const MsdaInputs in = prepare_inputs("msda_cpu_forward", value_in, spatial_shapes_in, level_start_index_in,
+                                      sampling_locations_in, attention_weights_in);
+  const MsdaParams& p = in.p;
+  at::Tensor output = at::empty({p.batch, p.queries, p.heads * p.head_dim}, in.value.options());
   if (p.batch * p.queries * p.heads == 0 || p.head_dim == 0) return output.zero_();
-  switch (value.scalar_type()) {
-    case at::kFloat: forward_typed<float, float>(p, value, locations, weights, output); break;
-    case at::kDouble: forward_typed<double, double>(p, value, locations, weights, output); break;
-    case at::kBFloat16: forward_typed<float, c10::BFloat16>(p, value, locations, weights, output); break;
-    case at::kHalf: forward_typed<float, c10::Half>(p, value, locations, weights, output); break;
-    default: TORCH_CHECK(false, "msda_cpu_forward: unsupported dtype ", value.scalar_type());
+  switch (in.value.scalar_type()) {
+    case at::kFloat: forward_typed<float, float>(p, in.value, in.locations, in.weights, output); break;
+    case at::kDouble: forward_typed<double, double>(p, in.value, in.locations, in.weights, output); break;
+    case at::kBFloat16: forward_typed<float, c10::BFloat16>(p, in.value, in.locations, in.weights, output); break;
+    case at::kHalf: forward_typed<float, c10::Half>(p, in.value, in.locations, in.weights, output); break;
+    default: TORCH_CHECK(false, "msda_cpu_forward: unsupported dtype ", in.value.scalar_type());
   }
   return output;
 }
@@ -246,50 +263,36 @@ std::vector<at::Tensor> msda_cpu_backward(const at::Tensor& value_in, const at::
                                           const at::Tensor& level_start_index_in,
                                           const at::Tensor& sampling_locations_in,
                                           const at::Tensor& attention_weights_in, const at::Tensor& grad_output_in) {
-  check_inputs(value_in, spatial_shapes_in, level_start_index_in, sampling_locations_in, attention_weights_in,
-               /*float_geometry_for_half_value=*/true);
-  TORCH_CHECK(value_in.device().is_cpu(), "msda_cpu_backward: inputs must be on the CPU");
-  const at::Tensor value = value_in.contiguous();
-  const at::Tensor shapes = spatial_shapes_in.contiguous();
-  const at::Tensor starts = level_start_index_in.contiguous();
-  const auto compute_type = is_half(value) ? at::kFloat : value.scalar_type();
-  const at::Tensor locations = sampling_locations_in.to(compute_type).contiguous();
-  const at::Tensor weights = attention_weights_in.to(compute_type).contiguous();
-  const auto p = make_params(value, shapes, starts, locations);
+  const MsdaInputs in = prepare_inputs("msda_cpu_backward", value_in, spatial_shapes_in, level_start_index_in,
+                                      sampling_locations_in, attention_weights_in);
+  const MsdaParams& p = in.p;
   TORCH_CHECK(grad_output_in.numel() == p.batch * p.queries * p.heads * p.head_dim,
               "msda_cpu_backward: grad_output has ", grad_output_in.numel(), " elements, expected ",
               p.batch * p.queries * p.heads * p.head_dim);
-  const at::Tensor grad_output = grad_output_in.to(compute_type).contiguous();
+  const at::Tensor grad_output = grad_output_in.to(in.compute_type).contiguous();
   const bool runs = p.batch * p.heads != 0 && p.queries != 0 && p.head_dim != 0;
   const bool split = backward_splits(p);
   // the single pass writes every grad_value element once; the split variant accumulates into zeros
   at::Tensor grad_value = runs && !split
-                              ? at::empty(value.sizes(), value.options().dtype(compute_type))
-                              : parallel_zeros(value.sizes(), value.options().dtype(compute_type));
-  at::Tensor grad_locations = at::zeros_like(locations);
-  at::Tensor grad_weights = at::zeros_like(weights);
+                              ? at::empty(in.value.sizes(), in.value.options().dtype(in.compute_type))
+                              : parallel_zeros(in.value.sizes(), in.value.options().dtype(in.compute_type));
+  at::Tensor grad_locations = at::zeros_like(in.locations);
+  at::Tensor grad_weights = at::zeros_like(in.weights);
   if (runs) {
-    switch (value.scalar_type()) {
-      case at::kFloat:
-        backward_typed<float, float>(p, split, value, locations, weights, grad_output, grad_value, grad_locations,
-                                     grad_weights);
-        break;
-      case at::kDouble:
-        backward_typed<double, double>(p, split, value, locations, weights, grad_output, grad_value, grad_locations,
-                                       grad_weights);
-        break;
-      case at::kBFloat16:
-        backward_typed<float, c10::BFloat16>(p, split, value, locations, weights, grad_output, grad_value,
-                                             grad_locations, grad_weights);
-        break;
-      case at::kHalf:
-        backward_typed<float, c10::Half>(p, split, value, locations, weights, grad_output, grad_value, grad_locations,
-                                         grad_weights);
-        break;
-      default: TORCH_CHECK(false, "msda_cpu_backward: unsupported dtype ", value.scalar_type());
+    // T: the type the loops compute in, V: the value's storage type
+    const auto run = [&](auto compute_tag, auto value_tag) {
+      backward_typed<decltype(compute_tag), decltype(value_tag)>(p, split, in.value, in.locations, in.weights,
+                                                                 grad_output, grad_value, grad_locations, grad_weights);
+    };
+    switch (in.value.scalar_type()) {
+      case at::kFloat: run(float{}, float{}); break;
+      case at::kDouble: run(double{}, double{}); break;
+      case at::kBFloat16: run(float{}, c10::BFloat16{}); break;
+      case at::kHalf: run(float{}, c10::Half{}); break;
+      default: TORCH_CHECK(false, "msda_cpu_backward: unsupported dtype ", in.value.scalar_type());
     }
   }
-  return {grad_value.to(value.scalar_type()), grad_locations.to(sampling_locations_in.scalar_type()),
+  return {grad_value.to(in.value.scalar_type()), grad_locations.to(sampling_locations_in.scalar_type()),
           grad_weights.to(attention_weights_in.scalar_type())};
 }
 

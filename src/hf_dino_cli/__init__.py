@@ -61,7 +61,8 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="weights and activations dtype (default float32; box geometry stays float32)")
+                        help="weights and activations dtype (default float32; box geometry and the query-selection "
+                        "heads stay float32)")
     parser.add_argument("--out", default="hf_dino_predictions", help="output folder (default ./hf_dino_predictions)")
     parser.add_argument("--recursive", action="store_true", help="search directories recursively")
     parser.add_argument("--no-draw", action="store_true", help="do not write annotated images")
