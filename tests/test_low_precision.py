@@ -2,7 +2,8 @@
 end on CPU, with the compiled kernel and with the pure-PyTorch path, and agree with the float32 model.
 
 Box geometry (anchors, proposals, reference points, sampling locations) stays float32 in a 16-bit model, and so do the
-query-selection heads (their ranking); features are 16-bit. The comparisons are against the same weights run in float32, to the 16-bit resolution."""
+query-selection heads (their ranking); features are 16-bit. The comparisons are against the same weights run in
+float32, to the 16-bit resolution."""
 
 from __future__ import annotations
 

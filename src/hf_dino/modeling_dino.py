@@ -703,13 +703,15 @@ class DinoModel(DinoPreTrainedModel):
             # selected rows (the same values): the backward pass handles K rows instead of S, and nothing of size S
             # is kept for it. The box head only ever runs on the selected rows.
             with torch.no_grad():
-                scores = self.enc_out_class_embed(self.encoder_output(heads_memory.masked_fill(invalid, 0.0))).max(-1)[0]
+                scores = self.enc_out_class_embed(self.encoder_output(heads_memory.masked_fill(invalid, 0.0)))
+                scores = scores.max(-1)[0]
             topk_indices = self.rank_encoder_tokens(scores, self.config.num_queries)
             selected = topk_indices.unsqueeze(-1)
             selected_memory = torch.gather(heads_memory, 1, selected.expand(-1, -1, memory.shape[-1]))
             selected_memory = self.encoder_output(selected_memory.masked_fill(torch.gather(invalid, 1, selected), 0.0))
             selected_logits = self.enc_out_class_embed(selected_memory).to(memory.dtype)
-            selected_boxes_logit = self.enc_out_bbox_embed(selected_memory) + torch.gather(proposals, 1, selected.expand(-1, -1, 4))
+            selected_proposals = torch.gather(proposals, 1, selected.expand(-1, -1, 4))
+            selected_boxes_logit = self.enc_out_bbox_embed(selected_memory) + selected_proposals
         return selected_boxes_logit.detach(), selected_logits, selected_boxes_logit.sigmoid(), topk_indices
 
     def encoder_output(self, memory: torch.Tensor) -> torch.Tensor:
