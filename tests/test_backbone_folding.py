@@ -168,3 +168,32 @@ def test_replaced_modules_are_seen(backbone):
         features = [f for f, _ in module(pixel_values, padding_mask)]
     assert module.folded_body() is None
     assert_matches_reference(features, float64_reference(module, pixel_values))
+
+
+@pytest.mark.parametrize("where", ["module", "global"])
+def test_hooks_on_the_body_fire(backbone, where):
+    """A hook on a module of the body (feature extraction, Grad-CAM), or one registered for all modules, is called
+    with the stage's output as the model computes it: the body runs itself then instead of the folded view, which
+    would skip its modules."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    pixel_values = torch.randn(1, 3, 64, 64)
+    padding_mask = torch.zeros(1, 64, 64, dtype=torch.bool)
+    seen = []
+
+    def record(module, args, output):
+        if module is backbone.body.layer3:
+            seen.append(output)
+
+    handle = (backbone.body.layer3.register_forward_hook(record) if where == "module"
+              else register_module_forward_hook(record))
+    try:
+        with torch.no_grad():
+            features = [f for f, _ in backbone(pixel_values, padding_mask)]
+    finally:
+        handle.remove()
+    assert len(seen) == 1
+    assert torch.equal(seen[0], features[1])  # layer3 is the second returned stage (out indices 1, 2, 3)
+    assert_matches_reference(features, float64_reference(backbone, pixel_values))
+    with torch.no_grad():  # without the hook the folded view runs again
+        assert all(f.is_contiguous(memory_format=torch.channels_last) for f, _ in backbone(pixel_values, padding_mask))

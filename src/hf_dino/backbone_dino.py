@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from .configuration_dino import SWIN_ARCHITECTURES, DinoConfig
 
@@ -640,13 +641,23 @@ class DinoBackbone(nn.Module):
             self.__dict__["_folded_body"] = (modules, folded)
         return folded
 
+    def body_has_hooks(self) -> bool:
+        """Whether a forward or backward hook is registered on a module of `body`, or globally on all modules
+        (`register_module_forward_hook`, ...): the folded view never calls the body's modules, so it would skip them
+        (feature extraction, Grad-CAM, activation statistics); the body runs itself then."""
+        hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+        if any(getattr(torch_module, f"_global{name}", None) for name in hooks):
+            return True
+        return any(getattr(module, name) for module in self.body.modules() for name in hooks)
+
     def forward(self, pixel_values: torch.Tensor, padding_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """pixel_values `[B, C, H, W]`, padding_mask `[B, H, W]` (True = padding) -> `(map, mask)` per returned stage.
 
         A ResNet runs eagerly as its folded, channels-last view (`folded_body`), in training and inference alike (the
-        gradients reach the same parameters). A Swin, a ResNet layout the folded view does not know, and any graph
-        capture (tracing, `torch.compile`, `torch.export`) run `body` itself, on the image as given.
+        gradients reach the same parameters). A Swin, a ResNet layout the folded view does not know, any graph
+        capture (tracing, `torch.compile`, `torch.export`) and a body with hooks (`body_has_hooks`) run `body`
+        itself, on the image as given.
         """
-        folded = None if self.is_swin or captures_graph() else self.folded_body()
+        folded = None if self.is_swin or captures_graph() or self.body_has_hooks() else self.folded_body()
         features = self.body(pixel_values) if folded is None else folded(pixel_values)
         return [(f, F.interpolate(padding_mask[None].float(), size=f.shape[-2:])[0].bool()) for f in features]
