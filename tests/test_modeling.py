@@ -561,3 +561,76 @@ def test_encoder_feed_forward_in_chunks_is_the_plain_block(activation):
     for name in ("linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"):
         grad, expected_grad = layer.get_parameter(name).grad.double(), reference.get_parameter(name).grad
         assert (grad - expected_grad).abs().max() < 1e-5 * expected_grad.abs().max(), name
+
+
+class ScaledLinear(torch.nn.Module):
+    """An adapter-style wrapper of a linear layer (as PEFT's LoRA layers): its output is the base layer's plus a
+    trainable change, and it exposes the base layer's `weight` and `bias` as attributes of its own."""
+
+    def __init__(self, base: torch.nn.Linear):
+        super().__init__()
+        self.base_layer = base
+        self.scale = torch.nn.Parameter(torch.tensor(0.5))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) * (1 + self.scale)
+
+
+def test_encoder_feed_forward_calls_replaced_modules():
+    """A wrapped `linear1` (an adapter) is called by the chunked feed-forward: the output and the gradients, the
+    wrapper's own parameter included, are those of the plain block with the wrapper (float64 recomputation); the
+    fused function, which reads `linear1.weight`, would skip the wrapper silently."""
+    import copy
+
+    from conftest import tiny_model as build_tiny_model
+    from hf_dino.modeling_dino import ENCODER_FFN_CHUNK_TOKENS
+
+    layer = build_tiny_model().model.encoder.layers[0].train()
+    layer.linear1 = ScaledLinear(layer.linear1)
+    hidden = torch.randn(2, ENCODER_FFN_CHUNK_TOKENS + 700, layer.linear2.out_features)
+    reference = copy.deepcopy(layer).double()
+    reference_input = hidden.double().requires_grad_()
+    expected = reference.feed_forward_block(reference_input)
+    upstream = torch.randn_like(expected)
+    expected.backward(upstream)
+
+    with torch.no_grad():
+        assert (layer.feed_forward(hidden).double() - expected).abs().max() < 1e-5
+    trained_input = hidden.clone().requires_grad_()
+    layer.feed_forward(trained_input).backward(upstream.float())
+    assert (trained_input.grad.double() - reference_input.grad).abs().max() < 1e-5
+    scale_grad = layer.linear1.scale.grad.double()
+    assert abs(scale_grad - reference.linear1.scale.grad) < 1e-5 * abs(reference.linear1.scale.grad)
+
+
+@pytest.mark.parametrize("module", ["linear1", "activation"])
+def test_hooks_on_the_encoder_feed_forward_fire(module):
+    """A forward hook on a module of the encoder's feed-forward block sees the whole block's tensor once, as in the
+    plain block: the chunked paths do not run then (the fused one would never call the module)."""
+    from conftest import tiny_model as build_tiny_model
+    from hf_dino.modeling_dino import ENCODER_FFN_CHUNK_TOKENS
+
+    layer = build_tiny_model().model.encoder.layers[0].eval()
+    hidden = torch.randn(2, ENCODER_FFN_CHUNK_TOKENS + 700, layer.linear1.in_features)
+    seen = []
+    handle = layer.get_submodule(module).register_forward_hook(lambda m, args, output: seen.append(output.clone()))
+    try:
+        with torch.no_grad():
+            output = layer.feed_forward(hidden)
+    finally:
+        handle.remove()
+    assert len(seen) == 1 and seen[0].shape == (hidden.shape[0] * hidden.shape[1], layer.linear1.out_features)
+    expected_hidden = layer.linear1(hidden.reshape(-1, hidden.shape[-1]))
+    if module == "activation":
+        expected_hidden = expected_hidden.relu()
+    assert torch.equal(seen[0], expected_hidden)
+    with torch.no_grad():
+        assert torch.equal(output, layer.feed_forward_block(hidden.reshape(-1, hidden.shape[-1])).view_as(hidden))

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import weakref
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
@@ -28,6 +29,17 @@ def captures_graph() -> bool:
     """Whether the code runs under graph capture (`torch.jit.trace`, `torch.compile`, `torch.export`): the eager fast
     paths (the folded ResNet, the chunked encoder feed-forward) leave the plain computation to the capture."""
     return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+def has_hooks(modules: Iterable[nn.Module]) -> bool:
+    """Whether a forward or backward hook is registered on any of `modules`, or globally on all modules
+    (`register_module_forward_hook`, ...). The eager fast paths that use modules' weights instead of calling them (the
+    folded ResNet, the chunked encoder feed-forward) would skip such hooks (feature extraction, Grad-CAM, activation
+    statistics): the plain modules run then."""
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    if any(getattr(torch_module, f"_global{kind}", None) for kind in kinds):
+        return True
+    return any(getattr(module, kind) for module in modules for kind in kinds)
 
 
 def _ceil_to(size: int, multiple: int) -> int:
@@ -641,23 +653,14 @@ class DinoBackbone(nn.Module):
             self.__dict__["_folded_body"] = (modules, folded)
         return folded
 
-    def body_has_hooks(self) -> bool:
-        """Whether a forward or backward hook is registered on a module of `body`, or globally on all modules
-        (`register_module_forward_hook`, ...): the folded view never calls the body's modules, so it would skip them
-        (feature extraction, Grad-CAM, activation statistics); the body runs itself then."""
-        hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-        if any(getattr(torch_module, f"_global{name}", None) for name in hooks):
-            return True
-        return any(getattr(module, name) for module in self.body.modules() for name in hooks)
-
     def forward(self, pixel_values: torch.Tensor, padding_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """pixel_values `[B, C, H, W]`, padding_mask `[B, H, W]` (True = padding) -> `(map, mask)` per returned stage.
 
         A ResNet runs eagerly as its folded, channels-last view (`folded_body`), in training and inference alike (the
         gradients reach the same parameters). A Swin, a ResNet layout the folded view does not know, any graph
-        capture (tracing, `torch.compile`, `torch.export`) and a body with hooks (`body_has_hooks`) run `body`
+        capture (tracing, `torch.compile`, `torch.export`) and a body with hooks (`has_hooks`) run `body`
         itself, on the image as given.
         """
-        folded = None if self.is_swin or captures_graph() or self.body_has_hooks() else self.folded_body()
+        folded = None if self.is_swin or captures_graph() or has_hooks(self.body.modules()) else self.folded_body()
         features = self.body(pixel_values) if folded is None else folded(pixel_values)
         return [(f, F.interpolate(padding_mask[None].float(), size=f.shape[-2:])[0].bool()) for f in features]

@@ -33,7 +33,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from .backbone_dino import DinoBackbone, DinoSwinWindowAttention, captures_graph
+from .backbone_dino import DinoBackbone, DinoSwinWindowAttention, captures_graph, has_hooks
 from .configuration_dino import DinoConfig
 from .deformable_attention import multi_scale_deformable_attention
 from .denoising import DenoisingMeta, build_contrastive_denoising_queries, inverse_sigmoid
@@ -374,13 +374,18 @@ class DinoEncoderLayer(GradientCheckpointingLayer):
         recomputes it chunk by chunk (one more `linear1` per chunk). DINO's block (ReLU, no dropout in action, no
         autocast) runs as `DinoReluFeedForwardInChunks`; any other as `torch.utils.checkpoint` of the plain block per
         chunk. The outputs are the same (rows are independent), the gradients the same sums in chunk order. Graph
-        capture (tracing, `torch.compile`, export) and GPUs (no page faults to avoid; fewer, larger kernels are
-        faster; `gradient_checkpointing_enable()` saves memory there) run the plain block."""
+        capture (tracing, `torch.compile`, export), GPUs (no page faults to avoid; fewer, larger kernels are
+        faster; `gradient_checkpointing_enable()` saves memory there) and hooks on the block's modules (they see the
+        whole tensor, once) run the plain block. Replaced modules (an adapter's wrapped `linear1`, a quantized
+        linear) are called, chunk by chunk: only plain `nn.Linear`s and `nn.ReLU` run as the fused function."""
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
-        if captures_graph() or tokens.device.type != "cpu" or tokens.shape[0] <= ENCODER_FFN_CHUNK_TOKENS:
+        modules = (self.linear1, self.activation, self.dropout, self.linear2)
+        if (captures_graph() or tokens.device.type != "cpu" or tokens.shape[0] <= ENCODER_FFN_CHUNK_TOKENS
+                or has_hooks(modules)):
             return self.feed_forward_block(tokens).view_as(hidden_states)
+        plain = [type(module) for module in modules] == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
         dropout_acts = self.training and self.dropout.p > 0
-        if isinstance(self.activation, nn.ReLU) and not dropout_acts and not torch.is_autocast_enabled("cpu"):
+        if plain and not dropout_acts and not torch.is_autocast_enabled("cpu"):
             output = DinoReluFeedForwardInChunks.apply(
                 tokens, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
                 ENCODER_FFN_CHUNK_TOKENS,
