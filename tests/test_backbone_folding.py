@@ -137,8 +137,8 @@ def test_fast_path_changes_nothing_saved(tmp_path):
 
 def test_replaced_modules_are_seen(backbone):
     """The folded view is rebuilt when a module of the body is replaced after first use: a new convolution is folded
-    in, and a layer the view does not know (here a wrapped convolution, as adapter libraries insert) falls back to the
-    body itself."""
+    in, and a layer the view does not know (a wrapped convolution, as adapter libraries insert; a subclass of
+    `nn.Conv2d` with a forward of its own) falls back to the body itself."""
     import copy
 
     module = copy.deepcopy(backbone)
@@ -164,6 +164,15 @@ def test_replaced_modules_are_seen(backbone):
             return self.base_layer(x) * 0.5
 
     block.conv1 = Wrapped(replacement)
+    with torch.no_grad():
+        features = [f for f, _ in module(pixel_values, padding_mask)]
+    assert module.folded_body() is None
+    assert_matches_reference(features, float64_reference(module, pixel_values))
+
+    # a subclass of nn.Conv2d with a forward of its own (timm's weight-standardised convolution)
+    from timm.layers import StdConv2d
+
+    block.conv1 = StdConv2d(old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
     with torch.no_grad():
         features = [f for f, _ in module(pixel_values, padding_mask)]
     assert module.folded_body() is None

@@ -335,7 +335,7 @@ class DinoFoldedResNet:
         from timm.models.resnet import BasicBlock, Bottleneck
 
         def conv_bn(conv, bn) -> bool:
-            return isinstance(conv, nn.Conv2d) and isinstance(bn, DinoFrozenBatchNorm2d) and conv.padding_mode == "zeros"
+            return type(conv) is nn.Conv2d and type(bn) is DinoFrozenBatchNorm2d and conv.padding_mode == "zeros"
 
         def block_ok(block) -> bool:
             if type(block) not in (Bottleneck, BasicBlock):
