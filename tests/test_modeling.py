@@ -7,6 +7,7 @@ import copy
 import importlib
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -432,6 +433,40 @@ def test_bad_inputs_raise_clear_errors(tiny_model):
             tiny_model(images(11), labels=[{"class_labels": torch.tensor([9]), "boxes": torch.rand(1, 4)}] * 2)
         finally:
             tiny_model.eval()
+    with pytest.raises(TypeError, match="pixel_values must be a torch.Tensor.*got ndarray"):
+        tiny_model(images(11).numpy())
+    one_image_labels = {"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}
+    with pytest.raises(ValueError, match="labels must be a list with one dict per image, got dict"):
+        tiny_model(images(11)[:1], labels=one_image_labels)
+
+
+def test_processor_labels_go_straight_into_the_model(tiny_model):
+    """`model(**processor(images=..., annotations=..., return_tensors="pt"))`: the processor's labels (one
+    `BatchFeature` per image, a mapping but not a dict) are accepted, with the loss of plain dicts of the same
+    tensors."""
+    from PIL import Image
+
+    from conftest import tiny_processor
+
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)) for _ in range(2)]
+    annotations = [
+        {"image_id": i, "annotations": [{"bbox": [10.0 + i, 12.0, 40.0, 30.0], "category_id": 3, "area": 1200.0,
+                                         "iscrowd": 0}]}
+        for i in range(2)
+    ]
+    inputs = tiny_processor()(images=pictures, annotations=annotations, return_tensors="pt")
+    assert not isinstance(inputs["labels"][0], dict)
+    tiny_model.train()
+    try:
+        torch.manual_seed(0)  # the denoising queries draw noise
+        loss = tiny_model(**inputs).loss
+        torch.manual_seed(0)
+        expected = tiny_model(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"],
+                              labels=[dict(target) for target in inputs["labels"]]).loss
+    finally:
+        tiny_model.eval()
+    assert torch.isfinite(loss) and torch.equal(loss, expected)
 
 
 def test_unknown_keyword_arguments_raise_type_error(tiny_model):

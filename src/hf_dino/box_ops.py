@@ -10,7 +10,7 @@ normalized to [0, 1] by the unpadded image size), `xyxy` (corners; post-processe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torchvision.ops import box_convert
@@ -91,10 +91,10 @@ _FORMAT_HINT = (
 )
 
 
-def check_detection_labels(labels: Sequence[dict], num_classes: int) -> None:
+def check_detection_labels(labels: Sequence[Mapping], num_classes: int) -> None:
     """Raise a `ValueError` naming the image and the problem if `labels` cannot be used for training.
 
-    Each entry needs `"class_labels"` (integer `[n]`) with ids in `[0, num_classes)` and `"boxes"` `[n, 4]`, finite,
+    Each entry (a dict, or any mapping such as the `BatchFeature`s `DinoImageProcessor` returns) needs `"class_labels"` (integer `[n]`) with ids in `[0, num_classes)` and `"boxes"` `[n, 4]`, finite,
     normalized (cx, cy, w, h): every value in [0, 1] (boxes in pixels are rejected). Images without annotations
     (n = 0) are fine, and so are zero-area boxes (GIoU stays finite thanks to the 1e-6 terms; the original dataset
     code drops them, a re-implementation's data pipeline may not).
@@ -105,8 +105,8 @@ def check_detection_labels(labels: Sequence[dict], num_classes: int) -> None:
     if not isinstance(labels, (list, tuple)):
         raise ValueError(f"labels must be a list with one dict per image, got {type(labels).__name__}.")
     for b, target in enumerate(labels):
-        if not isinstance(target, dict) or "class_labels" not in target or "boxes" not in target:
-            keys = sorted(target) if isinstance(target, dict) else type(target).__name__
+        if not isinstance(target, Mapping) or "class_labels" not in target or "boxes" not in target:
+            keys = sorted(target) if isinstance(target, Mapping) else type(target).__name__
             raise ValueError(f"labels[{b}] needs 'class_labels' and 'boxes', got {keys}.")
         cls, boxes = target["class_labels"], target["boxes"]
         if not isinstance(cls, torch.Tensor) or not isinstance(boxes, torch.Tensor):

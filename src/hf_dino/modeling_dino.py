@@ -751,6 +751,11 @@ class DinoModel(DinoPreTrainedModel):
 
         Unknown keyword arguments raise a `TypeError` (a typo such as `pixel_maks=` must not silently drop an input).
         """
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(
+                f"pixel_values must be a torch.Tensor [batch, {self.config.num_channels}, height, width], got "
+                f"{type(pixel_values).__name__}: prepare images with DinoImageProcessor(..., return_tensors='pt')."
+            )
         if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.num_channels:
             raise ValueError(
                 f"pixel_values must be [batch, {self.config.num_channels}, height, width], got {tuple(pixel_values.shape)}."
@@ -762,9 +767,9 @@ class DinoModel(DinoPreTrainedModel):
             )
         _reject_output_attentions(output_attentions)
         if labels is not None:
+            check_detection_labels(labels, self.config.num_labels)
             if len(labels) != pixel_values.shape[0]:
                 raise ValueError(f"Got {len(labels)} label dicts for a batch of {pixel_values.shape[0]} images.")
-            check_detection_labels(labels, self.config.num_labels)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = bool(output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states)
         b, _, h, w = pixel_values.shape
