@@ -256,12 +256,14 @@ def test_tiny_swin_5scale_any_size_and_batch(tiny_swin_5scale, size):
 @pytest.mark.slow  # one export (~1.5 min on one core): its own work unit under pytest-xdist
 def test_tiny_resnet_5scale_any_size_and_batch(tmp_path):
     """A 5-level ResNet model (the extra level is a stride-2 convolution on the last map), exported once, at the
-    traced size and another one, batches 1 and 2 (the last image padded), against the PyTorch model."""
-    from conftest import tiny_model
+    traced size and another one, batches 1 and 2 (the last image padded), against the PyTorch model; then
+    `DinoOnnxDetector.detect` on a rotated photo (`check_detect_on_a_rotated_photo`)."""
+    from conftest import tiny_model, tiny_processor
 
     model = tiny_model(num_feature_levels=5)
     assert not model.model.backbone.is_swin and len(model.model.input_projections) == 5
-    detector = DinoOnnxDetector(export_onnx(model, tmp_path / "dino.onnx", example_size=(96, 128)))
+    detector_path = export_onnx(model, tmp_path / "dino.onnx", example_size=(96, 128))
+    detector = DinoOnnxDetector(detector_path)
     for size in [(96, 128), (131, 101)]:
         torch.manual_seed(sum(size))
         for batch in (1, 2):
@@ -271,6 +273,33 @@ def test_tiny_resnet_5scale_any_size_and_batch(tmp_path):
             scores, selection, logits, boxes = pytorch_scores_and_selection(model, pixel_values, pixel_mask)
             check_rule(f"tiny ResNet 5-scale {size} batch {batch}", detector.forward(pixel_values, pixel_mask), scores,
                        selection, logits, boxes, model, pixel_values, pixel_mask)
+    check_detect_on_a_rotated_photo(DinoOnnxDetector(detector_path, processor=tiny_processor()), tmp_path)
+
+
+def check_detect_on_a_rotated_photo(detector: DinoOnnxDetector, tmp_path) -> None:
+    """`detect` on a photo stored 200x100 with the EXIF tag "rotate 90 degrees" (displayed 100 wide, 200 high), given
+    as a PIL image, as a path and in a list: the detections of the graph on the upright photo (PIL's
+    `exif_transpose`), boxes in its pixels (the stored size would put them up to twice too far right)."""
+    from PIL import Image, ImageOps
+
+    rng = np.random.default_rng(0)
+    stored = Image.fromarray(rng.integers(0, 256, (100, 200, 3), dtype=np.uint8))
+    exif = stored.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    path = tmp_path / "photo.jpg"
+    stored.save(path, exif=exif.tobytes())
+    photo = Image.open(path)
+    upright = ImageOps.exif_transpose(photo)
+    assert photo.size == (200, 100) and upright.size == (100, 200)
+    inputs = detector.processor(images=upright, return_tensors="pt")
+    outputs = detector.forward(inputs["pixel_values"], inputs["pixel_mask"])
+    [expected] = detector.processor.post_process_object_detection(outputs, 0.0, [(200, 100)], 20)
+    assert float(expected["boxes"][:, 0::2].max()) <= 100.0
+    results = [*detector.detect(photo, threshold=0.0, top_k=20), *detector.detect(str(path), threshold=0.0, top_k=20),
+               *detector([photo, path], threshold=0.0, top_k=20)]
+    assert len(results) == 4
+    for result in results:
+        assert result.keys() == expected.keys() and all(torch.equal(result[k], expected[k]) for k in expected)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

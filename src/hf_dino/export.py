@@ -296,14 +296,30 @@ class DinoOnnxDetector:
         outputs = self.session.run(list(OUTPUT_NAMES), {"pixel_values": pixel_values, "pixel_mask": pixel_mask})
         return dict(zip(OUTPUT_NAMES, outputs))
 
-    def detect(self, images: Sequence[Any], threshold: float = 0.3, top_k: int = 300) -> list[dict[str, torch.Tensor]]:
-        """Images (PIL / arrays) -> one `{"scores", "labels", "boxes"}` dict per image, boxes in input pixels."""
-        inputs = self.processor(list(images), return_tensors="pt")
+    def detect(self, images: Any, threshold: float = 0.3, top_k: int = 300) -> list[dict[str, torch.Tensor]]:
+        """One image or a list of images (PIL, numpy / torch arrays, file paths) -> one `{"scores", "labels",
+        "boxes"}` dict per image, boxes in pixels of the image as the processor sees it: a photo with an EXIF
+        orientation tag turned upright, as `DinoImageProcessor` does (`apply_exif_orientation`)."""
+        import PIL.Image
+
+        from .image_processing_dino import load_image_file, to_chw_rgb_tensor
+
+        single = isinstance(images, (str, os.PathLike, PIL.Image.Image)) or (
+            isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim <= 3
+        )
+        images = [images] if single else list(images)
+        upright = getattr(self.processor, "apply_exif_orientation", False)
+        # each image once as the [3, H, W] tensor the processor would make of it: its size is the boxes' frame
+        tensors = [
+            to_chw_rgb_tensor(load_image_file(image) if isinstance(image, (str, os.PathLike)) else image, None, upright)
+            for image in images
+        ]
+        inputs = self.processor(tensors, return_tensors="pt")
         outputs = self.forward(inputs["pixel_values"], inputs["pixel_mask"])
-        sizes = [_image_hw(image) for image in images]
+        sizes = [tuple(tensor.shape[-2:]) for tensor in tensors]
         return self.processor.post_process_object_detection(outputs, threshold, sizes, top_k)
 
-    def __call__(self, images: Sequence[Any], threshold: float = 0.3, top_k: int = 300) -> list[dict[str, torch.Tensor]]:
+    def __call__(self, images: Any, threshold: float = 0.3, top_k: int = 300) -> list[dict[str, torch.Tensor]]:
         return self.detect(images, threshold, top_k)
 
 
@@ -311,8 +327,3 @@ def _to_numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def _image_hw(image) -> tuple[int, int]:
-    if hasattr(image, "height") and hasattr(image, "width"):
-        return image.height, image.width
-    shape = np.asarray(image).shape
-    return (shape[-2], shape[-1]) if shape[0] in (1, 3) and shape[-1] not in (1, 3) else (shape[0], shape[1])

@@ -69,21 +69,17 @@ def usage_snippet(model_id: str, image: str = DEFAULT_EXAMPLE_IMAGE, threshold: 
 
 
 def lower_level_snippet(model_id: str, image: str = DEFAULT_EXAMPLE_IMAGE, threshold: float = 0.3) -> str:
-    """The same detection without `pipeline`: processor, model, post-processing."""
-    open_image = (
-        f'image = Image.open(requests.get("{image}", stream=True).raw)\n'
-        if image.startswith(("http://", "https://"))
-        else f'image = Image.open("{image}")\n'
-    )
-    imports = "import requests\n" if image.startswith(("http://", "https://")) else ""
+    """The same detection without `pipeline`: processor, model, post-processing. The image is opened with
+    transformers' `load_image` (a path or URL; EXIF orientation applied, as the processor and the pipeline do), so
+    that `image.size` is the size of the image the boxes refer to."""
     return (
-        f"{imports}import torch\n"
-        "from PIL import Image\n"
+        "import torch\n"
         "from transformers import AutoImageProcessor, AutoModelForObjectDetection\n"
+        "from transformers.image_utils import load_image\n"
         "\n"
         f'processor = AutoImageProcessor.from_pretrained("{model_id}", trust_remote_code=True)\n'
         f'model = AutoModelForObjectDetection.from_pretrained("{model_id}", trust_remote_code=True).eval()\n'
-        f"{open_image}"
+        f'image = load_image("{image}")\n'
         'inputs = processor(images=image, return_tensors="pt")\n'
         "with torch.no_grad():\n"
         "    outputs = model(**inputs)\n"

@@ -5,6 +5,7 @@
 
     tta = DinoTTA(model, processor)                     # views: the image as is (main) and mirrored
     tta = DinoTTA(model, processor, scales=(1.0, 0.8))  # 4 views: two scales, as is and mirrored
+    images = [load_image(path) for path in paths]       # transformers.image_utils: EXIF orientation applied
     detections = tta(images, threshold=0.3, target_sizes=[image.size[::-1] for image in images])
     # the structure post_process_object_detection returns: [{"scores", "labels", "boxes"}, ...]
 
@@ -348,8 +349,9 @@ class DinoTTA:
         Args:
             images: PIL images, numpy arrays or tensors, as the processor takes them.
             threshold: keep detections whose ensembled score is `> threshold` (`0` / `None`: keep all).
-            target_sizes: `(height, width)` per image (usually the original sizes) for pixel boxes; `None` keeps
-                normalized boxes, as `post_process_object_detection`.
+            target_sizes: `(height, width)` per image (usually the original sizes, of the image turned upright by
+                its EXIF orientation as the processor does) for pixel boxes; `None` keeps normalized boxes, as
+                `post_process_object_detection`.
             top_k: (query, class) candidates per view (each view's `post_process_object_detection` top-k); the
                 result has at most `top_k` detections per image.
             processor_kwargs: passed to the processor (e.g. `apply_exif_orientation=False`).
