@@ -221,11 +221,14 @@ def test_cli_has_predict_subcommand():
 
 def test_pipeline_batches_images_of_different_sizes(detector, model_dir):
     """batch_size=2 on a landscape and a portrait image: the batch is padded to a shared size exactly as the
-    processor pads a list of images, and a last, partial batch holds one image at its own size."""
+    processor pads a list of images, and a last, partial batch holds one image at its own size. A generator of
+    images (no length) is batched the same way."""
     from hf_dino import DinoForObjectDetection, DinoImageProcessor
 
     batched = detector([str(IMAGE_A), str(IMAGE_B), str(IMAGE_A)], threshold=0.0, batch_size=2)
     assert len(batched) == 3
+    streamed = list(detector((str(path) for path in (IMAGE_A, IMAGE_B, IMAGE_A)), threshold=0.0, batch_size=2))
+    assert streamed == batched
 
     processor = DinoImageProcessor.from_pretrained(model_dir)
     model = DinoForObjectDetection.from_pretrained(model_dir).eval()

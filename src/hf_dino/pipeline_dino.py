@@ -65,10 +65,14 @@ class DinoObjectDetectionPipeline(ObjectDetectionPipeline):
 
     def get_iterator(self, inputs, num_workers: int, batch_size: int, preprocess_params, forward_params,
                      postprocess_params):
-        if batch_size == 1 or not self._is_dino() or not isinstance(inputs, Sized):
+        if batch_size == 1 or not self._is_dino():
             return super().get_iterator(inputs, num_workers, batch_size, preprocess_params, forward_params,
                                         postprocess_params)
-        dataset = PipelineDataset(inputs, self.preprocess, preprocess_params)
+        if isinstance(inputs, Sized):
+            dataset = PipelineDataset(inputs, self.preprocess, preprocess_params)
+        else:  # a generator or other iterable: one worker at most, as transformers' pipeline has it
+            num_workers = min(num_workers, 1)
+            dataset = PipelineIterator(inputs, self.preprocess, preprocess_params)
         loader = torch.utils.data.DataLoader(dataset, num_workers=num_workers, batch_size=batch_size,
                                              collate_fn=pad_detection_batch)
         model_iterator = PipelineIterator(loader, self.forward, forward_params, loader_batch_size=batch_size)
