@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -361,9 +362,16 @@ def test_numpy_and_torch_inputs(cls):
     gray = rgb[..., 0]
     out = processor(gray, return_tensors="pt")["pixel_values"][0]
     torch.testing.assert_close(out, _normalized(np.repeat(gray[..., None], 3, -1)), atol=1e-6, rtol=0)
-    # float inputs follow the transformers convention (0..255 unless do_rescale=False)
-    out = processor(rgb.astype(np.float32) / 255, do_rescale=False, return_tensors="pt")["pixel_values"][0]
-    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+    # float inputs follow the transformers convention (0..255 unless do_rescale=False), with its warning when all
+    # values lie in [0, 1] (rescaled twice: a near-black input)
+    with pytest.warns(UserWarning, match="pass do_rescale=False"):
+        processor(rgb.astype(np.float32) / 255, return_tensors="pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = processor(rgb.astype(np.float32) / 255, do_rescale=False, return_tensors="pt")["pixel_values"][0]
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+        out = processor(torch.from_numpy(rgb.astype(np.float32)), return_tensors="pt")["pixel_values"][0]
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
     with pytest.raises(ValueError):
         processor(np.zeros((20, 30, 7), np.uint8))
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -473,6 +474,24 @@ class _DinoProcessorMixin:
         """
         return super().preprocess(images, annotations, **kwargs)
 
+    @staticmethod
+    def _warn_if_rescaled_twice(images: Sequence[torch.Tensor | np.ndarray], do_rescale: bool) -> None:
+        """As transformers' processors: float images whose values all lie in [0, 1] were most likely rescaled
+        already; `do_rescale` divides them by 255 again (a near-black input, detections silently lost)."""
+        if not do_rescale:
+            return
+        for image in images:
+            floating = image.is_floating_point() if isinstance(image, torch.Tensor) else np.issubdtype(image.dtype, np.floating)
+            if floating and float(image.max()) <= 1.0:
+                warnings.warn(
+                    "A float image with values in [0, 1] is rescaled by 1/255 (do_rescale=True), which makes it "
+                    "near-black. If your images are already scaled to [0, 1], pass do_rescale=False (or give the "
+                    "processor 0..255 values, uint8 or PIL images).",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                return
+
     def _targets_for(self, annotations, images_hw, format=None):
         if annotations is None:
             return None
@@ -593,6 +612,7 @@ class DinoImageProcessor(_DinoProcessorMixin, TorchvisionBackend):
     ) -> BatchFeature:
         if do_convert_annotations is None:
             do_convert_annotations = self.do_convert_annotations
+        self._warn_if_rescaled_twice(images, do_rescale)
         targets = self._targets_for(annotations, [tuple(img.shape[-2:]) for img in images], kwargs.get("format"))
 
         grouped_images, grouped_index = group_images_by_shape(images, disable_grouping=disable_grouping)
@@ -700,6 +720,7 @@ class DinoImageProcessorPil(_DinoProcessorMixin, PilBackend):
     ) -> BatchFeature:
         if do_convert_annotations is None:
             do_convert_annotations = self.do_convert_annotations
+        self._warn_if_rescaled_twice(images, do_rescale)
         targets = self._targets_for(annotations, [tuple(img.shape[-2:]) for img in images], kwargs.get("format"))
         mean = np.asarray(image_mean, dtype=np.float32).reshape(-1, 1, 1) if do_normalize else None
         std = np.asarray(image_std, dtype=np.float32).reshape(-1, 1, 1) if do_normalize else None
