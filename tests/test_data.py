@@ -278,6 +278,24 @@ def test_hf_datasets_adapter():
     assert len(HFDetectionDataset(_hf_dataset(rows), empty_images="skip")) == 1
 
 
+def test_hf_datasets_repeated_image_ids_become_unique():
+    """Image ids must be unique for the COCO evaluation: a repeated id gets a new one, above every given id (the
+    row-index fallback collided with another row's id: [1, 1, 2] stayed [1, 1, 2]), with a warning; the ground
+    truth then has one image per row and each box on its own image."""
+    rows = [
+        {"image_id": image_id, "image": Image.new("RGB", (20, 20)), "width": 20, "height": 20,
+         "objects": {"bbox": [[0, 0, 4 + k, 4]], "category": [k]}}
+        for k, image_id in enumerate([1, 1, 2])
+    ]
+    with pytest.warns(UserWarning, match="1 rows .*row 1.* repeated or non-integer image id"):
+        ds = HFDetectionDataset(_hf_dataset(rows))
+    ids = [ds[i][1]["image_id"] for i in range(3)]
+    assert ids[0] == 1 and ids[2] == 2 and ids[1] not in (1, 2)
+    coco = ds.coco_ground_truth()
+    assert sorted(coco.imgs) == sorted(ids)
+    assert {ann["image_id"]: ann["category_id"] for ann in coco.anns.values()} == {ids[0]: 0, ids[1]: 1, ids[2]: 2}
+
+
 def test_hf_datasets_unknown_category():
     import datasets
 

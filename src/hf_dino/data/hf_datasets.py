@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
+import warnings
 from collections import Counter
 from typing import Callable
 
@@ -24,6 +26,13 @@ from PIL import Image
 from .dataset import DetectionDataset, LabelMap, _check_choice, build_label_map, clean_annotations
 
 __all__ = ["HFDetectionDataset", "hf_categories"]
+
+
+def _integer_or_none(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _category_feature(dataset, objects_column: str):
@@ -109,15 +118,16 @@ class HFDetectionDataset(DetectionDataset):
         columns = set(dataset.column_names)
         meta = dataset.select_columns([c for c in (objects_column, "image_id", "id", "width", "height") if c in columns])
         self._targets: list[tuple[int, int | None, int | None, list[dict]]] = []
+        rows = list(meta)
+        given_ids = [_integer_or_none(row.get("image_id", row.get("id", index))) for index, row in enumerate(rows)]
+        # ids must be unique for the evaluation: a repeated or non-integer id gets a fresh one, above every given id
+        fresh_ids = itertools.count(max((i for i in given_ids if i is not None), default=-1) + 1)
         seen_ids: set[int] = set()
-        for index, row in enumerate(meta):
-            image_id = row.get("image_id", row.get("id", index))
-            try:
-                image_id = int(image_id)
-            except (TypeError, ValueError):
-                image_id = index
-            if image_id in seen_ids:  # ids must be unique for the evaluation; fall back to the row index
-                image_id = index
+        replaced = []
+        for index, (row, image_id) in enumerate(zip(rows, given_ids)):
+            if image_id is None or image_id in seen_ids:
+                replaced.append(index)
+                image_id = next(fresh_ids)
             seen_ids.add(image_id)
             anns = self._annotations(row[objects_column], image_id)
             width, height = row.get("width"), row.get("height")
@@ -137,6 +147,12 @@ class HFDetectionDataset(DetectionDataset):
             raise ValueError("No usable row in the dataset.")
         self.indices = keep
         self._warn_issues("datasets split")
+        if replaced:
+            warnings.warn(
+                f"datasets split: {len(replaced)} rows (first: row {replaced[0]}) have a repeated or non-integer image "
+                "id; they get new ids above the largest given one (ids must be unique for the COCO evaluation).",
+                stacklevel=2,
+            )
 
     def _annotations(self, objects, image_id: int) -> list[dict]:
         objects = _objects_dict(objects)
