@@ -428,6 +428,33 @@ def test_fast_processor_accepts_device_and_stays_on_it():
 
 
 @pytest.mark.parametrize("cls", PROCESSORS, ids=lambda c: c.__name__)
+def test_bad_inputs_raise_clear_errors(cls):
+    """Mistakes in what is passed name the problem (they raised IndexError / KeyError / TypeError / RuntimeError from
+    deep inside before)."""
+    processor = cls(size={"shortest_edge": 64, "longest_edge": 96})
+    image = Image.new("RGB", (80, 60))
+    with pytest.raises(ValueError, match="No images to process"):
+        processor([], return_tensors="pt")
+    for bad in [{"category_id": 1}, {"bbox": [1, 1, 5, 5], "category_id": "1"}, {"bbox": [1, 1, 5], "category_id": 1}]:
+        with pytest.raises(ValueError, match=r"Annotation 0 of image 7 must be a dict with 'bbox' \[x, y, w, h\]"):
+            processor(image, annotations={"image_id": 7, "annotations": [bad]}, return_tensors="pt")
+    # integral floats and numpy integers are class ids too
+    labels = processor(image, annotations={"image_id": 7, "annotations": [
+        {"bbox": [1, 1, 5, 5], "category_id": 3.0}, {"bbox": [2, 2, 5, 5], "category_id": np.int64(4)}]},
+        return_tensors="pt")["labels"][0]
+    assert labels["class_labels"].tolist() == [3, 4]
+
+    outputs = {"logits": torch.randn(2, 10, 3), "pred_boxes": torch.rand(2, 10, 4)}
+    with pytest.raises(ValueError, match="top_k must be >= 0"):
+        processor.post_process_object_detection(outputs, top_k=-1)
+    assert all(len(r["scores"]) == 0 for r in processor.post_process_object_detection(outputs, top_k=0))
+    with pytest.raises(ValueError, match=r"one \(height, width\) pair per image"):
+        processor.post_process_object_detection(outputs, target_sizes=(480, 640))
+    with pytest.raises(ValueError, match=r"target_sizes must be \[batch, 2\]"):
+        processor.post_process_object_detection(outputs, target_sizes=torch.tensor([[480, 640, 1], [480, 640, 1]]))
+
+
+@pytest.mark.parametrize("cls", PROCESSORS, ids=lambda c: c.__name__)
 def test_annotations_clipped_and_degenerate_dropped_consistently(cls):
     image = Image.new("RGB", (100, 50))  # W=100, H=50
     anns = {

@@ -279,6 +279,15 @@ def to_chw_rgb_tensor(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _is_integral(value: Any) -> bool:
+    """An integer class id: a Python / numpy integer, a one-element integer tensor, or an integral float (1.0)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and (not value.is_floating_point() or float(value).is_integer())
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return True
+    return isinstance(value, (float, np.floating)) and float(value).is_integer()
+
+
 def prepare_coco_detection_target(target: dict, height: int, width: int) -> dict[str, torch.Tensor]:
     """COCO-detection annotation of an image of `height` x `width` -> target with absolute xyxy `boxes`.
 
@@ -291,6 +300,13 @@ def prepare_coco_detection_target(target: dict, height: int, width: int) -> dict
             f"'category_id': int, ...}}, ...]}}; got {type(target).__name__} with keys "
             f"{sorted(target) if isinstance(target, dict) else None}."
         )
+    for k, obj in enumerate(target["annotations"]):
+        bbox, category = (obj.get("bbox"), obj.get("category_id")) if isinstance(obj, dict) else (None, None)
+        if not isinstance(bbox, (list, tuple, np.ndarray, torch.Tensor)) or len(bbox) != 4 or not _is_integral(category):
+            raise ValueError(
+                f"Annotation {k} of image {target.get('image_id', '?')} must be a dict with 'bbox' [x, y, w, h] (4 "
+                f"numbers) and an integer 'category_id'; got {obj!r}."
+            )
     annotations = [obj for obj in target["annotations"] if obj.get("iscrowd", 0) == 0]
 
     boxes = box_xywh_to_xyxy(torch.as_tensor([obj["bbox"] for obj in annotations], dtype=torch.float32).reshape(-1, 4))
@@ -380,6 +396,8 @@ def post_process_object_detection(
     logits = logits.float()
     pred_boxes = pred_boxes.float()
 
+    if int(top_k) < 0:
+        raise ValueError(f"top_k must be >= 0 (0 gives no detections), got {top_k}.")
     if target_sizes is not None:
         if len(target_sizes) != batch_size:
             raise ValueError(
@@ -387,7 +405,14 @@ def post_process_object_detection(
                 f"{batch_size}."
             )
         if not isinstance(target_sizes, torch.Tensor):
+            if not all(isinstance(s, (Sequence, np.ndarray, torch.Tensor)) and len(s) == 2 for s in target_sizes):
+                raise ValueError(
+                    "target_sizes must hold one (height, width) pair per image, e.g. [(480, 640)] for one image; "
+                    f"got {target_sizes!r}."
+                )
             target_sizes = torch.as_tensor([[int(s[0]), int(s[1])] for s in target_sizes], dtype=torch.int64)
+        elif target_sizes.numel() != batch_size * 2:
+            raise ValueError(f"target_sizes must be [batch, 2] = [{batch_size}, 2], got {tuple(target_sizes.shape)}.")
         target_sizes = target_sizes.reshape(batch_size, 2).to(pred_boxes.device)
 
     prob = logits.sigmoid()
@@ -443,6 +468,8 @@ class _DinoProcessorMixin:
         return image_url_or_urls
 
     def _prepare_images_structure(self, images, expected_ndims: int = 3):
+        if isinstance(images, (list, tuple)) and len(images) == 0:
+            raise ValueError("No images to process: pass one image or a non-empty list of images.")
         images = self.fetch_images(images)
         # single images, including 2-D (grayscale) arrays, which transformers' helper would reject
         if isinstance(images, PIL.Image.Image) or (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 2):
