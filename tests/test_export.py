@@ -256,14 +256,20 @@ def test_tiny_swin_5scale_any_size_and_batch(tiny_swin_5scale, size):
 @pytest.mark.slow  # one export (~1.5 min on one core): its own work unit under pytest-xdist
 def test_tiny_resnet_5scale_any_size_and_batch(tmp_path):
     """A 5-level ResNet model (the extra level is a stride-2 convolution on the last map), exported once, at the
-    traced size and another one, batches 1 and 2 (the last image padded), against the PyTorch model; then
-    `DinoOnnxDetector.detect` on a rotated photo (`check_detect_on_a_rotated_photo`)."""
+    traced size and another one, batches 1 and 2 (the last image padded), against the PyTorch model; the file's
+    stored configuration and processor; `DinoOnnxDetector.detect` on a rotated photo
+    (`check_detect_on_a_rotated_photo`)."""
     from conftest import tiny_model, tiny_processor
 
     model = tiny_model(num_feature_levels=5)
     assert not model.model.backbone.is_swin and len(model.model.input_projections) == 5
-    detector_path = export_onnx(model, tmp_path / "dino.onnx", example_size=(96, 128))
-    detector = DinoOnnxDetector(detector_path)
+    model.config.id2label = {i: f"class {i}" for i in range(model.config.num_labels)}
+    processor = tiny_processor()
+    detector = DinoOnnxDetector(export_onnx(model, tmp_path / "dino.onnx", processor=processor, example_size=(96, 128)))
+    # the file carries the model's configuration and its processor's (it needs nothing else)
+    assert detector.config is not None and detector.config.to_dict() == model.config.to_dict()
+    assert detector.id2label == model.config.id2label
+    assert detector.processor.to_dict() == processor.to_dict()
     for size in [(96, 128), (131, 101)]:
         torch.manual_seed(sum(size))
         for batch in (1, 2):
@@ -273,7 +279,7 @@ def test_tiny_resnet_5scale_any_size_and_batch(tmp_path):
             scores, selection, logits, boxes = pytorch_scores_and_selection(model, pixel_values, pixel_mask)
             check_rule(f"tiny ResNet 5-scale {size} batch {batch}", detector.forward(pixel_values, pixel_mask), scores,
                        selection, logits, boxes, model, pixel_values, pixel_mask)
-    check_detect_on_a_rotated_photo(DinoOnnxDetector(detector_path, processor=tiny_processor()), tmp_path)
+    check_detect_on_a_rotated_photo(detector, tmp_path)
 
 
 def check_detect_on_a_rotated_photo(detector: DinoOnnxDetector, tmp_path) -> None:

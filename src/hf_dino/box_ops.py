@@ -94,10 +94,11 @@ _FORMAT_HINT = (
 def check_detection_labels(labels: Sequence[Mapping], num_classes: int) -> None:
     """Raise a `ValueError` naming the image and the problem if `labels` cannot be used for training.
 
-    Each entry (a dict, or any mapping such as the `BatchFeature`s `DinoImageProcessor` returns) needs `"class_labels"` (integer `[n]`) with ids in `[0, num_classes)` and `"boxes"` `[n, 4]`, finite,
-    normalized (cx, cy, w, h): every value in [0, 1] (boxes in pixels are rejected). Images without annotations
-    (n = 0) are fine, and so are zero-area boxes (GIoU stays finite thanks to the 1e-6 terms; the original dataset
-    code drops them, a re-implementation's data pipeline may not).
+    Each entry (a dict, or any mapping such as the `BatchFeature`s `DinoImageProcessor` returns) needs
+    `"class_labels"` (integer `[n]`) with ids in `[0, num_classes)` and `"boxes"` `[n, 4]`, finite, normalized (cx,
+    cy, w, h): every value in [0, 1] (boxes in pixels are rejected). Images without annotations (n = 0) are fine,
+    and so are zero-area boxes (GIoU stays finite thanks to the 1e-6 terms; the original dataset code drops them, a
+    re-implementation's data pipeline may not).
 
     The model validates its `labels` once per forward pass (in [`DinoModel.forward`]); the denoising queries and the
     loss take them as validated. The value checks cost one device-to-host synchronisation for the whole batch.

@@ -237,11 +237,10 @@ def export_onnx(
             raise DinoExportError(f"an operator of the model has no ONNX equivalent: {error}") from error
         raise
     _check_standard_ops(program.model_proto)
-    metadata = {"hf_dino.config": model.config.to_json_string()}
+    # into the exporter's IR model, which `save` serialises (`model_proto` is a fresh copy at every access)
+    program.model.metadata_props["hf_dino.config"] = model.config.to_json_string()
     if processor is not None:
-        metadata["hf_dino.preprocessor"] = processor.to_json_string()
-    for key, value in metadata.items():
-        program.model_proto.metadata_props.add(key=key, value=value)
+        program.model.metadata_props["hf_dino.preprocessor"] = processor.to_json_string()
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     program.save(str(output_path), external_data=size > _PROTOBUF_LIMIT // 2)
     onnx.checker.check_model(str(output_path))
