@@ -351,3 +351,18 @@ def test_evaluate_script_rejects_top_k_zero(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--model", "m", "--images", str(tmp_path), "--annotations", "a.json", "--top-k", "0"])
     assert "--top-k must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--max-images", "0"], "--max-images must be >= 1"),  # evaluated nothing and printed AP 0.0 before
+        (["--tta-scales", "0.8"], "--tta-scales need --tta"),  # silently ignored before
+        (["--tta", "--tta-scales", "1.0", "-1"], "--tta-scales must be positive"),
+    ],
+)
+def test_evaluate_script_rejects_options_it_would_get_wrong(tmp_path, capsys, options, message):
+    evaluate = _load_evaluate_script()
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--model", "m", "--images", str(tmp_path), "--annotations", "a.json", *options])
+    assert message in capsys.readouterr().err

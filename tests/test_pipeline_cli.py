@@ -359,6 +359,40 @@ def test_cli_model_folder_that_does_not_exist(tmp_path, capsys):
         assert "Repo id must" not in err
 
 
+def test_cli_predict_refuses_unsafe_or_ignored_options(model_dir, tmp_path, capsys):
+    """Refused before anything is loaded or written: an --out folder holding the input images (the annotated
+    images would overwrite them: the inputs were replaced), an --out that is a file, TTA options without --tta
+    (ignored before) and a non-positive TTA scale (a traceback before)."""
+    import hashlib
+
+    from hf_dino_cli import main
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo = folder / IMAGE_A.name
+    photo.write_bytes(IMAGE_A.read_bytes())
+    digest = hashlib.sha256(photo.read_bytes()).hexdigest()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        (["--out", str(folder)], "holds input images"),
+        (["--out", str(a_file)], "is a file, not a folder"),
+        (["--out", str(tmp_path / "o1"), "--tta-scales", "1.0", "0.8"], "--tta-scales need --tta"),
+        (["--out", str(tmp_path / "o2"), "--tta", "--tta-scales", "1.0", "0"], "--tta-scales must be positive"),
+    ]
+    for options, message in cases:
+        rc = main(["predict", str(folder), "--model", str(model_dir), "--no-progress", *options])
+        assert rc == 2 and message in capsys.readouterr().err, options
+    assert sorted(p.name for p in folder.iterdir()) == [IMAGE_A.name]
+    assert hashlib.sha256(photo.read_bytes()).hexdigest() == digest
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    # without drawing, only the two JSON files are written: allowed next to the inputs
+    assert main(["predict", str(folder), "--model", str(model_dir), "--no-progress", "--no-draw", "--out",
+                 str(folder)]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == sorted([IMAGE_A.name, "images.json", "predictions.json"])
+    assert hashlib.sha256(photo.read_bytes()).hexdigest() == digest
+
+
 def test_cli_refuses_models_that_are_not_dino(tmp_path, capsys):
     from transformers import DetrConfig
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -25,7 +26,7 @@ from pathlib import Path
 
 __all__ = [
     "main", "build_parser", "SUBCOMMANDS", "add_predict_parser", "run_predict", "add_export_parser", "run_export",
-    "collect_images", "add_tta_arguments",
+    "collect_images", "add_tta_arguments", "tta_argument_error",
 ]
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
@@ -214,6 +215,13 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.onnx is not None and args.tta:
         _error("--tta runs the PyTorch model; it does not combine with --onnx")
         return 2
+    if (problem := tta_argument_error(args)) is not None:
+        _error(problem)
+        return 2
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        _error(f"--out {args.out!r} is a file, not a folder")
+        return 2
     # argument errors are reported before the (seconds-long) imports
     import torch
     from tqdm.auto import tqdm
@@ -228,6 +236,10 @@ def run_predict(args: argparse.Namespace) -> int:
     if not files:
         _error("no readable input images")
         return 1
+    if not args.no_draw and out_dir.resolve() in {file.resolve().parent for file in files}:
+        _error(f"--out {args.out!r} holds input images: the annotated images would overwrite or mix with them; "
+               "choose another folder (or --no-draw)")
+        return 2
 
     try:
         if args.onnx is not None:
@@ -244,7 +256,6 @@ def run_predict(args: argparse.Namespace) -> int:
 
     tta = tta_from_args(args, model, processor)
 
-    out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     coco_results: list[dict] = []
     image_records: list[dict] = []
@@ -355,6 +366,17 @@ def add_tta_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tta-no-flip", action="store_true", help="no mirrored views")
     group.add_argument("--tta-ensemble", default="one-to-one", choices=["one-to-one", "nms"],
                        help="one-to-one (the paper's, default) or nms (gather all views, batched NMS)")
+
+
+def tta_argument_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options of `add_tta_arguments` (None when nothing): options without `--tta` (they
+    would be ignored) and scales that are not positive, finite numbers."""
+    if not args.tta:
+        given = [name for name, value in (("--tta-scales", args.tta_scales), ("--tta-no-flip", args.tta_no_flip),
+                                          ("--tta-ensemble", args.tta_ensemble != "one-to-one")) if value]
+        return f"{', '.join(given)} need --tta" if given else None
+    bad = [s for s in args.tta_scales or () if not (s > 0 and math.isfinite(s))]
+    return f"--tta-scales must be positive numbers, got {bad}" if bad else None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
