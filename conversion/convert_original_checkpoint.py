@@ -111,9 +111,12 @@ def convert_state_dict(original: dict[str, torch.Tensor], model: DinoForObjectDe
         if converted[k].shape != expected[k].shape
     ]
     index_errors = []
+    buffers = dict(model.named_buffers())
     for key, tensor in original.items():
         if key.endswith("relative_position_index"):
-            own = model.get_buffer(key.replace("backbone.0.", "model.backbone.body.", 1))
+            own = buffers.get(key.replace("backbone.0.", "model.backbone.body.", 1))
+            if own is None:  # a Swin checkpoint for a ResNet model: reported with its unmapped keys
+                continue
             if not torch.equal(own.to(tensor.dtype), tensor):
                 index_errors.append(key)
     problems = []
@@ -267,6 +270,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="metrics from examples/evaluate.py --metrics-output, added to the model card")
     parser.add_argument("--private", action="store_true", help="create the Hub repo private")
     args = parser.parse_args(argv)
+    if args.verify_atol is not None and not args.verify_atol >= 0:
+        parser.error(f"--verify-atol must be >= 0, got {args.verify_atol}")
+    for option, paths in (("--verify", [args.verify]), ("--expected-images", args.expected_images or []),
+                          ("--measured-metrics", [args.measured_metrics])):
+        for path in paths:
+            if path is not None and not Path(path).is_file():
+                parser.error(f"{option}: no file {path!r}")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        parser.error(f"--output-dir {args.output_dir!r} is a file, not a folder")
     try:
         model = convert(args.checkpoint, args.model_name, args.output_dir, weights=args.weights,
                         trust_checkpoint=args.trust_checkpoint)
@@ -282,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"Wrote expected outputs to {args.write_expected}")
     if args.verify:
-        report = verify_outputs.verify(model, args.verify, atol=args.verify_atol or verify_outputs.DEFAULT_ATOL)
+        report = verify_outputs.verify(model, args.verify, atol=verify_outputs.DEFAULT_ATOL if args.verify_atol is None else args.verify_atol)
         print(f"Verify against {args.verify}: {report}")
         if not report.ok:
             print("error: the converted model does not reproduce the expected outputs; nothing pushed", file=sys.stderr)

@@ -35,7 +35,7 @@ from PIL import Image
 import hf_dino  # noqa: F401 - registers DINO with the Auto classes (`pip install -e .` in a checkout)
 from hf_dino.evaluation import CocoEvaluator, build_label_to_category_id, format_metrics_table
 from hf_dino.tta import tta_from_args
-from hf_dino_cli import add_tta_arguments, tta_argument_error
+from hf_dino_cli import ModelLoadError, add_tta_arguments, check_model_argument, tta_argument_error
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,6 +73,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(problem)
     if args.max_images is not None and args.max_images < 1:
         parser.error("--max-images must be >= 1")
+    if args.model is not None:
+        try:
+            check_model_argument(args.model)
+        except ModelLoadError as error:
+            parser.error(f"--model: {error}")
     return args
 
 

@@ -62,6 +62,7 @@ from hf_dino.data import (
     synthetic_paths,
 )
 from hf_dino.configuration_dino import compact_config
+from hf_dino_cli import ModelLoadError, check_model_argument
 from hf_dino.evaluation import evaluate_coco, format_metrics_table
 from hf_dino.visualization import draw_predictions
 from hf_dino.training import (
@@ -87,6 +88,27 @@ DEMO_DEFAULTS = dict(epochs=10, lr=4e-4, lr_backbone=4e-4, lr_drop=[8], batch_si
                      weight_decay=1e-4, num_workers=0)
 
 
+def _number(kind: type, accept, what: str):
+    """An argparse type: a `kind` number for which `accept(value)` holds (zero or negative limits would otherwise be
+    ignored, cut the data at the wrong end or divide by zero later)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not accept(value):  # NaN is not accepted either
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, lambda value: value >= 1, "a positive integer")
+non_negative_int = _number(int, lambda value: value >= 0, "an integer >= 0")
+positive_float = _number(float, lambda value: value > 0 and value != float("inf"), "a positive number")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data (none given: the synthetic demo)")
@@ -102,8 +124,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--bbox-format", default="xywh", choices=["xywh", "xyxy"], help="bbox format of --dataset-name")
     d.add_argument("--synthetic-dir", default=None, help="demo data folder: used as is if it holds a generated data set, else generated there "
                    "(default <output-dir>/synthetic-data)")
-    d.add_argument("--max-train-samples", type=int, default=None, help="use the first N training images")
-    d.add_argument("--max-val-samples", type=int, default=None, help="use the first N validation images")
+    d.add_argument("--max-train-samples", type=positive_int, default=None, help="use the first N training images")
+    d.add_argument("--max-val-samples", type=positive_int, default=None, help="use the first N validation images")
     d.add_argument("--label-mapping", default="auto", choices=["auto", "contiguous", "category_id"],
                    help="category id -> label: contiguous 0..N-1, or label = category id (COCO-style 91 classes); "
                    "auto: category_id when the initial model's labels already are the data's categories")
@@ -113,13 +135,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--skip-bad-images", action="store_true",
                    help="leave out images that cannot be read (truncated, corrupt); every image is checked before "
                    "training starts, and by default an unreadable one stops the run there")
-    d.add_argument("--image-scale", type=float, default=None,
+    d.add_argument("--image-scale", type=positive_float, default=None,
                    help="multiply every augmentation size (480..800/1333, 400..600, 384..600) and the eval size 800")
-    d.add_argument("--eval-size", type=int, default=None, help="shorter side at evaluation (default 800 * image-scale)")
+    d.add_argument("--eval-size", type=positive_int, default=None, help="shorter side at evaluation (default 800 * image-scale)")
     d.add_argument("--augmentation", default="dino", choices=["dino", "flip", "none"],
                    help="dino: the paper's flip + multi-scale resize / resize-crop-resize; flip: flip only, at the "
                    "evaluation size; none: the evaluation transform")
-    d.add_argument("--num-workers", type=int, default=None, help="data loader workers (default 2; demo 0)")
+    d.add_argument("--num-workers", type=non_negative_int, default=None, help="data loader workers (default 2; demo 0)")
 
     m = p.add_argument_group("model")
     m.add_argument("--model-name-or-path", default=None, help="a DINO folder / Hub id to fine-tune")
@@ -136,11 +158,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "the original DINO's (resnet50.tv_in1k, swin_large_patch4_window12_384.ms_in22k, ...)")
 
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=None)
-    o.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    o.add_argument("--batch-size", type=int, default=None, help="images per process and step")
-    o.add_argument("--eval-batch-size", type=int, default=None)
-    o.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    o.add_argument("--epochs", type=non_negative_int, default=None)
+    o.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
+    o.add_argument("--batch-size", type=positive_int, default=None, help="images per process and step")
+    o.add_argument("--eval-batch-size", type=positive_int, default=None)
+    o.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
     o.add_argument("--lr", type=float, default=None)
     o.add_argument("--lr-backbone", type=float, default=None, help="backbone lr (<= 0 freezes the backbone)")
     o.add_argument("--lr-linear-proj-mult", type=float, default=0.1)
@@ -161,14 +183,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--overwrite-output-dir", action="store_true",
                    help="delete the outputs of a previous run in --output-dir and start a new one (without it, or "
                    "--resume, a folder holding a run is refused)")
-    r.add_argument("--save-steps", type=int, default=0,
+    r.add_argument("--save-steps", type=non_negative_int, default=0,
                    help="also checkpoint every N optimizer steps (0: per epoch only). Ctrl-C / SIGTERM save a "
                    "checkpoint at the current step whatever this is")
     r.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept")
     r.add_argument("--resume", nargs="?", const="auto", default=None, help="checkpoint folder, or auto (latest in output dir)")
     r.add_argument("--no-eval", action="store_true")
-    r.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
-    r.add_argument("--logging-steps", type=int, default=10)
+    r.add_argument("--eval-every", type=positive_int, default=1, help="evaluate every N epochs (and after the last)")
+    r.add_argument("--logging-steps", type=positive_int, default=10)
     r.add_argument("--report-to", default="tensorboard", choices=["tensorboard", "none"])
     r.add_argument("--log-batches", action="store_true", help="write the image ids of every step to batch_log.jsonl")
     r.add_argument("--prediction-threshold", type=float, default=0.2, help="score threshold of prediction.png")
@@ -191,6 +213,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.eval_batch_size = args.batch_size
     if not args.demo and args.dataset_name is None and not (args.train_images and args.train_annotations):
         p.error("--train-images and --train-annotations go together")
+    if bool(args.val_images) != bool(args.val_annotations):
+        p.error("--val-images and --val-annotations go together")
+    if args.config_overrides is not None:
+        try:
+            overrides = json.loads(args.config_overrides)
+        except json.JSONDecodeError as error:
+            p.error(f"--config-overrides is not valid JSON ({error}): {args.config_overrides!r}")
+        if not isinstance(overrides, dict):
+            p.error(f"--config-overrides must be a JSON object of DinoConfig fields, got {args.config_overrides!r}")
+        unknown = sorted(set(overrides) - set(DinoConfig.__dataclass_fields__) - {"num_labels"})
+        if unknown:
+            p.error(f"--config-overrides: not DinoConfig fields: {', '.join(unknown)}")
+    if args.model_name_or_path is not None:
+        try:
+            check_model_argument(args.model_name_or_path)
+        except ModelLoadError as error:
+            p.error(f"--model-name-or-path: {error}")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        p.error(f"--output-dir {args.output_dir!r} is a file, not a folder")
     if args.resume and args.overwrite_output_dir:
         p.error("--resume continues the run in --output-dir, --overwrite-output-dir deletes it: choose one")
     if args.backbone_weights and (args.scratch_backbone or args.model_name_or_path):
@@ -704,7 +745,7 @@ def push_to_hub(args, model, processor, metrics) -> None:
     training_args = {k: getattr(args, k) for k in ("epochs", "lr", "lr_backbone", "weight_decay", "batch_size",
                                                      "gradient_accumulation_steps", "lr_drop", "image_scale", "ema")}
     model.push_to_hub(args.push_to_hub, image_processor=processor, metrics=metrics, base_model=args.model_name_or_path,
-                      dataset_name=args.dataset_name or args.train_annotations, training_args=training_args,
+                      dataset_name=args.dataset_name, training_args=training_args,
                       private=args.hub_private)
 
 

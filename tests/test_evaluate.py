@@ -339,6 +339,7 @@ def test_evaluate_script_malformed_annotation_file_is_one_clear_line(tmp_path, c
     evaluate = _load_evaluate_script()
     annotations = tmp_path / "instances.json"
     annotations.write_text(content)
+    (tmp_path / "unused").mkdir()  # a model folder must exist (checked with the arguments), it is not read
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--model", str(tmp_path / "unused"), "--images", str(tmp_path), "--annotations",
                        str(annotations)])
@@ -359,6 +360,7 @@ def test_evaluate_script_rejects_top_k_zero(tmp_path, capsys):
         (["--max-images", "0"], "--max-images must be >= 1"),  # evaluated nothing and printed AP 0.0 before
         (["--tta-scales", "0.8"], "--tta-scales need --tta"),  # silently ignored before
         (["--tta", "--tta-scales", "1.0", "-1"], "--tta-scales must be positive"),
+        (["--model", "./no/such/run"], "--model: the model folder './no/such/run' does not exist"),  # was "Repo id must"
     ],
 )
 def test_evaluate_script_rejects_options_it_would_get_wrong(tmp_path, capsys, options, message):

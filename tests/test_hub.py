@@ -140,6 +140,24 @@ def test_finetuned_model_card_carries_metrics_and_label_map():
     assert usage_snippet("me/dino-balloons") in card
 
 
+def test_finetuned_model_card_publishes_no_local_paths(tmp_path):
+    """A local data set or starting model (what examples/train.py is given as files) is not named in the card: the
+    model-index, the `datasets:` / `base_model:` entries and the text say "custom" instead of a path of the
+    training machine (the annotations file's path was published, as the data the metrics were measured on)."""
+    annotations = tmp_path / "annotations" / "instances_train2017.json"
+    annotations.parent.mkdir()
+    annotations.write_text("{}")
+    start = tmp_path / "runs" / "start"
+    start.mkdir(parents=True)
+    card = finetuned_model_card("me/dino-local", {0: "balloon"}, {"AP": 0.5}, base_model=str(start),
+                                dataset_name=str(annotations))
+    assert str(tmp_path) not in card and "instances_train2017" not in card
+    data = _front_matter(card)
+    assert data.datasets is None and data.base_model is None
+    assert {(r.dataset_name, r.dataset_type) for r in data.eval_results} == {("custom", "custom")}
+    assert "on a custom data set" in card and "on the validation split:" in card
+
+
 # ---- push, intercepted --------------------------------------------------------------------------------------------
 
 

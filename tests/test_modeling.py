@@ -178,6 +178,42 @@ def test_converter_rejects_wrong_architecture(r50_original, tmp_path):
         convert(_save(r50_original, tmp_path / "c.pth"), "dino-r50-5scale")
 
 
+def test_converter_lists_the_keys_of_a_swin_checkpoint_given_an_r50_name(r50_original, tmp_path):
+    """A Swin checkpoint (here: Swin-style keys, a `relative_position_index` buffer among them) converted with a
+    ResNet model name gets the listing of what does not fit (an AttributeError from the buffer check before)."""
+    swin_like = {k: v for k, v in r50_original.items() if not k.startswith("backbone.0.body.")}
+    swin_like["backbone.0.layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(144, 144, dtype=torch.long)
+    swin_like["backbone.0.layers.0.blocks.0.attn.qkv.weight"] = torch.zeros(576, 192)
+    with pytest.raises(ConversionError) as error:
+        convert(_save(swin_like, tmp_path / "swin.pth"), "dino-r50-4scale")
+    message = str(error.value)
+    assert "265 model weights the checkpoint does not provide" in message  # the ResNet's
+    assert "renamed keys the model does not have:\n  model.backbone.body.layers.0.blocks.0.attn.qkv.weight" in message
+
+
+def test_converter_cli_checks_its_files_before_converting(r50_original, tmp_path, capsys):
+    """--verify, --expected-images and --measured-metrics files that do not exist, a negative --verify-atol and an
+    --output-dir that is a file are refused before anything is converted or written (a traceback after the
+    folder was written before)."""
+    path = _save(r50_original, tmp_path / "c.pth")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    base = ["--checkpoint", str(path), "--model-name", "dino-r50-4scale", "--output-dir", str(tmp_path / "o")]
+    for options, message in [
+        (["--verify", str(tmp_path / "missing.safetensors")], "--verify: no file"),
+        (["--write-expected", str(tmp_path / "e.safetensors"), "--expected-images", str(tmp_path / "x.jpg")],
+         "--expected-images: no file"),
+        (["--verify-atol", "-1"], "--verify-atol must be >= 0"),
+    ]:
+        with pytest.raises(SystemExit):
+            convert_main(base + options)
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit):
+        convert_main(base[:-1] + [str(a_file)])
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
 # ---- batching and padding ---------------------------------------------------------------------------------------------
 def test_outputs_do_not_depend_on_batch_partner_or_order(tiny_model):
     """Image A padded onto the same canvas gives the same outputs whatever image shares its batch, in any order."""

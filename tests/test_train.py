@@ -336,3 +336,41 @@ def test_bf16_mixed_precision_run(tmp_path, synthetic_dir):
     assert len(history) == 1 and 0.0 <= history[0]["AP"] <= 1.0, proc.stdout[-2000:]
     losses = [json.loads(line)["train/loss"] for line in (tmp_path / "bf16" / "train_log.jsonl").read_text().splitlines()]
     assert losses and all(math.isfinite(x) for x in losses)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        # zero or negative limits: ignored (--max-steps 0 trained all epochs, --max-train-samples 0 used every image),
+        # cut the data at the wrong end (-1 dropped the last image) or divided by zero at step 1 / after an epoch
+        (["--max-steps", "0"], "argument --max-steps: '0' is not a positive integer"),
+        (["--max-train-samples", "0"], "argument --max-train-samples: '0' is not a positive integer"),
+        (["--max-val-samples", "-1"], "argument --max-val-samples: '-1' is not a positive integer"),
+        (["--batch-size", "0"], "argument --batch-size: '0' is not a positive integer"),
+        (["--gradient-accumulation-steps", "0"], "'0' is not a positive integer"),
+        (["--logging-steps", "0"], "'0' is not a positive integer"),
+        (["--eval-every", "0"], "'0' is not a positive integer"),
+        (["--image-scale", "0"], "argument --image-scale: '0' is not a positive number"),
+        (["--image-scale", "nan"], "argument --image-scale: 'nan' is not a positive number"),
+        (["--eval-size", "-800"], "'-800' is not a positive integer"),
+        # validation data without its other half: trained without validation before
+        (["--val-images", "val/"], "--val-images and --val-annotations go together"),
+        # a misspelt field landed in config.json, the intended one unchanged; bad JSON was a traceback
+        (["--config-overrides", '{"num_querys": 300}'], "--config-overrides: not DinoConfig fields: num_querys"),
+        (["--config-overrides", "{bad"], "--config-overrides is not valid JSON"),
+        (["--model-name-or-path", "./no/such/run"], "the model folder './no/such/run' does not exist"),
+    ],
+)
+def test_options_the_run_would_get_wrong_are_refused(options, message, capsys):
+    train = _load_train_module()
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(options)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_zero_epochs_and_accepted_limits(tmp_path):
+    train = _load_train_module()
+    args = train.parse_args(["--epochs", "0", "--max-steps", "3", "--max-train-samples", "5", "--image-scale", "0.1",
+                             "--config-overrides", '{"num_queries": 30, "num_labels": 4}', "--output-dir",
+                             str(tmp_path / "run")])
+    assert (args.epochs, args.max_steps, args.max_train_samples, args.image_scale) == (0, 3, 5, 0.1)

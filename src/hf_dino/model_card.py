@@ -269,11 +269,17 @@ def finetuned_model_card(
 ) -> str:
     """The card of a model fine-tuned with `examples/train.py`.
 
-    ``metrics``: fractions from `CocoEvaluator.summarize()` measured on ``evaluated_on`` of ``dataset_name``.
+    ``metrics``: fractions from `CocoEvaluator.summarize()` measured on ``evaluated_on`` of ``dataset_name`` (a Hub
+    data set id; a local path is left out of the card, which then says "custom"; so is a local ``base_model``).
     ``id2label``: the model's label map (written out in full). ``training_args``: settings listed as they are
     (epochs, learning rate, batch size, ...). ``architecture``: e.g. "DINO 4-scale, ResNet-50". ``summary``
     replaces the opening sentence ("A DINO object detector ... fine-tuned from ... on ...").
     """
+    # local files and folders: their paths are not published (the card says "custom" / names no base model)
+    if dataset_name and Path(dataset_name).exists():
+        dataset_name = None
+    if base_model and Path(base_model).exists():
+        base_model = None
     eval_results = []
     for name in METRIC_NAMES:
         value = None if metrics is None else metrics.get(name)
@@ -291,10 +297,10 @@ def finetuned_model_card(
             )
     front = _front_matter(
         repo_id.split("/")[-1],
-        [dataset_name] if dataset_name and not Path(dataset_name).exists() else None,
+        [dataset_name] if dataset_name else None,
         eval_results,
         ["object-detection", "vision", "dino", "detr", "custom_code", "fine-tuned"],
-        base_model=base_model if base_model and not Path(base_model).exists() else None,
+        base_model=base_model,
     )
     labels = sorted((int(k), str(v)) for k, v in id2label.items())
     label_rows = "\n".join(f"| {i} | {name} |" for i, name in labels)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 __all__ = [
     "main", "build_parser", "SUBCOMMANDS", "add_predict_parser", "run_predict", "add_export_parser", "run_export",
-    "collect_images", "add_tta_arguments", "tta_argument_error",
+    "collect_images", "add_tta_arguments", "tta_argument_error", "check_model_argument", "ModelLoadError",
 ]
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
@@ -140,7 +140,7 @@ class ModelLoadError(ValueError):
     """``--model`` names no usable DINO model; the message says why."""
 
 
-def _check_model_argument(model_name: str) -> None:
+def check_model_argument(model_name: str) -> None:
     """A path that does not exist (and cannot be a Hub id) is reported as such, not as a malformed Hub id."""
     if os.path.exists(model_name):
         return
@@ -156,7 +156,7 @@ def _load_model_and_processor(model_name: str, device, dtype: str = "float32"):
     from hf_dino.configuration_dino import DinoConfig
     from hf_dino.image_processing_dino import DinoImageProcessor
 
-    _check_model_argument(model_name)
+    check_model_argument(model_name)
     try:
         config = transformers.AutoConfig.from_pretrained(model_name)
     except Exception as error:  # noqa: BLE001 - the folder / Hub id is not a model
