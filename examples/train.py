@@ -207,6 +207,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.model_name_or_path is not None and (args.config is not None or args.scratch_backbone is not None):
+        p.error("--config and --scratch-backbone describe a new model: not with --model-name-or-path (its config and "
+                "weights are used)")
+    if args.dataset_name is not None and (args.train_images or args.train_annotations or args.val_images
+                                          or args.val_annotations):
+        p.error("--dataset-name gives the training and validation data: not with --train-* / --val-* folders")
     if args.config is None and args.model_name_or_path is None:
         args.config = "compact" if args.demo else "dino-4scale"
     if args.eval_batch_size is None:

@@ -362,7 +362,8 @@ def test_cli_model_folder_that_does_not_exist(tmp_path, capsys):
 def test_cli_predict_refuses_unsafe_or_ignored_options(model_dir, tmp_path, capsys):
     """Refused before anything is loaded or written: an --out folder holding the input images (the annotated
     images would overwrite them: the inputs were replaced), an --out that is a file, TTA options without --tta
-    (ignored before) and a non-positive TTA scale (a traceback before)."""
+    (ignored before), a non-positive TTA scale (a traceback before), a negative --max-draw and 16-bit or GPU options
+    with --onnx (ignored before)."""
     import hashlib
 
     from hf_dino_cli import main
@@ -379,18 +380,28 @@ def test_cli_predict_refuses_unsafe_or_ignored_options(model_dir, tmp_path, caps
         (["--out", str(a_file)], "is a file, not a folder"),
         (["--out", str(tmp_path / "o1"), "--tta-scales", "1.0", "0.8"], "--tta-scales need --tta"),
         (["--out", str(tmp_path / "o2"), "--tta", "--tta-scales", "1.0", "0"], "--tta-scales must be positive"),
+        (["--out", str(tmp_path / "o3"), "--max-draw", "-1"], "--max-draw must be >= 0"),  # drew all but one before
+        (["--out", str(tmp_path / "o4"), "--onnx", "m.onnx", "--dtype", "float16"], "--dtype and --device do not"),
     ]
     for options, message in cases:
         rc = main(["predict", str(folder), "--model", str(model_dir), "--no-progress", *options])
         assert rc == 2 and message in capsys.readouterr().err, options
     assert sorted(p.name for p in folder.iterdir()) == [IMAGE_A.name]
     assert hashlib.sha256(photo.read_bytes()).hexdigest() == digest
-    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
     # without drawing, only the two JSON files are written: allowed next to the inputs
     assert main(["predict", str(folder), "--model", str(model_dir), "--no-progress", "--no-draw", "--out",
                  str(folder)]) == 0
     assert sorted(p.name for p in folder.iterdir()) == sorted([IMAGE_A.name, "images.json", "predictions.json"])
     assert hashlib.sha256(photo.read_bytes()).hexdigest() == digest
+
+
+def test_cli_export_refuses_a_non_positive_static_size(model_dir, tmp_path, capsys):
+    from hf_dino_cli import main
+
+    rc = main(["export", "--model", str(model_dir), "--output", str(tmp_path / "m.onnx"), "--static-size", "-5", "10"])
+    assert rc == 2 and "--static-size must be two positive numbers" in capsys.readouterr().err  # a traceback before
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_cli_refuses_models_that_are_not_dino(tmp_path, capsys):

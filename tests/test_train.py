@@ -359,6 +359,10 @@ def test_bf16_mixed_precision_run(tmp_path, synthetic_dir):
         (["--config-overrides", '{"num_querys": 300}'], "--config-overrides: not DinoConfig fields: num_querys"),
         (["--config-overrides", "{bad"], "--config-overrides is not valid JSON"),
         (["--model-name-or-path", "./no/such/run"], "the model folder './no/such/run' does not exist"),
+        # options that were silently ignored
+        (["--model-name-or-path", ".", "--config", "compact"], "--config and --scratch-backbone describe a new model"),
+        (["--model-name-or-path", ".", "--scratch-backbone"], "--config and --scratch-backbone describe a new model"),
+        (["--dataset-name", "cppe-5", "--train-images", "x/"], "--dataset-name gives the training and validation"),
     ],
 )
 def test_options_the_run_would_get_wrong_are_refused(options, message, capsys):

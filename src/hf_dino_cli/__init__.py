@@ -215,6 +215,12 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.onnx is not None and args.tta:
         _error("--tta runs the PyTorch model; it does not combine with --onnx")
         return 2
+    if args.onnx is not None and (args.dtype != "float32" or args.device not in ("auto", "cpu")):
+        _error("--onnx runs the graph in float32 on onnxruntime's CPU provider: --dtype and --device do not apply")
+        return 2
+    if args.max_draw < 0:
+        _error("--max-draw must be >= 0 (--no-draw writes no images)")
+        return 2
     if (problem := tta_argument_error(args)) is not None:
         _error(problem)
         return 2
@@ -408,6 +414,9 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    if args.static_size and min(args.static_size) < 1:
+        _error(f"--static-size must be two positive numbers (height, width), got {args.static_size}")
+        return 2
     try:
         from hf_dino.export import DinoExportError, export_onnx, require_onnx
 
