@@ -128,6 +128,9 @@ def test_bad_arguments_are_clear_errors():
         DinoTTA(None, None, score_mode="max")
     with pytest.raises(ValueError, match="iou_threshold"):
         DinoTTA(None, None, iou_threshold=1.5)
+    with pytest.raises(ValueError, match="nms_iou_threshold must be in"):  # -1 kept one detection per image before
+        DinoTTA(None, None, ensemble="nms", nms_iou_threshold=-1.0)
+    assert "nms_iou_threshold=0.6" in repr(DinoTTA(None, None, ensemble="nms", nms_iou_threshold=0.6))
 
 
 def test_hflip_boxes_is_an_involution():

@@ -251,6 +251,8 @@ class DinoTTA:
             raise ValueError(f"Got {len(weights)} weights for {len(augmentations)} augmentations {augmentations}.")
         if ensemble not in ("one-to-one", "nms"):
             raise ValueError(f"ensemble must be 'one-to-one' or 'nms', got {ensemble!r}.")
+        if not 0 <= nms_iou_threshold <= 1:
+            raise ValueError(f"nms_iou_threshold must be in [0, 1], got {nms_iou_threshold}.")
         # the ensembling options are checked now, not at the first call
         empty = {"scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}
         ensemble_one_to_one([empty] * len(augmentations), weights, iou_threshold, match_labels, score_mode,
@@ -271,7 +273,8 @@ class DinoTTA:
         return (
             f"DinoTTA(views=[{views}], ensemble={self.ensemble!r}, weights={self.weights}, "
             f"iou_threshold={self.iou_threshold}, match_labels={self.match_labels}, score_mode={self.score_mode!r}, "
-            f"box_normalization={self.box_normalization!r})"
+            f"box_normalization={self.box_normalization!r}"
+            f"{f', nms_iou_threshold={self.nms_iou_threshold}' if self.ensemble == 'nms' else ''})"
         )
 
     def _view_size(self, scale: float) -> dict[str, int] | None:
