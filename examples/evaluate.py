@@ -136,7 +136,13 @@ def main(argv=None) -> dict[str, float]:
         def forward(inputs):
             return runner.forward(inputs["pixel_values"], inputs["pixel_mask"])
     else:
-        processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        try:
+            processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        except OSError as error:  # e.g. a folder written by model.save_pretrained alone
+            raise SystemExit(
+                f"error: cannot load the image processor of {args.model} ({error}). Evaluation preprocesses as the "
+                "model was trained: save the processor there too (processor.save_pretrained(folder))."
+            ) from None
         model = AutoModelForObjectDetection.from_pretrained(args.model, trust_remote_code=args.trust_remote_code,
                                                             dtype=getattr(torch, args.dtype))
         model = model.to(accelerator.device).eval()

@@ -368,3 +368,19 @@ def test_evaluate_script_rejects_options_it_would_get_wrong(tmp_path, capsys, op
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--model", "m", "--images", str(tmp_path), "--annotations", "a.json", *options])
     assert message in capsys.readouterr().err
+
+
+def test_evaluate_script_model_folder_without_processor_is_one_clear_line(tmp_path):
+    """A folder written by `model.save_pretrained` alone: one line that says what to save (an OSError traceback
+    before)."""
+    from conftest import tiny_model
+
+    if not (COCO_MINI / "annotations" / "instances_val2017.json").is_file():
+        pytest.skip(f"COCO-MINI not found at {COCO_MINI}")
+    tiny_model().save_pretrained(tmp_path / "model")
+    evaluate = _load_evaluate_script()
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--model", str(tmp_path / "model"), "--images", str(COCO_MINI / "val2017"), "--annotations",
+                       str(COCO_MINI / "annotations" / "instances_val2017.json"), "--max-images", "1"])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: cannot load the image processor") and "processor.save_pretrained" in message
