@@ -272,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.verify_atol is not None and not args.verify_atol >= 0:
         parser.error(f"--verify-atol must be >= 0, got {args.verify_atol}")
-    for option, paths in (("--verify", [args.verify]), ("--expected-images", args.expected_images or []),
+    if args.verify is not None and not Path(args.verify).exists():  # an expected-outputs file or fixture folder
+        parser.error(f"--verify: no file or folder {args.verify!r}")
+    for option, paths in (("--expected-images", args.expected_images or []),
                           ("--measured-metrics", [args.measured_metrics])):
         for path in paths:
             if path is not None and not Path(path).is_file():

@@ -62,7 +62,6 @@ from hf_dino.data import (
     synthetic_paths,
 )
 from hf_dino.configuration_dino import compact_config
-from hf_dino_cli import ModelLoadError, check_model_argument
 from hf_dino.evaluation import evaluate_coco, format_metrics_table
 from hf_dino.visualization import draw_predictions
 from hf_dino.training import (
@@ -80,6 +79,7 @@ from hf_dino.training import (
     shard_indices,
     write_json,
 )
+from hf_dino_cli import ModelLoadError, check_model_argument
 
 logger = logging.getLogger("train")
 

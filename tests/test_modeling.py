@@ -200,7 +200,7 @@ def test_converter_cli_checks_its_files_before_converting(r50_original, tmp_path
     a_file.write_text("x")
     base = ["--checkpoint", str(path), "--model-name", "dino-r50-4scale", "--output-dir", str(tmp_path / "o")]
     for options, message in [
-        (["--verify", str(tmp_path / "missing.safetensors")], "--verify: no file"),
+        (["--verify", str(tmp_path / "missing.safetensors")], "--verify: no file or folder"),
         (["--write-expected", str(tmp_path / "e.safetensors"), "--expected-images", str(tmp_path / "x.jpg")],
          "--expected-images: no file"),
         (["--verify-atol", "-1"], "--verify-atol must be >= 0"),
