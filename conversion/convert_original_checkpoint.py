@@ -296,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"Wrote expected outputs to {args.write_expected}")
     if args.verify:
-        report = verify_outputs.verify(model, args.verify, atol=verify_outputs.DEFAULT_ATOL if args.verify_atol is None else args.verify_atol)
+        atol = verify_outputs.DEFAULT_ATOL if args.verify_atol is None else args.verify_atol
+        report = verify_outputs.verify(model, args.verify, atol=atol)
         print(f"Verify against {args.verify}: {report}")
         if not report.ok:
             print("error: the converted model does not reproduce the expected outputs; nothing pushed", file=sys.stderr)

@@ -137,7 +137,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "training starts, and by default an unreadable one stops the run there")
     d.add_argument("--image-scale", type=positive_float, default=None,
                    help="multiply every augmentation size (480..800/1333, 400..600, 384..600) and the eval size 800")
-    d.add_argument("--eval-size", type=positive_int, default=None, help="shorter side at evaluation (default 800 * image-scale)")
+    d.add_argument("--eval-size", type=positive_int, default=None,
+                   help="shorter side at evaluation (default 800 * image-scale)")
     d.add_argument("--augmentation", default="dino", choices=["dino", "flip", "none"],
                    help="dino: the paper's flip + multi-scale resize / resize-crop-resize; flip: flip only, at the "
                    "evaluation size; none: the evaluation transform")

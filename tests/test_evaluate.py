@@ -360,7 +360,8 @@ def test_evaluate_script_rejects_top_k_zero(tmp_path, capsys):
         (["--max-images", "0"], "--max-images must be >= 1"),  # evaluated nothing and printed AP 0.0 before
         (["--tta-scales", "0.8"], "--tta-scales need --tta"),  # silently ignored before
         (["--tta", "--tta-scales", "1.0", "-1"], "--tta-scales must be positive"),
-        (["--model", "./no/such/run"], "--model: the model folder './no/such/run' does not exist"),  # was "Repo id must"
+        # a missing folder was reported as "Repo id must be in the form ..."
+        (["--model", "./no/such/run"], "--model: the model folder './no/such/run' does not exist"),
     ],
 )
 def test_evaluate_script_rejects_options_it_would_get_wrong(tmp_path, capsys, options, message):

@@ -302,7 +302,8 @@ def prepare_coco_detection_target(target: dict, height: int, width: int) -> dict
         )
     for k, obj in enumerate(target["annotations"]):
         bbox, category = (obj.get("bbox"), obj.get("category_id")) if isinstance(obj, dict) else (None, None)
-        if not isinstance(bbox, (list, tuple, np.ndarray, torch.Tensor)) or len(bbox) != 4 or not _is_integral(category):
+        is_box = isinstance(bbox, (list, tuple, np.ndarray, torch.Tensor)) and len(bbox) == 4
+        if not is_box or not _is_integral(category):
             raise ValueError(
                 f"Annotation {k} of image {target.get('image_id', '?')} must be a dict with 'bbox' [x, y, w, h] (4 "
                 f"numbers) and an integer 'category_id'; got {obj!r}."
@@ -508,7 +509,10 @@ class _DinoProcessorMixin:
         if not do_rescale:
             return
         for image in images:
-            floating = image.is_floating_point() if isinstance(image, torch.Tensor) else np.issubdtype(image.dtype, np.floating)
+            if isinstance(image, torch.Tensor):
+                floating = image.is_floating_point()
+            else:
+                floating = np.issubdtype(image.dtype, np.floating)
             if floating and float(image.max()) <= 1.0:
                 warnings.warn(
                     "A float image with values in [0, 1] is rescaled by 1/255 (do_rescale=True), which makes it "
