@@ -34,6 +34,7 @@ from PIL import Image
 
 import hf_dino  # noqa: F401 - registers DINO with the Auto classes (`pip install -e .` in a checkout)
 from hf_dino.evaluation import CocoEvaluator, build_label_to_category_id, format_metrics_table
+from hf_dino.image_processing_dino import pil_to_rgb
 from hf_dino.tta import tta_from_args
 from hf_dino_cli import ModelLoadError, add_tta_arguments, check_model_argument, tta_argument_error
 
@@ -96,7 +97,8 @@ class CocoImages(torch.utils.data.Dataset):
         image_id = self.image_ids[index]
         path = self.image_dir / self.coco_gt.loadImgs(image_id)[0]["file_name"]
         with Image.open(path) as image:
-            return image_id, image.convert("RGB")
+            image.load()
+            return image_id, pil_to_rgb(image, apply_exif_orientation=False)  # 16-bit images scaled, not clipped
 
 
 def _collate(batch):

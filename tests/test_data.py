@@ -78,6 +78,35 @@ def test_coco_dataset_targets_and_label_map(tmp_path):
     assert as_ids.label_map.label_to_category_id is None
 
 
+def _sixteen_bit_image(width=24, height=16):
+    """A 16-bit grey image (PIL mode I;16): background 32768, an object at 8000 in the middle."""
+    import numpy as np
+
+    array = np.full((height, width), 32768, dtype=np.uint16)
+    array[4:12, 6:18] = 8000
+    return Image.fromarray(array), array
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    """A 16-bit PNG used to go through PIL's convert("RGB"), which clips every value at 255: the whole image came out
+    white and the object vanished from the training data (while inference scaled it). Now 0..65535 maps to 0..255,
+    compared with a numpy recomputation, in the COCO folder and the `datasets` adapter alike."""
+    import numpy as np
+
+    image, array = _sixteen_bit_image()
+    expected = torch.from_numpy(np.round(array / 257.0).astype(np.uint8)).expand(3, -1, -1)
+    folder, ann_file = write_coco(tmp_path, [(1, "a.png", 24, 16, False)], [ann(1, 1, [6, 4, 12, 8])])
+    image.save(folder / "a.png")
+    assert Image.open(folder / "a.png").mode.startswith("I")
+    pixels, _ = CocoDetectionDataset(folder, ann_file)[0]
+    assert torch.equal(pixels, expected)
+
+    rows = [{"image_id": 1, "image": {"path": str(folder / "a.png"), "bytes": None}, "width": 24, "height": 16,
+             "objects": {"bbox": [[6, 4, 12, 8]], "category": [0]}}]
+    pixels, _ = HFDetectionDataset(_hf_dataset(rows))[0]
+    assert torch.equal(pixels, expected)
+
+
 def test_missing_images_error_or_skip(tmp_path):
     folder, ann_file = write_coco(
         tmp_path, [(1, "a.png", 16, 16, True), (2, "gone.png", 16, 16, False)],

@@ -49,6 +49,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from ..box_ops import box_xyxy_to_cxcywh
+from ..image_processing_dino import pil_to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -395,7 +396,10 @@ class CocoDetectionDataset(DetectionDataset):
         path = self.describe(index)
         try:
             with Image.open(path) as image:
-                return image.convert("RGB")
+                image.load()
+                # 16/32-bit and float images scaled to 8 bit as the processor does (PIL's convert clips them at 255);
+                # no EXIF rotation: the boxes refer to the stored pixels, as in the original
+                return pil_to_rgb(image, apply_exif_orientation=False)
         except (OSError, ValueError) as error:
             raise OSError(f"Cannot read image {path} (image id {self.ids[index]}): {error}") from error
 

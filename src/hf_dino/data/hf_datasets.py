@@ -23,6 +23,7 @@ from typing import Callable
 
 from PIL import Image
 
+from ..image_processing_dino import pil_to_rgb
 from .dataset import DetectionDataset, LabelMap, _check_choice, build_label_map, clean_annotations
 
 __all__ = ["HFDetectionDataset", "hf_categories"]
@@ -188,7 +189,7 @@ class HFDetectionDataset(DetectionDataset):
             image = Image.open(image["path"])
         if not isinstance(image, Image.Image):
             raise TypeError(f"Row {row}: the {self.image_column!r} column holds {type(image).__name__}, not an image.")
-        return image.convert("RGB")
+        return pil_to_rgb(image, apply_exif_orientation=False)  # as `CocoDetectionDataset.load_image`
 
     def raw_target(self, index: int):
         return self._targets[self.indices[index]]
