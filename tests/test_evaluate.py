@@ -134,6 +134,41 @@ def test_evaluator_label_mapping_subset_and_table():
     assert [float(c) for c in row.split("|")[1:-1]] == pytest.approx([round(100 * metrics[n], 1) for n in METRIC_NAMES])
 
 
+def _coco_from_dict(categories: dict[int, str]):
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = {"images": [{"id": 1, "width": 10, "height": 10}], "annotations": [],
+                    "categories": [{"id": c, "name": n} for c, n in categories.items()]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def test_label_mapping_is_explicit_when_a_label_id_names_another_category():
+    """A COCO-id model (label 2 = "bicycle") on a file whose category 2 is "helmet": only "person" matches by name.
+    The mapping used to be None ("labels are category ids") because every *matching* label sat at its id, so the
+    bicycle detections were scored as helmets. Now it is {1: 1}; None stays for a file whose shared ids agree."""
+    coco_ids_model = {0: "N/A", 1: "person", 2: "bicycle", 3: "car", 12: "N/A"}
+    assert build_label_to_category_id(coco_ids_model, _coco_from_dict({1: "person", 2: "helmet", 3: "vest"})) == {1: 1}
+    assert build_label_to_category_id(coco_ids_model, _coco_from_dict({1: "person", 3: "Car"})) is None
+    # an "N/A" label at an id the file uses for a real category: that label must not be scored as it
+    assert build_label_to_category_id(coco_ids_model, _coco_from_dict({1: "person", 12: "stop sign"})) == {1: 1}
+
+
+def test_evaluator_refuses_an_image_id_not_in_the_ground_truth():
+    """A dataset index (0) passed instead of the COCO id: pycocotools raised an unnamed assertion with detections and
+    returned -1 for every metric without; now a ValueError names the id, with or without detections."""
+    evaluator = CocoEvaluator(_coco_from_dict({1: "person"}))
+    for n in (1, 0):
+        with pytest.raises(ValueError, match="image_id 0 is not an image of the ground truth"):
+            evaluator.update([{"image_id": 0, "scores": [0.9] * n, "labels": [1] * n, "boxes": [[0, 0, 5, 5]] * n}])
+    evaluator.update([{"image_id": 1, "scores": [0.9], "labels": [1], "boxes": [[0, 0, 5, 5]]}])
+
+
 def test_format_metrics_table_percent_and_missing():
     table = format_metrics_table({"AP": 0.49, "AP50": 0.668, "AP75": 0.535, "APs": -1.0, "APm": 0.52, "APl": 0.633})
     cells = [c.strip() for c in table.splitlines()[-1].split("|")[1:-1]]
@@ -203,6 +238,8 @@ def test_synchronize_with_accelerator_uses_gather_object(monkeypatch):
     monkeypatch.setattr(accelerate.utils, "gather_object", fake_gather)
 
     class FakeCOCO:
+        imgs = {3: {}, 7: {}}
+
         def getCatIds(self):
             return [1]
 

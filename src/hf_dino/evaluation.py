@@ -69,10 +69,12 @@ def _to_numpy(value: Any, dtype=None) -> np.ndarray:
 def build_label_to_category_id(id2label: Mapping[int, str], coco_gt) -> dict[int, int] | None:
     """Map a model's label ids to the category ids of ``coco_gt`` through the label names.
 
-    Returns ``None`` (labels are category ids, no mapping needed) when every named label whose name is a category
-    of ``coco_gt`` sits at that category's id, which is the case of the released DINO checkpoints (91 classes
-    indexed by COCO id; their "N/A" ids are dropped by the evaluator). Otherwise returns ``{label_id: category_id}``
-    for the labels whose name matches a category (case-insensitive); unmatched labels are not evaluated.
+    Returns ``None`` (labels are category ids, no mapping needed) when every label id that is also a category id of
+    ``coco_gt`` names that very category, which is the case of the released DINO checkpoints (91 classes indexed by
+    COCO id; their "N/A" ids are no category ids and are dropped by the evaluator). Otherwise returns
+    ``{label_id: category_id}`` for the labels whose name matches a category (case-insensitive); unmatched labels
+    are not evaluated (with ``None`` a label at a category's id would be scored as that category whatever its name:
+    a COCO model's "bicycle" (id 2) counted as the file's "helmet" (id 2)).
     Raises ``ValueError`` when no label name matches any category.
     """
     name_to_cat = {str(c["name"]).strip().lower(): int(c["id"]) for c in coco_gt.loadCats(coco_gt.getCatIds())}
@@ -86,7 +88,8 @@ def build_label_to_category_id(id2label: Mapping[int, str], coco_gt) -> dict[int
             "None of the model's label names matches a category of the annotation file; pass an explicit "
             "label_to_category_id mapping."
         )
-    if all(label_id == cat for label_id, cat in mapping.items()):
+    category_ids = {int(c) for c in coco_gt.getCatIds()}
+    if all(mapping.get(int(label_id)) == int(label_id) for label_id in id2label if int(label_id) in category_ids):
         return None
     return mapping
 
@@ -119,6 +122,12 @@ class CocoEvaluator:
         """
         for prediction in predictions:
             image_id = int(_to_numpy(prediction["image_id"]).reshape(-1)[0])
+            if image_id not in self.coco_gt.imgs:  # pycocotools: an unnamed assertion, or -1 metrics without one
+                raise ValueError(
+                    f"image_id {image_id} is not an image of the ground truth ({len(self.coco_gt.imgs)} images, e.g. "
+                    f"{sorted(self.coco_gt.imgs)[:3]}); pass the COCO image ids (the processor's labels['image_id']), "
+                    "not positions in the data set."
+                )
             scores = _to_numpy(prediction["scores"], np.float64).reshape(-1)
             labels = _to_numpy(prediction["labels"], np.int64).reshape(-1)
             boxes = box_xyxy_to_xywh(torch.from_numpy(_to_numpy(prediction["boxes"], np.float64).reshape(-1, 4))).numpy()
