@@ -40,7 +40,9 @@ def _labels():
 
 def test_valid_labels_pass():
     check_detection_labels(_labels(), 7)
-    check_detection_labels([{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.0, 1.0, 0.0, 1.0]])}], 7)
+    # the range's edges: a zero-size box in a corner, the whole image, a box overhanging by 5 % of the image side
+    edges = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.5, 0.5, 1.0, 1.0], [0.05, 0.5, 0.2, 0.3]])
+    check_detection_labels([{"class_labels": torch.tensor([1, 2, 3]), "boxes": edges}], 7)
 
 
 @pytest.mark.parametrize(
@@ -50,6 +52,9 @@ def test_valid_labels_pass():
         (lambda t: t[0]["boxes"].__setitem__((0, 0), float("nan")), "NaN or inf"),
         (lambda t: t[0].__setitem__("class_labels", torch.tensor([0, 1, 7])), r"must be in \[0, 7\)"),
         (lambda t: t[0].__setitem__("class_labels", torch.tensor([0.0, 1.0, 2.0])), "must be integer class ids"),
+        # torch indexes with these as masks: the matcher failed with a shape mismatch deep inside
+        (lambda t: t[0].__setitem__("class_labels", torch.tensor([0, 3, 6], dtype=torch.uint8)), "as masks"),
+        (lambda t: t[0].__setitem__("class_labels", torch.tensor([False, True, True])), "as masks"),
         (lambda t: t[0].__setitem__("boxes", torch.zeros(2, 4)), r"expected class_labels \[n\] and boxes \[n, 4\]"),
         (lambda t: t[0].pop("class_labels"), "needs 'class_labels' and 'boxes'"),
     ],
@@ -73,3 +78,16 @@ def test_boxes_outside_the_unit_range_are_rejected(boxes):
     labels = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor(boxes)}]
     with pytest.raises(ValueError, match=r"outside \[0, 1\].*normalized by the image size as \(cx, cy, w, h\)"):
         check_detection_labels(labels, 7)
+
+
+def test_normalized_corner_boxes_are_rejected():
+    """Normalized (x0, y0, x1, y1) corners lie in [0, 1], so the value check let them through and the model trained
+    on them as (cx, cy, w, h) boxes: [0.1, 0.2, 0.6, 0.9] is read as a box from x = -0.2 to 0.4. A corner more than
+    5 % of the image outside it is now an error naming the format; the same boxes as (cx, cy, w, h) pass."""
+    from hf_dino.box_ops import box_xyxy_to_cxcywh
+
+    corners = torch.tensor([[0.1, 0.2, 0.6, 0.9], [0.55, 0.05, 0.95, 0.45]])
+    labels = [{"class_labels": torch.tensor([1, 2]), "boxes": corners}]
+    with pytest.raises(ValueError, match=r"reaching outside the image .* from -0.25 to 1.025.*not \(x0, y0, x1, y1\)"):
+        check_detection_labels(labels, 7)
+    check_detection_labels([{"class_labels": torch.tensor([1, 2]), "boxes": box_xyxy_to_cxcywh(corners)}], 7)

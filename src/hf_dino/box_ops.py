@@ -85,6 +85,9 @@ def elementwise_generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) 
 
 # tolerance of the [0, 1] range check: float rounding of boxes normalized from pixel coordinates
 _RANGE_TOLERANCE = 1e-4
+# how far (a fraction of the image side) a box's corners `cx -/+ w / 2`, `cy -/+ h / 2` may lie outside the image:
+# corners normalized as (x0, y0, x1, y1) and read as (cx, cy, w, h) reach far outside it (e.g. x0 = 0.1 - 0.6 / 2)
+_CORNER_TOLERANCE = 0.05
 _FORMAT_HINT = (
     "labels hold boxes normalized by the image size as (cx, cy, w, h) in [0, 1] (the image processor's and the data "
     "sets' output), not pixels and not (x0, y0, x1, y1) corners"
@@ -96,7 +99,9 @@ def check_detection_labels(labels: Sequence[Mapping], num_classes: int) -> None:
 
     Each entry (a dict, or any mapping such as the `BatchFeature`s `DinoImageProcessor` returns) needs
     `"class_labels"` (integer `[n]`) with ids in `[0, num_classes)` and `"boxes"` `[n, 4]`, finite, normalized (cx,
-    cy, w, h): every value in [0, 1] (boxes in pixels are rejected). Images without annotations (n = 0) are fine,
+    cy, w, h): every value in [0, 1] (boxes in pixels are rejected) and the corners `cx -/+ w / 2`, `cy -/+ h / 2`
+    within the image up to 5 % of its side (normalized (x0, y0, x1, y1) corners are rejected: read as (cx, cy, w,
+    h), nearly every image has a box reaching far outside). Images without annotations (n = 0) are fine,
     and so are zero-area boxes (GIoU stays finite thanks to the 1e-6 terms; the original dataset code drops them, a
     re-implementation's data pipeline may not).
 
@@ -116,8 +121,11 @@ def check_detection_labels(labels: Sequence[Mapping], num_classes: int) -> None:
             raise ValueError(
                 f"labels[{b}]: expected class_labels [n] and boxes [n, 4], got {tuple(cls.shape)} and {tuple(boxes.shape)}."
             )
-        if cls.is_floating_point() or cls.is_complex():
-            raise ValueError(f"labels[{b}]['class_labels'] must be integer class ids, got {cls.dtype}.")
+        if cls.is_floating_point() or cls.is_complex() or cls.dtype in (torch.bool, torch.uint8):
+            raise ValueError(
+                f"labels[{b}]['class_labels'] must be integer class ids (torch.int64), got {cls.dtype}"
+                + (" (torch indexes with bool and uint8 tensors as masks)." if not cls.is_floating_point() else ".")
+            )
     non_empty = [t for t in labels if t["class_labels"].numel() > 0]
     if not non_empty:
         return
@@ -129,7 +137,7 @@ def check_detection_labels(labels: Sequence[Mapping], num_classes: int) -> None:
         if target["class_labels"].numel() == 0:
             continue
         cls, boxes = target["class_labels"], target["boxes"]
-        bad_class, not_finite, negative_size, out_of_range = _label_problems(target, num_classes).tolist()
+        bad_class, not_finite, negative_size, out_of_range, outside_image = _label_problems(target, num_classes).tolist()
         if bad_class:
             raise ValueError(
                 f"labels[{b}]['class_labels'] must be in [0, {num_classes}), got min {int(cls.min())}, max {int(cls.max())}."
@@ -146,10 +154,17 @@ def check_detection_labels(labels: Sequence[Mapping], num_classes: int) -> None:
                 f"labels[{b}]['boxes'] has values outside [0, 1] (min {float(boxes.min()):g}, max {float(boxes.max()):g}); "
                 f"{_FORMAT_HINT}."
             )
+        if outside_image:
+            corners = torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], dim=-1)
+            raise ValueError(
+                f"labels[{b}]['boxes'] has boxes reaching outside the image (corners cx -/+ w/2, cy -/+ h/2 from "
+                f"{float(corners.min()):g} to {float(corners.max()):g}); {_FORMAT_HINT} (clip boxes to the image)."
+            )
 
 
 def _label_problems(target: dict, num_classes: int) -> torch.Tensor:
-    """`[4]` bool: bad class id, non-finite box, negative size, box value outside [0, 1] (one image, on its device)."""
+    """`[5]` bool: bad class id, non-finite box, negative size, box value outside [0, 1], box corner outside the image
+    (one image, on its device)."""
     cls, boxes = target["class_labels"], target["boxes"]
     finite = torch.isfinite(boxes).all()
     return torch.stack([
@@ -157,4 +172,5 @@ def _label_problems(target: dict, num_classes: int) -> torch.Tensor:
         ~finite,
         (boxes[:, 2:] < 0).any(),
         ((boxes < -_RANGE_TOLERANCE) | (boxes > 1 + _RANGE_TOLERANCE)).any(),
+        ((boxes[:, :2] - boxes[:, 2:] / 2 < -_CORNER_TOLERANCE) | (boxes[:, :2] + boxes[:, 2:] / 2 > 1 + _CORNER_TOLERANCE)).any(),
     ])
