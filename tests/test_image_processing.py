@@ -393,6 +393,29 @@ def test_exif_orientation_is_applied(cls, tmp_path):
 
 
 @pytest.mark.parametrize("cls", PROCESSORS, ids=lambda c: c.__name__)
+def test_annotations_of_an_exif_rotated_image_warn(cls, tmp_path):
+    """Annotations next to an image the processor turns upright are read in the upright frame; boxes of the stored
+    pixels (COCO files) were silently clipped away or misplaced. Now a warning names the image and the option; none
+    with apply_exif_orientation=False, without annotations, or for an image without EXIF rotation."""
+    import warnings
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    Image.new("RGB", (40, 100)).save(path, exif=exif.tobytes())
+    target = {"image_id": 1, "annotations": [{"bbox": [24, 12.5, 12, 25], "category_id": 1}]}
+    processor = cls(do_resize=False)
+    with pytest.warns(UserWarning, match=r"Image\(s\) \[1\] .*EXIF orientation.*apply_exif_orientation=False"):
+        processor([Image.new("RGB", (40, 100)), str(path)], annotations=[target, target], return_tensors="pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = processor(str(path), annotations=target, apply_exif_orientation=False, return_tensors="pt")
+        torch.testing.assert_close(out["labels"][0]["boxes"], torch.tensor([[0.75, 0.25, 0.3, 0.25]]))
+        processor(str(path), return_tensors="pt")
+        cls(do_resize=False, apply_exif_orientation=False)(str(path), annotations=target, return_tensors="pt")
+
+
+@pytest.mark.parametrize("cls", PROCESSORS, ids=lambda c: c.__name__)
 def test_batch_of_different_sizes_is_padded(cls):
     images = [Image.new("RGB", (30, 20), (255, 0, 0)), Image.new("RGB", (20, 50), (0, 255, 0))]
     out = cls(size=SMALL)(images, return_tensors="pt")
@@ -407,6 +430,12 @@ def test_batch_of_different_sizes_is_padded(cls):
         assert torch.all(out["pixel_values"][b, :, h:, :] == 0) and torch.all(out["pixel_values"][b, :, :, w:] == 0)
     unpadded = cls(size=SMALL, do_pad=False)(images)
     assert "pixel_mask" not in unpadded and [tuple(x.shape[-2:]) for x in unpadded["pixel_values"]] == sizes
+    # unpadded images of different sizes fit no tensor: our own message (transformers' suggested a `padding=True`
+    # argument that image processors do not take); images of one size still stack
+    for tensors in ("pt", "np"):
+        with pytest.raises(ValueError, match=r"do_pad=False keeps the images at their own sizes \(32x48, 65x26\).*do_pad=True"):
+            cls(size=SMALL, do_pad=False)(images, return_tensors=tensors)
+    assert cls(size=SMALL, do_pad=False)(images[:1], return_tensors="pt")["pixel_values"].shape == (1, 3, 32, 48)
 
 
 @pytest.mark.parametrize("cls", PROCESSORS, ids=lambda c: c.__name__)

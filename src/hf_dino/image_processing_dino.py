@@ -70,7 +70,8 @@ class DinoImageProcessorKwargs(ImagesKwargs, total=False):
         supported (accepted for compatibility with the DETR-family processors).
     apply_exif_orientation (`bool`, *optional*, defaults to `True`):
         Whether to rotate/flip PIL images according to their EXIF orientation tag before processing. Set it to
-        `False` for datasets whose annotations refer to the stored (un-rotated) pixels, as the original DINO code does.
+        `False` for datasets whose annotations refer to the stored (un-rotated) pixels, as the original DINO code does
+        (annotations next to an image that is turned upright raise a warning saying so).
     """
 
     do_convert_annotations: bool
@@ -166,12 +167,16 @@ def load_image_file(source: str | os.PathLike, timeout: float | None = None) -> 
     return image
 
 
-def _apply_exif_orientation(image: PIL.Image.Image) -> PIL.Image.Image:
+def _exif_orientation(image: PIL.Image.Image) -> int | None:
+    """The EXIF orientation tag (1-8; 1 = upright), None when absent or unreadable (a broken EXIF block is ignored)."""
     try:
-        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-    except Exception:  # noqa: BLE001 - a broken EXIF block is ignored
-        return image
-    if orientation in (None, 1):
+        return image.getexif().get(_EXIF_ORIENTATION)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _apply_exif_orientation(image: PIL.Image.Image) -> PIL.Image.Image:
+    if _exif_orientation(image) in (None, 1):
         return image
     try:
         return PIL.ImageOps.exif_transpose(image)
@@ -499,8 +504,32 @@ class _DinoProcessorMixin:
 
         Returns a `BatchFeature` with `pixel_values` [B, 3, H, W] (padded at the bottom/right to the largest H and W of
         the batch), `pixel_mask` [B, H, W] (1 = real pixel, 0 = padding) and, with annotations, `labels`.
+
+        A PIL image with an EXIF orientation is turned upright (`apply_exif_orientation`, default True), and its
+        annotations are then read as boxes of the upright image; a warning says so whenever that happens, since
+        COCO files (and the original DINO, which ignores EXIF) give boxes of the stored pixels, for which
+        `apply_exif_orientation=False` is right.
         """
+        if annotations is not None:
+            images = self._prepare_images_structure(images)
+            exif = kwargs.get("apply_exif_orientation")
+            if self.apply_exif_orientation if exif is None else exif:
+                self._warn_if_annotations_meet_exif_rotation(images)
         return super().preprocess(images, annotations, **kwargs)
+
+    @staticmethod
+    def _warn_if_annotations_meet_exif_rotation(images: list) -> None:
+        rotated = [i for i, image in enumerate(images)
+                   if isinstance(image, PIL.Image.Image) and _exif_orientation(image) not in (None, 1)]
+        if rotated:
+            warnings.warn(
+                f"Image(s) {rotated[:5]}{' ...' if len(rotated) > 5 else ''} of this batch carry an EXIF orientation "
+                "and are turned upright (apply_exif_orientation=True): their annotation boxes are read as boxes of the "
+                "upright image. If they refer to the stored pixels (COCO files, the original DINO), pass "
+                "apply_exif_orientation=False.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     @staticmethod
     def _warn_if_rescaled_twice(images: Sequence[torch.Tensor | np.ndarray], do_rescale: bool) -> None:
@@ -522,6 +551,19 @@ class _DinoProcessorMixin:
                     stacklevel=2,
                 )
                 return
+
+    @staticmethod
+    def _check_unpadded_sizes(resized_hw: list[tuple[int, int]], return_tensors) -> None:
+        """`do_pad=False` keeps a list of images of different sizes, which no tensor of `return_tensors` can hold
+        (transformers' own message then suggests a `padding=True` argument that image processors do not take)."""
+        sizes = sorted(set(resized_hw))
+        if return_tensors is not None and len(sizes) > 1:
+            raise ValueError(
+                f"do_pad=False keeps the images at their own sizes ({', '.join(f'{h}x{w}' for h, w in sizes[:3])}"
+                f"{', ...' if len(sizes) > 3 else ''}), which cannot be stacked into one tensor "
+                f"(return_tensors={str(return_tensors)!r}): pass do_pad=True (the model takes the pixel_mask) or "
+                "return_tensors=None (a list of arrays, one per image)."
+            )
 
     def _targets_for(self, annotations, images_hw, format=None):
         if annotations is None:
@@ -674,6 +716,7 @@ class DinoImageProcessor(_DinoProcessorMixin, TorchvisionBackend):
             data["pixel_values"] = torch.stack(padded)
             data["pixel_mask"] = torch.stack(masks)
         else:
+            self._check_unpadded_sizes(resized_hw, return_tensors)
             same = len(set(resized_hw)) == 1
             data["pixel_values"] = torch.stack(images) if same else images
 
@@ -787,6 +830,7 @@ class DinoImageProcessorPil(_DinoProcessorMixin, PilBackend):
             data["pixel_values"] = pixel_values
             data["pixel_mask"] = pixel_mask
         else:
+            self._check_unpadded_sizes(resized_hw, return_tensors)
             data["pixel_values"] = np.stack(processed) if len(set(resized_hw)) == 1 else processed
 
         encoded = BatchFeature(data, tensor_type=return_tensors)
