@@ -524,7 +524,29 @@ def checkpoint_state(run: TrainingRun, state: TrainState) -> dict:
         "start_batch": state.start_batch, "global_step": state.global_step, "best_ap": state.best_ap,
         "history": state.history,
         "args": json.loads(json.dumps(vars(run.args), default=str)),  # plain values: weights_only=True reads them
+        "run": run_layout(run),
     }
+
+
+# What a checkpoint's position and schedule rest on: the data order (batch size, accumulation, seed, data set,
+# processes) and the settings the restored optimizer and scheduler state carry (they override the command line's).
+RESUME_SETTINGS = ("batch_size", "gradient_accumulation_steps", "seed", "max_train_samples", "lr", "lr_backbone",
+                   "lr_linear_proj_mult", "weight_decay", "lr_drop")
+
+
+def run_layout(run: TrainingRun) -> dict:
+    """The run's shape that `RESUME_SETTINGS` does not name: processes and training images."""
+    return {"num_processes": run.accelerator.num_processes, "train_images": len(run.train_set)}
+
+
+def resume_mismatches(saved: dict, run: TrainingRun) -> list[str]:
+    """`--option: saved -> now` for each setting of `RESUME_SETTINGS` / `run_layout` that differs from the
+    checkpoint's (settings a checkpoint does not record, from an older version, are not compared)."""
+    now = json.loads(json.dumps({k: getattr(run.args, k) for k in RESUME_SETTINGS}, default=str))
+    pairs = [(f"--{k.replace('_', '-')}", saved.get("args", {}).get(k, now[k]), now[k]) for k in RESUME_SETTINGS]
+    layout = run_layout(run)
+    pairs += [(k.replace("_", " "), saved.get("run", {}).get(k, layout[k]), layout[k]) for k in layout]
+    return [f"{name}: {old} in the checkpoint, {new} now" for name, old, new in pairs if old != new]
 
 
 def save(run: TrainingRun, state: TrainState) -> None:
@@ -549,6 +571,13 @@ def resume(run: TrainingRun) -> TrainState:
         run.log("--resume auto: no checkpoint yet, starting from scratch")
         return TrainState()
     path, saved = found
+    mismatches = resume_mismatches(saved, run)
+    if mismatches:  # a different data order or schedule would silently make another run (or fail mid-epoch)
+        raise SystemExit(
+            f"train.py: cannot resume from {path}: the run's settings differ from the checkpoint's ("
+            + "; ".join(mismatches) + "). Resume with the checkpoint's settings; they fix its data order and "
+            "learning-rate schedule."
+        )
     run.unwrapped.load_state_dict(saved["model"])
     run.optimizer.load_state_dict(saved["optimizer"])
     run.scheduler.load_state_dict(saved["scheduler"])

@@ -132,6 +132,25 @@ def test_resume_auto_falls_back_from_a_corrupt_checkpoint(reference, tmp_path, s
     assert f"cannot resume: {newest} cannot be read, it is truncated or corrupt" in proc.stderr
 
 
+def test_resume_with_other_settings_is_refused(reference, tmp_path, synthetic_dir):
+    """A checkpoint's position and schedule rest on the batch size, the data set and the learning rates: resuming
+    with another --batch-size failed mid-epoch with a sampler traceback or silently skipped images, and another --lr /
+    --lr-drop was silently replaced by the restored optimizer and scheduler state. Now the run stops before training
+    and names every difference; the same settings resume as before (the other tests of this file)."""
+    ref, _ = reference
+    out = tmp_path / "run"
+    shutil.copytree(ref / "checkpoints", out / "checkpoints")
+    proc = _run("--output-dir", out, "--synthetic-dir", synthetic_dir, "--resume", out / "checkpoints" / "checkpoint-6",
+                "--no-progress", *COMMON, "--batch-size", "4", "--lr", "1e-3", "--max-train-samples", "6", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "cannot resume from" in proc.stderr and "checkpoint-6" in proc.stderr
+    for difference in ("--batch-size: 2 in the checkpoint, 4 now", "--lr: 0.0004 in the checkpoint, 0.001 now",
+                       "--max-train-samples: None in the checkpoint, 6 now", "train images: 8 in the checkpoint, 6 now"):
+        assert difference in proc.stderr
+    assert "resumed from" not in proc.stdout and sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(
+        p.name for p in (ref / "checkpoints").iterdir())
+
+
 def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes_exactly(reference, tmp_path, synthetic_dir):
     """Default --save-steps 0: SIGINT after a few steps of the first epoch still leaves a checkpoint at that step.
     (The interrupted part runs with the progress bar, whose loss display used to warn about requires_grad.)"""
