@@ -128,7 +128,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--max-val-samples", type=positive_int, default=None, help="use the first N validation images")
     d.add_argument("--label-mapping", default="auto", choices=["auto", "contiguous", "category_id"],
                    help="category id -> label: contiguous 0..N-1, or label = category id (COCO-style 91 classes); "
-                   "auto: category_id when the initial model's labels already are the data's categories")
+                   "auto: category_id when the initial model's labels already are the data's categories (the "
+                   "model then keeps all its labels, and its classifier, also for a subset of them)")
     d.add_argument("--skip-missing-images", action="store_true", help="leave out images whose file is missing")
     d.add_argument("--ignore-unknown-categories", action="store_true", help="drop annotations with unknown category ids")
     d.add_argument("--skip-empty-images", action="store_true", help="drop images without annotations (default: negatives)")
@@ -300,6 +301,10 @@ def build_data(args, initial_id2label):
             if as_ids is not None and as_ids.matches(initial_id2label):
                 mode = "category_id"
     label_map = build_label_map(categories, mode)
+    if mode == "category_id" and initial_id2label is not None and label_map.matches(initial_id2label):
+        # the model already has a label for every category at its id (e.g. a COCO model, fine-tuned on some of its
+        # classes): keep its label space, so its classifier rows are kept instead of a head of max id + 1 new rows
+        label_map = build_label_map(categories, mode, label_space=initial_id2label)
 
     if args.dataset_name:
         train = HFDetectionDataset(ds[args.train_split], train_tf, label_map, bbox_format=args.bbox_format,

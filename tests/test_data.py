@@ -78,6 +78,21 @@ def test_coco_dataset_targets_and_label_map(tmp_path):
     assert as_ids.label_map.label_to_category_id is None
 
 
+def test_category_id_label_map_in_a_model_label_space():
+    """`label_space`: a model's id2label naming every category at its id is kept whole (labels = category ids);
+    one that names a category otherwise is refused."""
+    cats = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}]
+    space = {0: "N/A", 1: "person", 2: "bicycle", 3: "Car", 4: "motorcycle"}
+    kept = build_label_map(cats, "category_id", label_space=space)
+    assert kept.id2label == {0: "N/A", 1: "person", 2: "bicycle", 3: "Car", 4: "motorcycle"}
+    assert kept.category_to_label == {1: 1, 3: 3} and kept.label_to_category_id is None
+    assert build_label_map(cats, "category_id").num_labels == 4
+    with pytest.raises(ValueError, match="must name every category at its id"):
+        build_label_map(cats, "category_id", label_space={1: "person", 3: "truck"})
+    with pytest.raises(ValueError, match="mode='category_id' only"):
+        build_label_map(cats, "contiguous", label_space=space)
+
+
 def _sixteen_bit_image(width=24, height=16):
     """A 16-bit grey image (PIL mode I;16): background 32768, an object at 8000 in the middle."""
     import numpy as np

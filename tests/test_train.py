@@ -301,6 +301,25 @@ def test_fine_tune_91_class_model_on_new_classes(tmp_path, synthetic_dir):
         same_model = train.build_model(coco_args, coco_map, config)
         assert torch.equal(same_model.class_embed.weight, coco_model.class_embed.weight)
 
+    # a COCO-id file with some of COCO's classes ("person" 1, "car" 3): the labels stay category ids and the model
+    # keeps its 91 labels and its trained classifier rows (a head of max id + 1 = 4 new rows before)
+    from PIL import Image
+
+    (tmp_path / "subset").mkdir()
+    Image.new("RGB", (64, 48)).save(tmp_path / "subset" / "a.png")
+    (tmp_path / "subset.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 48}],
+        "annotations": [{"id": 1, "image_id": 1, "bbox": [4, 4, 20, 20], "category_id": 3, "iscrowd": 0, "area": 400}],
+        "categories": [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}],
+    }))
+    subset_args = train.parse_args(["--model-name-or-path", str(tmp_path / "coco91"), "--train-images",
+                                    str(tmp_path / "subset"), "--train-annotations", str(tmp_path / "subset.json")])
+    train_set, _, subset_map, _ = train.build_data(subset_args, config.id2label)
+    assert subset_map.mode == "category_id" and subset_map.id2label == coco_model.config.id2label
+    assert train_set[0][1]["class_labels"].tolist() == [3]
+    subset_model = train.build_model(subset_args, subset_map, config)
+    assert torch.equal(subset_model.class_embed.weight, coco_model.class_embed.weight)
+
 
 def test_push_to_hub_is_wired(monkeypatch):
     """--push-to-hub REPO hands the final model, processor and metrics to hf_dino.hub (no network here)."""

@@ -73,12 +73,15 @@ class LabelMap:
 
     ``mode="contiguous"``: the N categories, sorted by id, become labels ``0..N-1`` (fine-tuning on N classes).
     ``mode="category_id"``: label = category id (DINO's COCO convention: 91 labels, unused ids named "N/A"), so a
-    converted COCO checkpoint is used as is.
+    converted COCO checkpoint is used as is. The labels are ``0..max id`` (the ids no category uses named "N/A"),
+    or ``label_space`` when given: a model's ``id2label`` that already names every category at its id (a COCO model
+    fine-tuned on some of its classes keeps its 91 labels, hence its trained classifier rows).
     """
 
     category_ids: list[int]
     category_names: list[str]
     mode: str = "contiguous"
+    label_space: Mapping[int, str] | None = None
     category_to_label: dict[int, int] = field(init=False)
     id2label: dict[int, str] = field(init=False)
 
@@ -88,11 +91,18 @@ class LabelMap:
             self.id2label = {i: n for i, n in enumerate(self.category_names)}
         elif self.mode == "category_id":
             self.category_to_label = {c: c for c in self.category_ids}
-            num = max(self.category_ids) + 1 if self.category_ids else 1
-            names = dict(zip(self.category_ids, self.category_names))
-            self.id2label = {i: names.get(i, "N/A") for i in range(num)}
+            if self.label_space is not None:
+                if not self.matches(self.label_space):
+                    raise ValueError("label_space must name every category at its id (see LabelMap.matches).")
+                self.id2label = {int(k): str(v) for k, v in sorted(self.label_space.items(), key=lambda kv: int(kv[0]))}
+            else:
+                num = max(self.category_ids) + 1 if self.category_ids else 1
+                names = dict(zip(self.category_ids, self.category_names))
+                self.id2label = {i: names.get(i, "N/A") for i in range(num)}
         else:
             raise ValueError(f"label map mode must be 'contiguous' or 'category_id', got {self.mode!r}")
+        if self.label_space is not None and self.mode != "category_id":
+            raise ValueError("label_space is for mode='category_id' only.")
 
     @property
     def num_labels(self) -> int:
@@ -121,14 +131,16 @@ class LabelMap:
         return True
 
 
-def build_label_map(categories: Iterable[Mapping[str, Any]], mode: str = "contiguous") -> LabelMap:
-    """A :class:`LabelMap` from COCO ``categories`` entries (``{"id", "name"}``)."""
+def build_label_map(
+    categories: Iterable[Mapping[str, Any]], mode: str = "contiguous", label_space: Mapping[int, str] | None = None
+) -> LabelMap:
+    """A :class:`LabelMap` from COCO ``categories`` entries (``{"id", "name"}``); ``label_space``: see `LabelMap`."""
     cats = sorted({int(c["id"]): str(c.get("name", c["id"])) for c in categories}.items())
     if not cats:
         raise ValueError("The data set defines no category.")
     if mode == "category_id" and cats[0][0] < 0:
         raise ValueError("mode='category_id' needs non-negative category ids.")
-    return LabelMap([c for c, _ in cats], [n for _, n in cats], mode=mode)
+    return LabelMap([c for c, _ in cats], [n for _, n in cats], mode=mode, label_space=label_space)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
