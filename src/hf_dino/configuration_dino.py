@@ -1,6 +1,5 @@
 """DINO (DETR with Improved deNoising anchOr boxes) model configuration."""
 
-from __future__ import annotations
 
 import os
 
@@ -119,9 +118,9 @@ class DinoConfig(PreTrainedConfig):
 
     backbone: str = "resnet50"
     use_pretrained_backbone: bool = False
-    backbone_weights: str | None = None
-    backbone_out_indices: list[int] | None = None
-    backbone_drop_path_rate: float = 0.2
+    backbone_weights: str | os.PathLike | None = None
+    backbone_out_indices: list[int] | tuple[int, ...] | None = None
+    backbone_drop_path_rate: float | int = 0.2
     num_channels: int = 3
     num_feature_levels: int = 4
     d_model: int = 256
@@ -134,23 +133,23 @@ class DinoConfig(PreTrainedConfig):
     encoder_n_points: int = 4
     decoder_n_points: int = 4
     activation_function: str = "relu"
-    dropout: float = 0.0
+    dropout: float | int = 0.0
     num_queries: int = 900
-    position_embedding_temperature: float = 20.0
+    position_embedding_temperature: float | int = 20.0
     num_denoising: int = 100
-    label_noise_ratio: float = 0.5
-    box_noise_scale: float = 1.0
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    class_cost: float = 2.0
-    bbox_cost: float = 5.0
-    giou_cost: float = 2.0
-    class_loss_coefficient: float = 1.0
-    bbox_loss_coefficient: float = 5.0
-    giou_loss_coefficient: float = 2.0
-    encoder_loss_coefficient: float = 1.0
+    label_noise_ratio: float | int = 0.5
+    box_noise_scale: float | int = 1.0
+    focal_alpha: float | int = 0.25
+    focal_gamma: float | int = 2.0
+    class_cost: float | int = 2.0
+    bbox_cost: float | int = 5.0
+    giou_cost: float | int = 2.0
+    class_loss_coefficient: float | int = 1.0
+    bbox_loss_coefficient: float | int = 5.0
+    giou_loss_coefficient: float | int = 2.0
+    encoder_loss_coefficient: float | int = 1.0
     auxiliary_loss: bool = True
-    init_std: float = 0.02
+    init_std: float | int = 0.02
     disable_custom_kernels: bool = False
     is_encoder_decoder: bool = True
 
@@ -164,7 +163,9 @@ class DinoConfig(PreTrainedConfig):
             self.backbone_weights = os.fspath(self.backbone_weights)  # a Path must still serialise
             self.use_pretrained_backbone = True
         if self.backbone_out_indices is None:
-            self.backbone_out_indices = list(range(max(0, 4 - (self.num_feature_levels - 1)), 4))
+            # the last stages, one level fewer than num_feature_levels (the extra one is a stride-2 convolution
+            # of the last stage), at least the last stage
+            self.backbone_out_indices = list(range(max(0, 4 - max(1, self.num_feature_levels - 1)), 4))
         else:
             self.backbone_out_indices = list(self.backbone_out_indices)
         super().__post_init__(**kwargs)
@@ -224,6 +225,26 @@ class DinoConfig(PreTrainedConfig):
             raise ValueError(f"activation_function must be relu, gelu or silu, got {self.activation_function!r}.")
         if self.num_labels is None or self.num_labels < 1:
             raise ValueError("The config needs at least one label (id2label / num_labels).")
+        if sorted(int(k) for k in self.id2label) != list(range(self.num_labels)):
+            keys = sorted(int(k) for k in self.id2label)
+            raise ValueError(
+                f"id2label must name the labels 0..{self.num_labels - 1} (the class indices the model predicts), got "
+                f"keys {keys[:8]}{' ...' if len(keys) > 8 else ''}: fill the unused ids with 'N/A' (as COCO_ID2LABEL "
+                "does for COCO's category ids) or number the labels 0..N-1."
+            )
+        for name in ("num_channels", "encoder_ffn_dim", "decoder_ffn_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        for name in ("dropout", "backbone_drop_path_rate", "focal_alpha"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
+        for name in ("init_std", "position_embedding_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        for name in ("box_noise_scale", "focal_gamma", "class_cost", "bbox_cost", "giou_cost", "class_loss_coefficient",
+                     "bbox_loss_coefficient", "giou_loss_coefficient", "encoder_loss_coefficient"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
 
 
 def compact_config(**overrides) -> DinoConfig:
