@@ -62,7 +62,8 @@ class DinoModelOutput(ModelOutput):
     denoising_hidden_states (`[B, L, N, D]`), denoising_pred_boxes (`[B, L, N, 4]`): the contrastive denoising
         queries' outputs (training with labels only).
     denoising_meta (`DenoisingMeta`): group layout of the denoising queries (see `denoising.py`).
-    encoder_hidden_states, decoder_hidden_states (`tuple`): per-layer states, when `output_hidden_states=True`.
+    encoder_hidden_states, decoder_hidden_states (`tuple`): per-layer states, when `output_hidden_states=True`
+        (`[B, S, D]` encoder tokens; `[B, Q, D]` decoder queries, the denoising queries left out as above).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -124,6 +125,29 @@ def _reject_output_attentions(output_attentions: bool | None) -> None:
         raise ValueError(
             "output_attentions=True is not supported: DINO's deformable attention samples a few points per query "
             "and never forms an attention matrix. Use output_hidden_states=True for per-layer states."
+        )
+
+
+def check_pixel_mask(pixel_mask: torch.Tensor) -> None:
+    """Raise a `ValueError` naming the images whose real pixels do not form a non-empty top-left rectangle.
+
+    `pixel_mask` `[B, H, W]`: 1 = real pixel, 0 = padding at the bottom / right (what the processor writes). The
+    valid ratios and the encoder's proposals measure each image from its first column and row, as the original does,
+    so an all-zero or inverted mask, or padding at the top / left (letterboxing), would give meaningless detections
+    without an error. One host synchronisation.
+    """
+    valid = pixel_mask.bool()
+    first_column, first_row = valid[:, :, 0], valid[:, 0, :]  # [B, H], [B, W]
+    ones_then_zeros = ((first_column[:, 1:] <= first_column[:, :-1]).all(1)
+                       & (first_row[:, 1:] <= first_row[:, :-1]).all(1))
+    rectangle = (valid == (first_column[:, :, None] & first_row[:, None, :])).flatten(1).all(1)
+    fine = valid[:, 0, 0] & ones_then_zeros & rectangle
+    if not bool(fine.all()):
+        images = (~fine).nonzero().flatten().tolist()
+        raise ValueError(
+            f"pixel_mask of image(s) {images[:5]}{' ...' if len(images) > 5 else ''}: the real pixels (1) must form a "
+            "non-empty rectangle at the top left, the padding (0) lying at the bottom and right, as DinoImageProcessor "
+            "pads (an all-zero, inverted or letterboxing mask gives meaningless detections)."
         )
 
 
@@ -777,6 +801,8 @@ class DinoModel(DinoPreTrainedModel):
             pixel_mask = torch.ones((b, h, w), dtype=torch.long, device=pixel_values.device)
         elif pixel_mask.shape != (b, h, w):
             raise ValueError(f"pixel_mask must be [batch, height, width] = {(b, h, w)}, got {tuple(pixel_mask.shape)}.")
+        elif not captures_graph():  # a data-dependent check: not in an exported graph
+            check_pixel_mask(pixel_mask)
         padding_mask = ~pixel_mask.bool()
         pixel_values = pixel_values.to(self.dtype)  # a bfloat16 / float16 model takes the processor's float32 output
 
@@ -845,7 +871,8 @@ class DinoModel(DinoPreTrainedModel):
             denoising_pred_boxes=boxes[:, :, :num_dn] if denoising is not None else None,
             denoising_meta=denoising.meta if denoising is not None else None,
             encoder_hidden_states=encoder_states,
-            decoder_hidden_states=decoder_states,
+            # the matching queries only, as every other decoder output (the denoising ones lead in training)
+            decoder_hidden_states=None if decoder_states is None else tuple(s[:, num_dn:] for s in decoder_states),
         )
         return output if return_dict else output.to_tuple()
 
