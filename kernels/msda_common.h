@@ -56,6 +56,24 @@ inline void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shap
   TORCH_CHECK(value.device() == sampling_locations.device() && value.device() == attention_weights.device() &&
                   value.device() == spatial_shapes.device() && value.device() == level_start_index.device(),
               "msda: all inputs must be on the same device");
+  // The levels must tile `value`'s tokens exactly: the loops index value rows by level_start_index and the level's
+  // (H, W), so a mismatch would read outside `value`. Checked where the shapes are host memory (the CPU kernel; the
+  // CUDA kernel, like the original's, trusts them rather than synchronising the device).
+  if (spatial_shapes.device().is_cpu()) {
+    const auto shapes = spatial_shapes.contiguous();
+    const auto starts = level_start_index.contiguous();
+    const int64_t* hw = shapes.data_ptr<int64_t>();
+    const int64_t* start = starts.data_ptr<int64_t>();
+    int64_t tokens = 0;
+    for (int64_t l = 0; l < levels; ++l) {
+      TORCH_CHECK(hw[2 * l] >= 0 && hw[2 * l + 1] >= 0, "msda: spatial_shapes must be non-negative, got ", shapes);
+      TORCH_CHECK(start[l] == tokens, "msda: level_start_index must be the running sum of the levels' H * W (",
+                  tokens, " for level ", l, "), got ", starts);
+      tokens += hw[2 * l] * hw[2 * l + 1];
+    }
+    TORCH_CHECK(tokens == value.size(1), "msda: spatial_shapes ", shapes, " give ", tokens,
+                " tokens, but value has ", value.size(1));
+  }
 }
 
 }  // namespace hf_dino_msda

@@ -228,6 +228,26 @@ def test_empty_batch_and_no_queries(cpu_extension):
             torch.testing.assert_close(grad, ref_grad)
 
 
+def test_levels_that_do_not_tile_value_are_refused(cpu_extension):
+    """The loops read `value` rows by `level_start_index` and each level's (H, W): shapes that need more tokens than
+    `value` has read past its end (a value stored just after a 46-token view came back as the output), and a wrong
+    `level_start_index` read the wrong rows. Both are refused now, forward and backward (the pure-PyTorch path
+    raises on the sizes too)."""
+    value, shapes, starts, locations, weights = make_inputs([(4, 5), (3, 3), (2, 3), (2, 2)], dtype=torch.float32)
+    assert value.shape[1] == 39
+    with pytest.raises(RuntimeError, match=r"give 39 tokens, but value has 38"):
+        K.ms_deform_attn(value[:, :38], shapes, starts, locations, weights)
+    with pytest.raises(RuntimeError, match=r"level_start_index must be the running sum .*\(29 for level 2\)"):
+        K.ms_deform_attn(value, shapes, torch.tensor([0, 20, 30, 35]), locations, weights)
+    with pytest.raises(RuntimeError, match=r"spatial_shapes must be non-negative"):
+        K.ms_deform_attn(value, torch.tensor([[4, 5], [3, 3], [2, 3], [-2, -2]]), starts, locations, weights)
+    grad = torch.ones(*locations.shape[:2], value.shape[2] * value.shape[3])
+    with pytest.raises(RuntimeError, match=r"give 39 tokens, but value has 38"):
+        torch.ops.hf_dino.ms_deform_attn_backward(value[:, :38], shapes, starts, locations, weights, grad)
+    with pytest.raises(RuntimeError):
+        da.multi_scale_deformable_attention_pytorch(value[:, :38], shapes, locations, weights)
+
+
 def test_non_contiguous_inputs(cpu_extension):
     value, shapes, starts, locations, weights = make_inputs(LEVEL_SETS["odd"], dtype=torch.float32, seed=7)
     # same values, non-contiguous memory: transposed storage and a strided slice

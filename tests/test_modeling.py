@@ -440,11 +440,43 @@ def test_images_without_objects_train():
         (dict(backbone_out_indices=[3, 1]), "backbone_out_indices"),
         (dict(num_queries=0), "num_queries"),
         (dict(label_noise_ratio=1.5), "label_noise_ratio"),
+        # used to fail deep in the model, or never: labels the model cannot name, values nn modules reject
+        (dict(id2label={1: "cat", 3: "dog"}), r"id2label must name the labels 0..1 .*got keys \[1, 3\].*'N/A'"),
+        (dict(dropout=1.5), r"dropout must be in \[0, 1\]"),
+        (dict(focal_alpha=2.0), r"focal_alpha must be in \[0, 1\]"),
+        (dict(init_std=-1.0), "init_std must be positive"),
+        (dict(encoder_ffn_dim=0), "encoder_ffn_dim must be positive"),
+        (dict(box_noise_scale=-0.5), "box_noise_scale must be >= 0"),
     ],
 )
 def test_bad_configs_raise_value_error(overrides, message):
     with pytest.raises(ValueError, match=message):
         DinoConfig(**overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides", [dict(num_queries=20.5), dict(num_queries="20"), dict(auxiliary_loss="no"), dict(dropout="0.1")]
+)
+def test_config_fields_are_type_checked(overrides):
+    """As transformers' own configs (huggingface_hub's strict dataclasses): the field types were strings under
+    `from __future__ import annotations`, so nothing was checked; `auxiliary_loss="no"` stayed truthy and a float
+    num_queries failed deep in torch. Ints where floats go, paths and tuples stay accepted."""
+    from huggingface_hub.errors import StrictDataclassFieldValidationError
+
+    field = next(iter(overrides))
+    with pytest.raises(StrictDataclassFieldValidationError, match=f"Field '{field}' expected"):
+        DinoConfig(**overrides)
+    from pathlib import Path
+
+    config = DinoConfig(dropout=0, focal_alpha=1, backbone_weights=Path("weights.pth"), backbone_out_indices=(1, 2, 3))
+    assert config.backbone_weights == "weights.pth" and config.backbone_out_indices == [1, 2, 3]
+
+
+def test_one_feature_level_defaults_to_the_last_stage():
+    """`num_feature_levels=1` gave no stage at all ("backbone_out_indices ... got []"); it is the last one now, and
+    every other level count keeps its stages (4 levels: C3-C5 + one more; 5 levels: C2-C5 + one more)."""
+    assert [DinoConfig(num_feature_levels=n).backbone_out_indices for n in (1, 2, 3, 4, 5, 6)] == [
+        [3], [3], [2, 3], [1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3]]
 
 
 def test_compact_config():
@@ -520,6 +552,44 @@ def test_labels_in_pixels_or_outside_the_image_are_rejected(tiny_model):
     pixels = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[60.0, 40.0, 30.0, 20.0]])}] * 2
     with pytest.raises(ValueError, match=r"labels\[0\]\['boxes'\] has values outside \[0, 1\].*\(cx, cy, w, h\)"):
         tiny_model(x, labels=pixels)
+
+
+def test_pixel_masks_the_model_cannot_read_are_rejected(tiny_model):
+    """The valid ratios and the encoder proposals measure each image from its first row and column: an all-zero or
+    inverted mask, or padding at the top / left, used to give meaningless boxes (all ~[1, 1, 1, 1] for an all-zero
+    mask) without an error. A bottom/right padded mask, as the processor writes, and no mask still run."""
+    x = images(15)
+    padded = torch.zeros(2, 96, 128, dtype=torch.long)
+    padded[0] = 1
+    padded[1, :64, :100] = 1
+    letterbox = torch.zeros(2, 96, 128, dtype=torch.long)
+    letterbox[:, 16:80] = 1
+    with torch.no_grad():
+        for mask, bad in ((torch.zeros(2, 96, 128), "[0, 1]"), (1 - padded, "[0, 1]"), (letterbox, "[0, 1]")):
+            with pytest.raises(ValueError, match=rf"pixel_mask of image\(s\) {re.escape(bad)}: .*top left"):
+                tiny_model(x, pixel_mask=mask)
+        one_bad = padded.clone()
+        one_bad[1, 5, 5] = 0  # a hole inside the image
+        with pytest.raises(ValueError, match=r"pixel_mask of image\(s\) \[1\]"):
+            tiny_model(x, pixel_mask=one_bad)
+        tiny_model(x, pixel_mask=padded)
+        tiny_model(x, pixel_mask=padded.bool())
+        tiny_model(x)
+
+
+def test_decoder_hidden_states_are_the_matching_queries_in_training():
+    """In training with labels the denoising queries lead the decoder's queries; every decoder output left them out
+    but `decoder_hidden_states` ([B, 50, D] instead of [B, 30, D] here, query q at index q + 20). Each layer's state,
+    after the decoder's LayerNorm, must be that layer's `intermediate_hidden_states` (the same queries)."""
+    torch.manual_seed(0)
+    model = DinoModel(tiny_config()).train()
+    labels = [{"class_labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])}] * 2
+    out = model(images(16), labels=labels, output_hidden_states=True)
+    assert out.denoising_hidden_states is not None and out.denoising_hidden_states.shape[2] > 0
+    states = out.decoder_hidden_states
+    assert len(states) == 3 and all(state.shape == (2, 30, 64) for state in states)
+    for layer in range(2):
+        torch.testing.assert_close(model.decoder.layer_norm(states[layer + 1]), out.intermediate_hidden_states[:, layer])
 
 
 def test_labels_are_validated_once_per_training_forward(monkeypatch):
