@@ -212,6 +212,15 @@ def test_post_process_accepts_numpy(exported):
             assert torch.equal(a[key], b[key])
 
 
+def test_detector_refuses_a_mask_the_model_refuses(exported):
+    """The graph does not check `pixel_mask` (a data-dependent check cannot be exported); the detector does, as the
+    PyTorch model: an all-zero mask gave meaningless boxes without an error."""
+    detector = exported[2]
+    pixel_values = np.zeros((1, 3, 64, 96), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"pixel_mask of image\(s\) \[0\]"):
+        detector.forward(pixel_values, np.zeros((1, 64, 96), dtype=np.int64))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Swin and 5 scales, dynamic shapes: a tiny Swin (4 stages of 2 blocks, so every stage has a shifted-window block)
 # with 5 feature levels, exported once; the same file at other sizes (window multiples, maps smaller than one window)
@@ -246,7 +255,8 @@ def test_tiny_swin_5scale_any_size_and_batch(tiny_swin_5scale, size):
     for batch in (1, 3):
         pixel_values = torch.randn(batch, 3, *size)
         pixel_mask = torch.ones(batch, *size, dtype=torch.long)
-        pixel_mask[-1, size[0] - 40:, size[1] - 30:] = 0  # the last image padded at the bottom right
+        pixel_mask[-1, size[0] - 40:] = 0  # the last image padded at the bottom and right, as the processor pads
+        pixel_mask[-1, :, size[1] - 30:] = 0
         scores, selection, logits, boxes = pytorch_scores_and_selection(model, pixel_values, pixel_mask)
         out = detector.forward(pixel_values, pixel_mask)
         check_rule(f"tiny Swin 5-scale {size} batch {batch}", out, scores, selection, logits, boxes, model,
@@ -275,7 +285,8 @@ def test_tiny_resnet_5scale_any_size_and_batch(tmp_path):
         for batch in (1, 2):
             pixel_values = torch.randn(batch, 3, *size)
             pixel_mask = torch.ones(batch, *size, dtype=torch.long)
-            pixel_mask[-1, size[0] - 30:, size[1] - 20:] = 0
+            pixel_mask[-1, size[0] - 30:] = 0  # the last image padded at the bottom and right, as the processor does
+            pixel_mask[-1, :, size[1] - 20:] = 0
             scores, selection, logits, boxes = pytorch_scores_and_selection(model, pixel_values, pixel_mask)
             check_rule(f"tiny ResNet 5-scale {size} batch {batch}", detector.forward(pixel_values, pixel_mask), scores,
                        selection, logits, boxes, model, pixel_values, pixel_mask)

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from .deformable_attention import multi_scale_deformable_attention_pytorch
-from .modeling_dino import DinoForObjectDetection, DinoMultiscaleDeformableAttention
+from .modeling_dino import DinoForObjectDetection, DinoMultiscaleDeformableAttention, check_pixel_mask
 
 __all__ = [
     "MIN_EXPORTER_OPSET",
@@ -292,6 +292,7 @@ class DinoOnnxDetector:
         if pixel_mask is None:
             pixel_mask = np.ones((pixel_values.shape[0], *pixel_values.shape[2:]), dtype=np.int64)
         pixel_mask = np.ascontiguousarray(_to_numpy(pixel_mask), dtype=np.int64)
+        check_pixel_mask(torch.from_numpy(pixel_mask))  # as the PyTorch model (the graph does not check it)
         outputs = self.session.run(list(OUTPUT_NAMES), {"pixel_values": pixel_values, "pixel_mask": pixel_mask})
         return dict(zip(OUTPUT_NAMES, outputs))
 
