@@ -225,8 +225,8 @@ class DinoConfig(PreTrainedConfig):
             raise ValueError(f"activation_function must be relu, gelu or silu, got {self.activation_function!r}.")
         if self.num_labels is None or self.num_labels < 1:
             raise ValueError("The config needs at least one label (id2label / num_labels).")
-        if sorted(int(k) for k in self.id2label) != list(range(self.num_labels)):
-            keys = sorted(int(k) for k in self.id2label)
+        keys = sorted(int(k) for k in self.id2label)
+        if keys != list(range(self.num_labels)):
             raise ValueError(
                 f"id2label must name the labels 0..{self.num_labels - 1} (the class indices the model predicts), got "
                 f"keys {keys[:8]}{' ...' if len(keys) > 8 else ''}: fill the unused ids with 'N/A' (as COCO_ID2LABEL "
