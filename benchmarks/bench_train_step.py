@@ -2,7 +2,9 @@
 
 A step is: forward (ours: with contrastive denoising queries), loss, backward, AdamW step, on 2 real COCO-MINI train
 images (the first two of ../shared/data/coco-mini/train2017 with annotations) preprocessed by ``DinoImageProcessor``
-at the paper's training size (shorter side 800, longer side at most 1333), batch 2. The peer is
+at the paper's training size (shorter side 800, longer side at most 1333), batch 2. Both are landscape photos, so
+their canvas has 1 % padding; ``--batch mixed`` takes the first landscape and the first portrait image instead (a
+third of the canvas is padding, as in a training batch of differently shaped photos). The peer is
 ``DeformableDetrForObjectDetection`` sized like DINO (two-stage, box refinement, 900 queries, FFN 2048) with its own
 loss on the same batch. Randomly initialised weights (nothing is downloaded).
 
@@ -19,7 +21,7 @@ glibc keeping freed memory for reuse instead (``REUSE_FREED_MEMORY``: ``MALLOC_M
 ``MALLOC_TRIM_THRESHOLD_`` at 16 GiB), interleaved with the default runs: the README's CPU-training recipe.
 
     python benchmarks/bench_train_step.py [--threads 2] [--repeats 2] [--steps 2] [--gradient-checkpointing]
-                                          [--reuse-freed-memory]
+                                          [--reuse-freed-memory] [--batch {first,mixed}]
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ CANDIDATES = ("hf_dino", "transformers DeformableDetr")
 REUSE_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(16 * 2**30), "MALLOC_TRIM_THRESHOLD_": str(16 * 2**30)}
 
 
-def coco_batch(num_images: int = 2):
-    """Pixel values, mask and DINO-style labels of the first `num_images` annotated COCO-MINI train images."""
+def coco_batch(batch: str = "first"):
+    """Pixel values, mask and DINO-style labels of two annotated COCO-MINI train images: the first two (`first`), or
+    the first landscape and the first portrait one (`mixed`)."""
     from PIL import Image
 
     from hf_dino import DinoImageProcessor
@@ -52,7 +55,11 @@ def coco_batch(num_images: int = 2):
     for ann in data["annotations"]:
         if not ann.get("iscrowd", 0):
             by_image.setdefault(ann["image_id"], []).append(ann)
-    images = [img for img in sorted(data["images"], key=lambda i: i["id"]) if img["id"] in by_image][:num_images]
+    images = [img for img in sorted(data["images"], key=lambda i: i["id"]) if img["id"] in by_image]
+    if batch == "mixed":
+        images = [next(img for img in images if img["width"] > img["height"]),
+                  next(img for img in images if img["width"] < img["height"])]
+    images = images[:2]
     pil = [Image.open(COCO_MINI / "train2017" / img["file_name"]).convert("RGB") for img in images]
     targets = [{"image_id": img["id"], "annotations": by_image[img["id"]]} for img in images]
     return DinoImageProcessor()(images=pil, annotations=targets, return_tensors="pt")
@@ -75,11 +82,11 @@ def build(name: str, gradient_checkpointing: bool):
     return model.train()
 
 
-def worker(name: str, steps: int, threads: int, gradient_checkpointing: bool) -> dict:
+def worker(name: str, steps: int, threads: int, gradient_checkpointing: bool, batch: str) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    inputs = coco_batch()
+    inputs = coco_batch(batch)
     model = build(name, gradient_checkpointing)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4)
     labels = [{"class_labels": t["class_labels"], "boxes": t["boxes"]} for t in inputs["labels"]]
@@ -104,6 +111,7 @@ def worker(name: str, steps: int, threads: int, gradient_checkpointing: bool) ->
             record["optimizer"].append(end - backward)
     record["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GB
     record["image_size"] = list(inputs["pixel_values"].shape)
+    record["padding"] = 1 - inputs["pixel_mask"].float().mean().item()
     return record
 
 
@@ -115,11 +123,13 @@ def main() -> int:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="also measure ours with checkpointing")
     parser.add_argument("--reuse-freed-memory", action="store_true",
                         help="also measure both candidates with glibc keeping freed memory for reuse")
+    parser.add_argument("--batch", choices=("first", "mixed"), default="first",
+                        help="the first two images, or a landscape and a portrait one (a third of the canvas padded)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.threads, args.checkpointing_worker)))
+        print(json.dumps(worker(args.worker, args.steps, args.threads, args.checkpointing_worker, args.batch)))
         return 0
     if not (COCO_MINI / "annotations" / "instances_train2017.json").exists():
         print(f"COCO-MINI not found at {COCO_MINI}")
@@ -137,13 +147,13 @@ def main() -> int:
         print("note: MALLOC_* settings of this shell apply to every run: " +
               " ".join(f"{key}={env[key]}" for key in REUSE_FREED_MEMORY if key in env))
     results: dict[str, dict[str, list]] = {labels[r]: {} for r in runs}
-    print(f"threads={args.threads}, batch 2 COCO-MINI train images, {args.repeats} processes x {args.steps} steps "
+    print(f"threads={args.threads}, batch 2 COCO-MINI train images ({args.batch}), {args.repeats} processes x {args.steps} steps "
           f"per candidate, interleaved; load average {os.getloadavg()[0]:.1f} at start")
     for _ in range(args.repeats):
         for run in runs:
             name, checkpointing, reuse = run
             command = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps),
-                       "--threads", str(args.threads)] + (["--checkpointing-worker"] if checkpointing else [])
+                       "--threads", str(args.threads), "--batch", args.batch] + (["--checkpointing-worker"] if checkpointing else [])
             proc = subprocess.run(command, env={**env, **REUSE_FREED_MEMORY} if reuse else env,
                                   capture_output=True, text=True)
             if proc.returncode != 0:  # e.g. out of memory: say so, keep the other candidates' figures
@@ -155,11 +165,12 @@ def main() -> int:
                   flush=True)
             target = results[labels[run]]
             for key, value in record.items():
-                if key == "image_size":
-                    target["image_size"] = value
+                if key in ("image_size", "padding"):
+                    target[key] = value
                 else:
                     target.setdefault(key, []).extend(value if isinstance(value, list) else [value])
-    print(f"image batch {results['hf_dino'].get('image_size')}; load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"image batch {results['hf_dino'].get('image_size')}, "
+          f"{100 * results['hf_dino'].get('padding', float('nan')):.0f} % padding; load average {os.getloadavg()[0]:.1f} at the end")
     medians = {run: (statistics.median(results[labels[run]]["step"]), max(results[labels[run]]["peak_rss_gb"]))
                for run in runs if results[labels[run]]}
     nan = (float("nan"), float("nan"))

@@ -704,6 +704,105 @@ def test_encoder_feed_forward_in_chunks_is_the_plain_block(activation):
         assert (grad - expected_grad).abs().max() < 1e-5 * expected_grad.abs().max(), name
 
 
+def test_encoder_feed_forward_skips_padding_tokens():
+    """In training, with a padding mask, only the tokens that are not padding go through the encoder's feed-forward
+    block: their rows and every gradient are the plain block's on them (float64 recomputation), the padding rows are
+    zeros, and the block never sees a padding token. In eval mode every token goes through (as in the original)."""
+    import copy
+
+    from conftest import tiny_model as build_tiny_model
+    from hf_dino.modeling_dino import ENCODER_FFN_CHUNK_TOKENS
+
+    layer = build_tiny_model().model.encoder.layers[0].train()
+    hidden = torch.randn(2, ENCODER_FFN_CHUNK_TOKENS + 700, layer.linear1.in_features)
+    padding_mask = torch.zeros(hidden.shape[:2], dtype=torch.bool)
+    padding_mask[0, 900:] = True  # image 0 pads more than half its tokens, image 1 its last 100
+    padding_mask[1, -100:] = True
+    valid = ~padding_mask
+    reference = copy.deepcopy(layer).double()
+    reference_input = hidden.double().requires_grad_()
+    expected = reference.feed_forward_block(reference_input[valid])
+    upstream = torch.randn(hidden.shape, dtype=torch.float64)
+    expected.backward(upstream[valid])
+
+    rows_seen = []
+    original_apply = type(layer).feed_forward_in_chunks
+
+    def counting(self, tokens):
+        rows_seen.append(tokens.shape[0])
+        return original_apply(self, tokens)
+
+    trained_input = hidden.clone().requires_grad_()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(layer), "feed_forward_in_chunks", counting)
+        output = layer.feed_forward(trained_input, padding_mask)
+    assert rows_seen == [int(valid.sum())]
+    assert (output[valid].double() - expected.detach()).abs().max() < 1e-5
+    assert not output[padding_mask].any()
+    output.backward(upstream.float())
+    assert (trained_input.grad.double() - reference_input.grad).abs().max() < 1e-5
+    assert not trained_input.grad[padding_mask].any()
+    for name in ("linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"):
+        grad, expected_grad = layer.get_parameter(name).grad.double(), reference.get_parameter(name).grad
+        assert (grad - expected_grad).abs().max() < 1e-5 * expected_grad.abs().max(), name
+
+    layer.eval()
+    with torch.no_grad():
+        expected_all = reference.feed_forward_block(hidden.double())
+        assert (layer.feed_forward(hidden, padding_mask).double() - expected_all).abs().max() < 1e-5
+
+
+def test_skipping_padding_tokens_changes_no_output_or_gradient():
+    """A batch of two differently sized images (the smaller one padded), in training with denoising queries: the
+    encoder feed-forward that skips padding tokens gives the plain run's loss, logits, boxes, encoder memory on the
+    tokens that are not padding, and parameter gradients (float64; a no-op forward hook on every `linear1` makes the
+    plain run, see `feed_forward`)."""
+    from conftest import tiny_model as build_tiny_model
+    from hf_dino.modeling_dino import ENCODER_FFN_CHUNK_TOKENS
+
+    model = build_tiny_model(num_denoising=10, encoder_layers=2).double().train()
+    pixel_values = torch.randn(2, 3, 256, 320, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    pixel_mask = torch.ones(2, 256, 320, dtype=torch.long)
+    pixel_mask[1, 160:] = 0
+    pixel_mask[1, :, 200:] = 0
+    labels = [
+        {"class_labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
+        {"class_labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
+    ]
+    layers = model.model.encoder.layers
+    # the padding tokens of the four levels (strides 8 to 64), as the model reads them from the pixel mask
+    token_padding = torch.cat([
+        torch.nn.functional.interpolate(pixel_mask[None].double(), size=(256 // s, 320 // s))[0].flatten(1) == 0
+        for s in (8, 16, 32, 64)
+    ], 1)
+    assert token_padding.numel() > ENCODER_FFN_CHUNK_TOKENS and token_padding[1].float().mean() > 0.5
+
+    def run(plain: bool):
+        handles = [layer.linear1.register_forward_hook(lambda *args: None) for layer in layers] if plain else []
+        try:
+            model.zero_grad()
+            torch.manual_seed(1)  # the same denoising noise in both runs
+            outputs = model(pixel_values, pixel_mask=pixel_mask, labels=labels, output_hidden_states=True)
+            outputs.loss.backward()
+        finally:
+            for handle in handles:
+                handle.remove()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        return outputs, grads
+
+    skipping, skipping_grads = run(plain=False)
+    plain, plain_grads = run(plain=True)
+    assert torch.allclose(skipping.loss, plain.loss, rtol=1e-10, atol=0)
+    for name in ("logits", "pred_boxes"):
+        assert torch.allclose(getattr(skipping, name), getattr(plain, name), rtol=1e-9, atol=1e-10), name
+    # only the padding rows of the encoder memory differ (nothing reads them)
+    differs = (skipping.encoder_last_hidden_state - plain.encoder_last_hidden_state).abs().amax(-1) > 1e-9
+    assert torch.equal(differs, token_padding)
+    assert skipping_grads.keys() == plain_grads.keys() and len(skipping_grads) > 50
+    for name, grad in plain_grads.items():
+        assert torch.allclose(skipping_grads[name], grad, rtol=1e-8, atol=1e-12), name
+
+
 class ScaledLinear(torch.nn.Module):
     """An adapter-style wrapper of a linear layer (as PEFT's LoRA layers): its output is the base layer's plus a
     trainable change, and it exposes the base layer's `weight` and `bias` as attributes of its own."""

@@ -386,12 +386,21 @@ class DinoEncoderLayer(GradientCheckpointingLayer):
             spatial_shapes_list, level_start_index,
         )
         hidden_states = self.norm1(hidden_states + self.dropout(attended))
-        return self.norm2(hidden_states + self.dropout(self.feed_forward(hidden_states)))
+        return self.norm2(hidden_states + self.dropout(self.feed_forward(hidden_states, padding_mask)))
 
-    def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """`linear2(dropout(activation(linear1(x))))`, `[B, S, D]` -> `[B, S, D]`, each token on its own.
+    def feed_forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`linear2(dropout(activation(linear1(x))))`, `[B, S, D]` -> `[B, S, D]`, each token on its own;
+        padding_mask `[B, S]` (True = padding) or None.
 
-        On the CPU, in eager mode, the tokens go through in chunks of `ENCODER_FFN_CHUNK_TOKENS`. The whole
+        In training, on the CPU, in eager mode, only the tokens that are not padding go through the block; the
+        padding tokens' rows of the result are zeros. Nothing reads a padding token's encoder state: the next layer's
+        value projection and the query selection zero it, and the decoder's cross-attention masks it. So the loss,
+        every gradient and every output but those rows are the same, and a batch of differently sized images (a
+        portrait next to a landscape photo pads a third of the canvas) skips that share of the encoder's largest
+        products. Only the padding rows of `encoder_last_hidden_state` and of the encoder's hidden states differ from
+        the original's; in eval mode they are computed as the original does (the parity fixtures check them).
+
+        The tokens go through in chunks of `ENCODER_FFN_CHUNK_TOKENS`. The whole
         `[B * S, ffn_dim]` intermediate (330 MB per layer for two 800x1213 images) would be freshly mapped and written
         to memory at every layer, and in training kept for the backward pass (2 GB over six layers); a chunk's (8 MB)
         is reused by the allocator and stays in cache. Under autograd the intermediate is not kept: the backward pass
@@ -407,20 +416,27 @@ class DinoEncoderLayer(GradientCheckpointingLayer):
         if (captures_graph() or tokens.device.type != "cpu" or tokens.shape[0] <= ENCODER_FFN_CHUNK_TOKENS
                 or has_hooks(modules)):
             return self.feed_forward_block(tokens).view_as(hidden_states)
+        kept = None if padding_mask is None or not self.training else (~padding_mask).reshape(-1).nonzero().squeeze(1)
+        if kept is not None and kept.numel() < tokens.shape[0]:
+            output = self.feed_forward_in_chunks(tokens.index_select(0, kept))
+            return tokens.new_zeros(tokens.shape).index_copy(0, kept, output).view_as(hidden_states)
+        return self.feed_forward_in_chunks(tokens).view_as(hidden_states)
+
+    def feed_forward_in_chunks(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The feed-forward block on a token matrix, `[tokens, D]` -> `[tokens, D]`, `ENCODER_FFN_CHUNK_TOKENS` at a
+        time (see `feed_forward`)."""
+        modules = (self.linear1, self.activation, self.dropout, self.linear2)
         plain = [type(module) for module in modules] == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
         dropout_acts = self.training and self.dropout.p > 0
         if plain and not dropout_acts and not torch.is_autocast_enabled("cpu"):
-            output = DinoReluFeedForwardInChunks.apply(
+            return DinoReluFeedForwardInChunks.apply(
                 tokens, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
                 ENCODER_FFN_CHUNK_TOKENS,
             )
-            return output.view_as(hidden_states)
-        tokens = tokens.split(ENCODER_FFN_CHUNK_TOKENS)
+        chunks = tokens.split(ENCODER_FFN_CHUNK_TOKENS)
         if torch.is_grad_enabled():
-            outputs = [checkpoint(self.feed_forward_block, chunk, use_reentrant=False) for chunk in tokens]
-        else:
-            outputs = [self.feed_forward_block(chunk) for chunk in tokens]
-        return torch.cat(outputs).view_as(hidden_states)
+            return torch.cat([checkpoint(self.feed_forward_block, chunk, use_reentrant=False) for chunk in chunks])
+        return torch.cat([self.feed_forward_block(chunk) for chunk in chunks])
 
     def feed_forward_block(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The plain feed-forward block on a token matrix, `[tokens, D]` -> `[tokens, D]`."""
