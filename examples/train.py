@@ -23,7 +23,8 @@ an MPI hostfile.
 
 The recipe follows the paper: random horizontal flip + random resize (shorter side 480..800 step 32, longer
 <= 1333) or resize-crop-resize (`--image-scale` scales every size), AdamW (lr 1e-4, backbone 1e-5, weight decay
-1e-4, sampling-offset/reference-point projections at 0.1x lr), step LR drop (`--lr-drop`, epochs), gradient
+1e-4: the original's parameter groups; `--lr-linear-proj-mult 0.1` trains the sampling offsets at 0.1x lr, Deformable
+DETR's recipe), step LR drop (`--lr-drop`, epochs), gradient
 clipping 0.1, optional EMA (`--ema`). Mixed precision, gradient accumulation and multi-process training come from
 `accelerate`.
 
@@ -167,7 +168,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     o.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
     o.add_argument("--lr", type=float, default=None)
     o.add_argument("--lr-backbone", type=float, default=None, help="backbone lr (<= 0 freezes the backbone)")
-    o.add_argument("--lr-linear-proj-mult", type=float, default=0.1)
+    o.add_argument("--lr-linear-proj-mult", type=float, default=1.0,
+                   help="lr multiplier of the sampling-offset projections (1: the original DINO's recipe; 0.1: "
+                        "Deformable DETR's, the original's ddetr_in_mmdet option)")
     o.add_argument("--weight-decay", type=float, default=None)
     o.add_argument("--lr-drop", type=int, nargs="*", default=None, help="epochs after which the lr is multiplied by 0.1")
     o.add_argument("--clip-max-norm", type=float, default=0.1)

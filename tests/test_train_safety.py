@@ -24,6 +24,7 @@ from hf_dino.training import (
     CheckpointError,
     capture_rng_state,
     drop_unreadable_images,
+    find_unreadable_images,
     load_checkpoint,
     restore_rng_state,
 )
@@ -258,6 +259,24 @@ def test_truncated_images_are_found_before_training(tmp_path):
     assert "train.py: data error: 3 of the 5 training images cannot be read" in proc.stderr
 
 
+def test_images_with_data_after_their_end_marker_are_readable(tmp_path):
+    """Data after a JPEG's / PNG's end marker (camera padding, a phone's motion-photo video) does not make an image
+    unreadable: PIL decodes it, so the check decodes such a file instead of calling it truncated."""
+    from hf_dino.data import CocoDetectionDataset
+    from hf_dino.training import _check_image_bytes
+
+    images, annotations = _coco_folder(tmp_path, ["a.jpg", "b.png"])
+    for name in ("a.jpg", "b.png"):
+        path = images / name
+        path.write_bytes(path.read_bytes() + b"\0" * 64)
+        with Image.open(path) as image:
+            image.load()  # PIL reads it
+        assert _check_image_bytes(path.read_bytes()) is None
+    dataset = CocoDetectionDataset(images, annotations)
+    assert find_unreadable_images(dataset) == []
+    assert len(drop_unreadable_images(dataset, "training", skip=False)) == 2
+
+
 def test_truncated_images_of_a_datasets_dataset_are_found_from_their_bytes(tmp_path):
     import datasets
 
@@ -272,7 +291,7 @@ def test_truncated_images_of_a_datasets_dataset_are_found_from_their_bytes(tmp_p
                     "category": datasets.Sequence(datasets.ClassLabel(names=["thing"]))},
     })
     rows = [{"image": {"bytes": data, "path": None}, "objects": {"bbox": [[2, 3, 10, 12]], "category": [0]}}
-            for data in (good.getvalue(), broken.getvalue()[:-20], good.getvalue())]
+            for data in (good.getvalue(), broken.getvalue()[: len(broken.getvalue()) * 2 // 3], good.getvalue())]
     dataset = HFDetectionDataset(datasets.Dataset.from_list(rows, features=features))
     with pytest.raises(ValueError, match=r"1 of the 3 training images cannot be read \(row 1: truncated PNG"):
         drop_unreadable_images(dataset, "training", skip=False)

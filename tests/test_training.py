@@ -46,10 +46,19 @@ def test_param_groups_match_the_original_recipe():
     from hf_dino import DinoForObjectDetection
 
     model = DinoForObjectDetection(compact_config(id2label={0: "a"}))
+    names = {id(p): n for n, p in model.named_parameters()}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    # the original's `get_param_dict` (option "default"): the backbone at lr_backbone, everything else at lr
     groups = {g["name"]: g for g in get_param_groups(model, lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4)}
+    assert groups.keys() == {"default", "backbone"}
+    assert sorted(names[id(p)] for p in groups["backbone"]["params"]) == sorted(n for n in trainable if "backbone" in n)
+    assert sorted(names[id(p)] for p in groups["default"]["params"]) == sorted(n for n in trainable if "backbone" not in n)
+    assert groups["backbone"]["lr"] == 1e-5 and groups["default"]["lr"] == 1e-4
+    # Deformable DETR's recipe (the original's "ddetr_in_mmdet"): the sampling offsets at lr * multiplier
+    groups = {g["name"]: g for g in get_param_groups(model, lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4,
+                                                     linear_proj_lr_multiplier=0.1)}
     assert groups["backbone"]["lr"] == 1e-5 and groups["linear_proj"]["lr"] == pytest.approx(1e-5)
     assert groups["default"]["lr"] == 1e-4 and all(g["weight_decay"] == 1e-4 for g in groups.values())
-    names = {id(p): n for n, p in model.named_parameters()}
     assert all("backbone." in names[id(p)] for p in groups["backbone"]["params"])
     proj = [names[id(p)] for p in groups["linear_proj"]["params"]]
     assert proj and all("sampling_offsets" in n or "reference_points" in n for n in proj)

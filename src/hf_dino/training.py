@@ -98,15 +98,19 @@ def get_param_groups(
     lr: float = 1e-4,
     lr_backbone: float = 1e-5,
     weight_decay: float = 1e-4,
-    linear_proj_lr_multiplier: float = 0.1,
+    linear_proj_lr_multiplier: float = 1.0,
     backbone_names: Sequence[str] = BACKBONE_NAMES,
     linear_proj_names: Sequence[str] = LINEAR_PROJ_NAMES,
 ) -> list[dict[str, Any]]:
-    """AdamW parameter groups of the original DINO (``get_param_dict``, option ``default``):
+    """AdamW parameter groups of the original DINO (``get_param_dict``, option ``default``, the one of its
+    configs and released runs):
 
     * everything else at ``lr``;
-    * backbone parameters (name contains ``"backbone."``) at ``lr_backbone`` (``<= 0`` freezes them);
-    * sampling-offset and reference-point projections at ``lr * linear_proj_lr_multiplier``.
+    * backbone parameters (name contains ``"backbone."``) at ``lr_backbone`` (``<= 0`` freezes them).
+
+    A ``linear_proj_lr_multiplier`` other than 1 adds a third group, the sampling-offset and reference-point
+    projections at ``lr * linear_proj_lr_multiplier``: the original's ``ddetr_in_mmdet`` option (with its configs'
+    ``lr_linear_proj_mult = 0.1``), Deformable DETR's recipe.
 
     All groups use ``weight_decay``. Parameters with ``requires_grad=False`` are left out. Each group carries a
     ``"name"`` key (``"default"``, ``"backbone"``, ``"linear_proj"``); empty groups are dropped.
@@ -120,7 +124,7 @@ def get_param_groups(
                 param.requires_grad_(False)
                 continue
             groups["backbone"].append(param)
-        elif _matches(name, linear_proj_names):
+        elif linear_proj_lr_multiplier != 1 and _matches(name, linear_proj_names):
             groups["linear_proj"].append(param)
         else:
             groups["default"].append(param)
@@ -138,10 +142,11 @@ def get_param_groups(
 
 
 class ModelEMA:
-    """Exponential moving average of a model's parameters and buffers (the original ``ModelEma``).
+    """Exponential moving average of a model's parameters and buffers: the original's ``ModelEma``, plus a warm-up.
 
-    ``decay`` is warmed up as ``min(decay, (1 + n) / (10 + n))`` over the ``n`` updates so far, so short runs are
-    not dominated by the initial weights. ``module`` is a frozen copy in eval mode; evaluate or save it directly.
+    With ``warmup=True`` (the default) the decay is ``min(decay, (1 + n) / (10 + n))`` over the ``n`` updates so
+    far, so short runs are not dominated by the initial weights (timm's and TensorFlow's rule; at the default
+    0.9997 it reaches ``decay`` after about 30000 updates). ``warmup=False`` is the original's constant decay. ``module`` is a frozen copy in eval mode; evaluate or save it directly.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9997, warmup: bool = True):
@@ -568,26 +573,38 @@ _PNG_END = b"IEND\xaeB`\x82"
 
 
 def _check_image_ends(head: bytes, tail: bytes) -> str | None:
-    """JPEG / PNG structure from the first 8 and last 16 bytes: a reason, ``None`` when intact, ``...`` when the
-    format is neither (decode it to know)."""
+    """From a file's first 8 and last 16 bytes: ``None`` for a JPEG / PNG that ends with its end marker, else what
+    a decoding error would mean ("truncated JPEG ...", or ``""`` for another format)."""
     if head[:3] == b"\xff\xd8\xff":
         return None if _JPEG_END in tail else "truncated JPEG (no end-of-image marker)"
     if head == b"\x89PNG\r\n\x1a\n":
         return None if tail.endswith(_PNG_END) else "truncated PNG (no IEND chunk)"
-    return ...
+    return ""
+
+
+def _decode_error(image_file, suspicion: str) -> str | None:
+    """Why PIL cannot decode the image (a path or a binary file object), after `suspicion` if any, or ``None``."""
+    from PIL import Image
+
+    try:
+        with Image.open(image_file) as image:
+            image.load()
+    except (OSError, ValueError, SyntaxError) as error:  # PIL raises these for unreadable images
+        reason = str(error) or type(error).__name__
+        return f"{suspicion}: {reason}" if suspicion else reason
+    return None
 
 
 def check_image_file(path: str | os.PathLike) -> str | None:
     """Why the image file at ``path`` cannot be used, or ``None``: a cheap structural check of every image, meant
     to run over a whole training set before training starts.
 
-    JPEG and PNG files (nearly every detection data set) are checked by their header and end marker (``FFD9``,
-    ``IEND``), which catches truncated files, the common damage of interrupted copies and downloads, by reading a
-    few bytes (measured: 0.2 ms per COCO image with a warm file cache, against 25 ms to decode it). Other formats
-    are decoded fully.
+    A JPEG or PNG file (nearly every detection data set) that ends with its end marker (``FFD9``, ``IEND``) is
+    taken as intact after reading a few bytes (measured: 0.2 ms per COCO image with a warm file cache, against
+    25 ms to decode it); the check catches truncated files, the common damage of interrupted copies and downloads.
+    Any other file is decoded fully, so data after the end marker (camera padding, a phone's motion-photo video)
+    is accepted when the image itself decodes, and a truncated file is reported as such, with PIL's reason.
     """
-    from PIL import Image
-
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -597,30 +614,17 @@ def check_image_file(path: str | os.PathLike) -> str | None:
             head = f.read(8)
             f.seek(max(0, size - 16))
             tail = f.read()
-        reason = _check_image_ends(head, tail)
-        if reason is not ...:
-            return reason
-        with Image.open(path) as image:
-            image.load()
-    except (OSError, ValueError, SyntaxError) as error:  # PIL raises these for unreadable images
+    except OSError as error:
         return str(error) or type(error).__name__
-    return None
+    suspicion = _check_image_ends(head, tail)
+    return None if suspicion is None else _decode_error(path, suspicion)
 
 
 def _check_image_bytes(data: bytes) -> str | None:
-    from PIL import Image
-
     if not data:
         return "empty image"
-    reason = _check_image_ends(data[:8], data[-16:])
-    if reason is not ...:
-        return reason
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-    except (OSError, ValueError, SyntaxError) as error:
-        return str(error) or type(error).__name__
-    return None
+    suspicion = _check_image_ends(data[:8], data[-16:])
+    return None if suspicion is None else _decode_error(io.BytesIO(data), suspicion)
 
 
 def find_unreadable_images(dataset, progress: bool = False) -> list[tuple[int, str, str]]:
