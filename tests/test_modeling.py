@@ -313,6 +313,25 @@ def _labels():
     ]
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8])
+def test_narrow_integer_class_ids_give_the_int64_loss(dtype):
+    """Class ids in any signed integer dtype train as int64 ids do (same loss terms), in training with denoising
+    queries and in eval mode; torch indexes only with int64 / int32, so the loss widens them."""
+    model = DinoForObjectDetection(tiny_config(num_denoising=10))
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        expected = None
+        for ids_dtype in (torch.int64, dtype):
+            labels = [{**t, "class_labels": t["class_labels"].to(ids_dtype)} for t in _labels()]
+            torch.manual_seed(0)
+            outputs = model(images(3), labels=labels)
+            if expected is None:
+                expected = outputs.loss_dict
+        assert outputs.loss_dict.keys() == expected.keys()
+        for name, value in outputs.loss_dict.items():
+            assert torch.equal(value, expected[name]), (mode, name)
+
+
 def test_denoising_queries_do_not_leak(monkeypatch):
     """Perturbing denoising group 1 leaves the matching queries and group 0 unchanged, and changes group 1."""
     import hf_dino.modeling_dino as modeling
@@ -482,9 +501,15 @@ def test_one_feature_level_defaults_to_the_last_stage():
 def test_compact_config():
     from hf_dino.configuration_dino import compact_config
 
+    from hf_dino.denoising import denoising_group_count
+
     config = compact_config(id2label={0: "a", 1: "b"})
     assert config.backbone == "resnet18" and config.d_model % 32 == 0 and config.num_labels == 2
     assert not config.use_pretrained_backbone
+    # a denoising budget: with many objects per image (real data) the denoising queries stay about 2 * num_denoising
+    # (2 per object and group), instead of growing with the objects next to the 50 matching queries
+    for max_objects in (3, 10, 40):
+        assert 2 * max_objects * denoising_group_count(config.num_denoising, max_objects) <= 2 * config.num_denoising
 
 
 

@@ -91,8 +91,11 @@ class DinoConfig(PreTrainedConfig):
         dropout (`float`, defaults to 0.0): dropout in the transformer layers.
         num_queries (`int`, defaults to 900): detection queries (top-K encoder proposals).
         position_embedding_temperature (`float`, defaults to 20): temperature of the backbone sine embedding.
-        num_denoising (`int`, defaults to 100): contrastive-denoising query budget (`dn_number`); 0 disables.
-        label_noise_ratio (`float`, defaults to 0.5): probability of flipping a denoising query's label.
+        num_denoising (`int`, defaults to 100): contrastive-denoising query budget (`dn_number`): from 50 on, about
+            `2 * num_denoising` queries in `num_denoising // max_objects` groups (at least one); below 50 the
+            original's rule makes `2 * num_denoising` groups whatever the number of objects; 0 disables.
+        label_noise_ratio (`float`, defaults to 0.5): a denoising query's label is redrawn uniformly from all
+            classes with probability `label_noise_ratio / 2` (the original's rule; the new class may be the old).
         box_noise_scale (`float`, defaults to 1.0): box noise of the denoising queries. The released checkpoints
             were trained with 1.0 (the original training scripts pass `dn_box_noise_scale=1.0`); the paper's
             Table 8 and the config file say 0.4.
@@ -251,7 +254,9 @@ def compact_config(**overrides) -> DinoConfig:
     """The compact DINO preset for CPU training (the default run of ``examples/train.py``, tests, benchmarks).
 
     ResNet-18 backbone (from scratch: no download), 3 feature levels, ``d_model=128``, 2 encoder + 3 decoder layers,
-    50 queries, a reduced denoising budget. Any :class:`~hf_dino.DinoConfig` field can be overridden, e.g.
+    50 queries, the original's denoising budget (``num_denoising=100``: about 200 denoising queries, in
+    ``100 // max_objects`` groups; a value below 50 would be ``2 * num_denoising`` groups whatever the number of
+    objects, see :func:`hf_dino.denoising.denoising_group_count`). Any :class:`~hf_dino.DinoConfig` field can be overridden, e.g.
     ``compact_config(id2label={0: "cat", 1: "dog"})``.
     """
     kwargs = dict(
@@ -269,7 +274,6 @@ def compact_config(**overrides) -> DinoConfig:
         encoder_n_points=4,
         decoder_n_points=4,
         num_queries=50,
-        num_denoising=20,
         backbone_drop_path_rate=0.0,
     )
     kwargs.update(overrides)

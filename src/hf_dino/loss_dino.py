@@ -100,7 +100,7 @@ class DinoHungarianMatcher(nn.Module):
         # costs in float32 (a no-op for float32 outputs; keeps half-precision outputs from rounding near-ties)
         prob = logits.flatten(0, 1).float().sigmoid()  # [B*Q, C]
         out_boxes = pred_boxes.flatten(0, 1).float()  # [B*Q, 4]
-        tgt_ids = torch.cat([t["class_labels"] for t in labels]).to(logits.device)
+        tgt_ids = torch.cat([t["class_labels"] for t in labels]).to(device=logits.device, dtype=torch.long)
         tgt_boxes = torch.cat([t["boxes"] for t in labels]).to(out_boxes)
 
         alpha, gamma = self.focal_alpha, self.focal_gamma
@@ -257,7 +257,8 @@ class DinoLoss(nn.Module):
         if len(labels) != logits.shape[0]:
             raise ValueError(f"Got {len(labels)} label dicts for a batch of {logits.shape[0]} images.")
         device = logits.device
-        labels = [{"class_labels": t["class_labels"].to(device), "boxes": t["boxes"].to(device)} for t in labels]
+        labels = [{"class_labels": t["class_labels"].to(device=device, dtype=torch.long), "boxes": t["boxes"].to(device)}
+                  for t in labels]
         num_boxes = _average_num_boxes(labels, device)
 
         dn_meta: DenoisingMeta | None = outputs.get("denoising_meta")
