@@ -214,6 +214,19 @@ def test_rescaled_view_is_inference_at_that_size(model, images):
     assert not torch.equal(expected[0]["boxes"], _plain(model, processor, images)[0]["boxes"])
 
 
+def test_rescaled_view_scales_the_size_of_the_call(model, images):
+    """A `size` passed with the call is the base size of every view: the 0.5x view runs at half of it (as
+    inference with half that size), not at half the processor's own size."""
+    processor = tiny_processor()  # its own size: shortest 96, longest 160
+    half = tiny_processor()
+    half.size = type(processor.size)(shortest_edge=32, longest_edge=60)  # 0.5 x the call's (64, 120)
+    expected = _plain(model, half, images)
+    tta = DinoTTA(model, processor, augmentations=[Augmentation(0.5, hflip=False)])
+    results = tta(images, threshold=0.0, target_sizes=[(i.height, i.width) for i in images],
+                  size={"shortest_edge": 64, "longest_edge": 120})
+    _assert_same(results, expected)
+
+
 def test_default_views_on_a_batch_of_different_sizes(model, images):
     processor = tiny_processor()
     assert DinoTTA(model, processor).augmentations == [(1.0, False), (1.0, True)]

@@ -277,11 +277,12 @@ class DinoTTA:
             f"{f', nms_iou_threshold={self.nms_iou_threshold}' if self.ensemble == 'nms' else ''})"
         )
 
-    def _view_size(self, scale: float) -> dict[str, int] | None:
-        """The processor `size` of a view at `scale` (None: the processor's own)."""
+    def _view_size(self, scale: float, size: Any = None) -> dict[str, int] | None:
+        """The processor `size` of a view at `scale`: `scale` times `size` (a call's `size` argument), or times the
+        processor's own size when `size` is None (None: the base size as it is)."""
         if scale == 1.0:
-            return None
-        size = self.processor.size
+            return size
+        size = self.processor.size if size is None else size
         get = size.get if isinstance(size, Mapping) else lambda key: getattr(size, key, None)
         if get("shortest_edge"):
             view = {"shortest_edge": max(1, round(get("shortest_edge") * scale))}
@@ -301,7 +302,9 @@ class DinoTTA:
         **processor_kwargs,
     ) -> list[list[dict[str, torch.Tensor]]]:
         """Every view's post-processed predictions (top-`top_k`, no threshold), boxes mapped back to the original
-        image (pixels of `target_sizes`, or normalized to [0, 1] without). Returns `[augmentation][image]`."""
+        image (pixels of `target_sizes`, or normalized to [0, 1] without). Returns `[augmentation][image]`.
+        `processor_kwargs` go to the processor; a `size` among them is the base size that the views' scales
+        multiply."""
         if not isinstance(images, (list, tuple)):
             images = [images]
         if len(images) == 0:
@@ -319,12 +322,13 @@ class DinoTTA:
         else:
             widths = torch.as_tensor([float(s[1]) for s in target_sizes])
         device = next(self.model.parameters()).device
+        base_size = processor_kwargs.pop("size", None)
 
         views = []
         for augmentation in self.augmentations:
             view_images = [t.flip(-1) for t in tensors] if augmentation.hflip else tensors
             kwargs = dict(processor_kwargs)
-            size = self._view_size(augmentation.scale)
+            size = self._view_size(augmentation.scale, base_size)
             if size is not None:
                 kwargs["size"] = size
             inputs = self.processor(images=view_images, return_tensors="pt", input_data_format="channels_first", **kwargs)
