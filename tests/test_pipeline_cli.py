@@ -141,6 +141,27 @@ def test_pipeline_list_of_images_of_different_sizes(detector, reference, tmp_pat
         assert (boxes - expected["boxes"].int()).abs().max() <= 1  # boxes in each image's own size
 
 
+def test_pipeline_scales_sixteen_bit_images(detector, reference, tmp_path):
+    """A 16-bit PNG reaches the model as the processor makes it (scaled to 8 bit), by path, as a PIL image and as
+    base64: transformers' `load_image` would convert it with PIL's `convert("RGB")`, which clips it nearly white."""
+    import base64
+
+    import numpy as np
+
+    rgb = np.array(Image.open(IMAGE_A).convert("L").resize((160, 120)), dtype=np.uint16) * 257
+    path = tmp_path / "sixteen.png"
+    Image.fromarray(rgb).save(path)
+    assert Image.open(path).mode.startswith("I")
+    expected, _ = reference(Image.open(path))  # the processor scales 16-bit images
+    clipped, _ = reference(Image.open(path).convert("RGB"))
+    assert not torch.allclose(expected["scores"], clipped["scores"])
+    encoded = base64.b64encode(path.read_bytes()).decode()
+    for source in (str(path), Image.open(path), encoded):
+        detections = detector(source, threshold=0.0)
+        scores = torch.tensor([d["score"] for d in detections])
+        torch.testing.assert_close(scores, expected["scores"], atol=1e-5, rtol=0)
+
+
 def test_pipeline_url_input(detector, detections_a):
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(VAL))
     handler.log_message = lambda *args, **kwargs: None
@@ -432,6 +453,27 @@ def test_forward_on_an_empty_batch_is_a_clear_error(model_dir):
     model = DinoForObjectDetection.from_pretrained(model_dir).eval()
     with pytest.raises(ValueError, match=r"pixel_values is empty \(shape \(0, 3, 64, 64\)\): DINO needs at least one"):
         model(pixel_values=torch.zeros(0, 3, 64, 64))
+
+
+def test_draw_detections_on_sixteen_bit_images_and_with_non_finite_boxes():
+    """A 16-bit image is drawn on as the processor sees it (scaled, not clipped to white); a box with a NaN
+    coordinate (e.g. a float16 overflow) is left out with a warning, and the other boxes are drawn."""
+    from hf_dino.visualization import color_for_label, draw_detections
+
+    array = np.full((100, 200), 32768, dtype=np.uint16)
+    image = Image.fromarray(array)
+    assert image.mode.startswith("I")
+    detections = {
+        "scores": torch.tensor([0.9, 0.8]),
+        "labels": torch.tensor([1, 2]),
+        "boxes": torch.tensor([[10.0, 20.0, 120.0, 90.0], [float("nan"), 5.0, 50.0, 60.0]]),
+    }
+    with pytest.warns(RuntimeWarning, match="Not drawing 1 detection"):
+        drawn = draw_detections(image, detections, {1: "person", 2: "bicycle"})
+    pixels = np.asarray(drawn)
+    assert drawn.mode == "RGB" and tuple(pixels[99, 199]) == (128, 128, 128)  # 32768 / 257, rounded
+    assert tuple(pixels[50, 10]) == color_for_label("person")
+    assert not (pixels == color_for_label("bicycle")).all(-1).any()
 
 
 def test_draw_detections_colours_and_clipping():

@@ -16,14 +16,20 @@ its own size; see the README ("Batching and padding") for the measured size of t
 
 from __future__ import annotations
 
+import base64
+import io
+import os
 from collections.abc import Sized
 from typing import Any
 
+import PIL.Image
 import torch
+from transformers.image_utils import load_image
 from transformers.pipelines.object_detection import ObjectDetectionPipeline
 from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 
 from .configuration_dino import DinoConfig
+from .image_processing_dino import load_image_file, pil_to_rgb
 
 __all__ = ["DinoObjectDetectionPipeline", "pad_detection_batch"]
 
@@ -54,6 +60,26 @@ class DinoObjectDetectionPipeline(ObjectDetectionPipeline):
 
     def _is_dino(self) -> bool:
         return getattr(self.model.config, "model_type", None) == DinoConfig.model_type
+
+    def preprocess(self, image, timeout=None):
+        """As transformers' (a URL, a path, a base64 string or a PIL image; EXIF orientation applied; `target_size`
+        the upright image's), but for DINO the image is made RGB by the processor's `pil_to_rgb`: transformers'
+        `load_image` converts with PIL's `convert("RGB")`, which clips 16-bit images at 255 (nearly white)."""
+        if not self._is_dino():
+            return super().preprocess(image, timeout=timeout)
+        if isinstance(image, str) and (image.startswith(("http://", "https://")) or os.path.isfile(image)):
+            image = load_image_file(image, timeout=timeout)
+        elif isinstance(image, str):  # base64, as transformers' load_image reads it
+            try:
+                image = PIL.Image.open(io.BytesIO(base64.decodebytes(image.split(",")[-1].encode())))
+            except Exception:  # noqa: BLE001 - transformers' own error message
+                image = load_image(image, timeout=timeout)
+        elif not isinstance(image, PIL.Image.Image):
+            image = load_image(image, timeout=timeout)  # transformers' error for other types
+        image = pil_to_rgb(image)
+        inputs = self.image_processor(images=[image], return_tensors="pt").to(self.dtype)
+        inputs["target_size"] = torch.IntTensor([[image.height, image.width]])
+        return inputs
 
     def _forward(self, model_inputs):
         model_outputs = super()._forward(model_inputs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import colorsys
 import math
+import warnings
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
@@ -83,12 +84,25 @@ def draw_detections(
 
     `detections`: the pipeline's list of `{"score", "label", "box": {"xmin", ...}}` dicts, or one post-processing
     result `{"scores", "labels", "boxes"}` (label ids are named with `id2label`). Boxes are absolute pixels
-    `(x0, y0, x1, y1)`; they are clipped to the image for drawing. Low scores are drawn first so that the best
-    detections stay on top; `max_detections` keeps only the highest-scoring ones.
+    `(x0, y0, x1, y1)`; they are clipped to the image for drawing, and boxes with a non-finite coordinate are left
+    out with a warning. Low scores are drawn first so that the best detections stay on top; `max_detections` keeps
+    only the highest-scoring ones.
+
+    The image is made RGB as the processor makes it (:func:`hf_dino.image_processing_dino.pil_to_rgb`: 16-bit and
+    float images scaled, not clipped; EXIF orientation applied, the frame in which the processor and the pipeline
+    give their boxes).
     """
-    canvas = image.convert("RGB") if image.mode != "RGB" else image.copy()
+    from .image_processing_dino import pil_to_rgb
+
+    canvas = pil_to_rgb(image)
+    canvas = canvas.copy() if canvas is image else canvas
     width, height = canvas.size
-    items = sorted(normalize_detections(detections, id2label), key=lambda d: d["score"], reverse=True)
+    items = normalize_detections(detections, id2label)
+    finite = [det for det in items if all(math.isfinite(v) for v in det["box"])]
+    if len(finite) < len(items):
+        warnings.warn(f"Not drawing {len(items) - len(finite)} detection(s) whose box has a non-finite coordinate.",
+                      RuntimeWarning, stacklevel=2)
+    items = sorted(finite, key=lambda d: d["score"], reverse=True)
     if max_detections is not None:
         items = items[:max_detections]
     if not items:

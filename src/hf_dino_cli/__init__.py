@@ -364,8 +364,8 @@ def add_tta_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `--tta`, `--tta-scales`, `--tta-no-flip`, `--tta-ensemble` (read by `hf_dino.tta.tta_from_args`)."""
     group = parser.add_argument_group("test-time augmentation (hf_dino.tta)")
     group.add_argument("--tta", action="store_true",
-                       help="test-time augmentation: several scales, plain and mirrored, ensembled one-to-one "
-                       "(DINO paper, Appendix A)")
+                       help="test-time augmentation: the image and its mirror image (more scales with "
+                       "--tta-scales), ensembled one-to-one (DINO paper, Appendix A)")
     group.add_argument("--tta-scales", type=float, nargs="+", metavar="S",
                        help="resize factors of the processor's size, the first one the main view "
                        "(default: 1.0, the processor's size only)")
