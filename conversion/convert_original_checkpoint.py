@@ -17,6 +17,7 @@ config, and the image processor's `preprocessor_config.json`).
 from __future__ import annotations
 
 import argparse
+import json
 import pickle
 import re
 import sys
@@ -272,13 +273,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.verify_atol is not None and not args.verify_atol >= 0:
         parser.error(f"--verify-atol must be >= 0, got {args.verify_atol}")
-    if args.verify is not None and not Path(args.verify).exists():  # an expected-outputs file or fixture folder
-        parser.error(f"--verify: no file or folder {args.verify!r}")
+    expected = None
+    if args.verify is not None:  # an expected-outputs file or fixture folder, read before anything is converted
+        if not Path(args.verify).exists():
+            parser.error(f"--verify: no file or folder {args.verify!r}")
+        try:
+            expected = verify_outputs.load_expected(args.verify)
+        except Exception as error:  # noqa: BLE001 - missing file in a folder, not a safetensors file, wrong layout
+            parser.error(f"--verify {args.verify!r}: {error}")
     for option, paths in (("--expected-images", args.expected_images or []),
                           ("--measured-metrics", [args.measured_metrics])):
         for path in paths:
             if path is not None and not Path(path).is_file():
                 parser.error(f"{option}: no file {path!r}")
+    metrics = None
+    if args.measured_metrics:
+        from hf_dino.model_card import check_metrics
+
+        try:
+            metrics = json.loads(Path(args.measured_metrics).read_text())
+            check_metrics(metrics, "--measured-metrics")
+        except ValueError as error:  # json.JSONDecodeError is a ValueError
+            parser.error(f"--measured-metrics {args.measured_metrics!r}: {error}")
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         parser.error(f"--output-dir {args.output_dir!r} is a file, not a folder")
     try:
@@ -297,17 +313,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Wrote expected outputs to {args.write_expected}")
     if args.verify:
         atol = verify_outputs.DEFAULT_ATOL if args.verify_atol is None else args.verify_atol
-        report = verify_outputs.verify(model, args.verify, atol=atol)
+        report = verify_outputs.verify(model, expected, atol=atol)
         print(f"Verify against {args.verify}: {report}")
         if not report.ok:
             print("error: the converted model does not reproduce the expected outputs; nothing pushed", file=sys.stderr)
             return 2
     if args.push_to_hub:
-        import json
-
         from hf_dino.hub import push_converted_checkpoint
 
-        metrics = json.loads(Path(args.measured_metrics).read_text()) if args.measured_metrics else None
         info = push_converted_checkpoint(
             model, DinoImageProcessor.from_pretrained(args.output_dir), args.push_to_hub,
             checkpoint_file=args.checkpoint, model_name=args.model_name, measured_metrics=metrics,

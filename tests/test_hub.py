@@ -140,6 +140,26 @@ def test_finetuned_model_card_carries_metrics_and_label_map():
     assert usage_snippet("me/dino-balloons") in card
 
 
+def test_model_cards_refuse_metrics_that_are_not_coco_fractions():
+    """Percentages would be published as 4910.0 and a training run's metrics.json as a row of dashes: both are
+    refused, naming the problem; fractions, pycocotools' -1 and no metrics are fine."""
+    entry = BY_FILE_NAME["checkpoint0011_4scale.pth"]
+    with pytest.raises(ValueError, match=r"measured_metrics\['AP'\] must be a fraction .* got 49.1 \(a percentage"):
+        released_model_card(entry, measured_metrics={"AP": 49.1})
+    with pytest.raises(ValueError, match=r"metrics must hold COCO metrics .* got \['best_AP', 'history'\]"):
+        finetuned_model_card("me/dino", {0: "a"}, {"history": [], "best_AP": 0.3})
+    with pytest.raises(ValueError, match=r"metrics\['AP50'\] must be a fraction"):
+        finetuned_model_card("me/dino", {0: "a"}, {"AP": 0.3, "AP50": "high"})
+    for metrics in (None, {}, {"AP": 0.3, "APs": -1.0, "loss": 3.2}):
+        finetuned_model_card("me/dino", {0: "a"}, metrics)
+
+
+def test_model_card_tables_escape_their_cells():
+    """A `|` in a label name or a setting would split its table row into more cells than the table has."""
+    card = finetuned_model_card("me/dino", {0: "car|truck", 1: "bus"}, training_args={"note": "a|b\nc"})
+    assert "| 0 | car\\|truck |" in card and "| note | a\\|b c |" in card
+
+
 def test_finetuned_model_card_publishes_no_local_paths(tmp_path):
     """A local data set or starting model (what examples/train.py is given as files) is not named in the card: the
     model-index, the `datasets:` / `base_model:` entries and the text say "custom" instead of a path of the
@@ -344,6 +364,28 @@ def test_converter_write_expected_verify_and_push(converter, monkeypatch, tmp_pa
     assert "MISMATCH" in capsys.readouterr().out
 
 
+def test_converter_refuses_bad_verify_and_metrics_files_before_converting(converter, tmp_path, capsys):
+    """A --verify folder without expected outputs, or a --measured-metrics file that is not COCO fractions, is an
+    `error:` line before anything is converted or written (it used to be a traceback after the conversion)."""
+    checkpoint = tmp_path / "checkpoint0011_4scale.pth"
+    checkpoint.write_bytes(b"")
+    empty_folder, not_safetensors, percent = tmp_path / "empty", tmp_path / "expected.safetensors", tmp_path / "m.json"
+    empty_folder.mkdir()
+    not_safetensors.write_text("not a safetensors file")
+    percent.write_text(json.dumps({"AP": 49.0}))
+    base = ["--checkpoint", str(checkpoint), "--model-name", "dino-r50-4scale", "--output-dir", str(tmp_path / "out")]
+    for extra, message in (
+        (["--verify", str(empty_folder)], "no expected-output file at"),
+        (["--verify", str(not_safetensors)], f"--verify {str(not_safetensors)!r}: "),
+        (["--measured-metrics", str(percent)], "must be a fraction in [0, 1]"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            converter.main(base + extra)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+        assert not (tmp_path / "out").exists()
+
+
 def test_verify_reads_parity_fixture_format():
     fixture = REPO.parent / "shared" / "parity" / "r50_4scale"
     if not fixture.is_dir():
@@ -391,5 +433,9 @@ def test_push_of_an_unlisted_original_checkpoint(monkeypatch):
     assert "converted from `my_run.pth`" in readme and "not one of the released checkpoints" in readme
     assert "It detects 80 categories." in readme and "| 1 | person |" in readme
     assert fake.commits[0]["commit_message"] == "Upload converted my_run.pth (hf_dino)"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="pass model_name for the card, one of dino-r50-4scale, "):
         hub.push_converted_checkpoint(model, tiny_processor(), "me/own-dino", checkpoint_file="/x/my_run.pth")
+    with pytest.raises(ValueError, match=r"one of .*\(got 'dino-r50'\)"):
+        hub.push_converted_checkpoint(model, tiny_processor(), "me/own-dino", checkpoint_file="/x/my_run.pth",
+                                      model_name="dino-r50")
+    assert len(fake.commits) == 1

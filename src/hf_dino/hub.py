@@ -136,8 +136,9 @@ def push_converted_checkpoint(
     if entry is not None:
         card = released_model_card(entry, repo_id=repo_id, measured_metrics=measured_metrics)
     else:
-        if model_name is None:
-            raise ValueError(f"{checkpoint_file} is not a released DINO checkpoint; pass model_name for the card.")
+        if model_name not in ARCHITECTURES:
+            raise ValueError(f"{checkpoint_file} is not a released DINO checkpoint; pass model_name for the card, one "
+                             f"of {', '.join(sorted(ARCHITECTURES))} (got {model_name!r}).")
         arch = ARCHITECTURES[model_name]
         card = finetuned_model_card(
             repo_id,

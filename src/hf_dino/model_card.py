@@ -91,6 +91,31 @@ def lower_level_snippet(model_id: str, image: str = DEFAULT_EXAMPLE_IMAGE, thres
     )
 
 
+def check_metrics(metrics: Mapping[str, float] | None, argument: str = "metrics") -> None:
+    """Raise a `ValueError` unless ``metrics`` is None, empty, or COCO metrics as `CocoEvaluator.summarize()` gives
+    them: a mapping with at least one of ``METRIC_NAMES``, each a fraction in [0, 1] (or pycocotools' -1 for
+    "no such objects"). Percentages and other files (a training run's ``metrics.json``) would be published wrong."""
+    if not metrics:
+        return
+    if not isinstance(metrics, Mapping) or not any(name in metrics for name in METRIC_NAMES):
+        keys = sorted(metrics) if isinstance(metrics, Mapping) else type(metrics).__name__
+        raise ValueError(f"{argument} must hold COCO metrics ({', '.join(METRIC_NAMES)}) as fractions, got {keys}.")
+    for name in METRIC_NAMES:
+        if name not in metrics:
+            continue
+        value = metrics[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                value == -1 or 0 <= value <= 1):
+            raise ValueError(f"{argument}[{name!r}] must be a fraction in [0, 1] (or -1: no such objects), got "
+                             f"{value!r}" + (" (a percentage? divide by 100)." if isinstance(value, (int, float))
+                                             and 1 < value <= 100 else "."))
+
+
+def _table_cell(value: object) -> str:
+    """`value` as the text of one markdown table cell: `|` escaped, line breaks as spaces."""
+    return " ".join(str(value).replace("|", "\\|").split())
+
+
 def metrics_table(metrics: Mapping[str, float], percent: bool = False) -> str:
     """Markdown table ``| AP | AP50 | AP75 | APs | APm | APl |`` with one row (percent, one decimal)."""
     cells = []
@@ -171,6 +196,7 @@ def released_model_card(
     ``repo_id`` (default: the table's Hub repo) is what the usage snippet loads. ``measured_metrics`` (fractions,
     from `CocoEvaluator.summarize()`) adds the AP measured with this port on ``measured_on``.
     """
+    check_metrics(measured_metrics, "measured_metrics")
     repo_id = repo_id or checkpoint.hub_repo
     c = checkpoint
     title = f"DINO {c.num_feature_levels}-scale, {c.backbone_short} backbone, {c.epochs} epochs on COCO"
@@ -275,6 +301,7 @@ def finetuned_model_card(
     (epochs, learning rate, batch size, ...). ``architecture``: e.g. "DINO 4-scale, ResNet-50". ``summary``
     replaces the opening sentence ("A DINO object detector ... fine-tuned from ... on ...").
     """
+    check_metrics(metrics)
     # local files and folders: their paths are not published (the card says "custom" / names no base model)
     if dataset_name and Path(dataset_name).exists():
         dataset_name = None
@@ -303,14 +330,14 @@ def finetuned_model_card(
         base_model=base_model,
     )
     labels = sorted((int(k), str(v)) for k, v in id2label.items())
-    label_rows = "\n".join(f"| {i} | {name} |" for i, name in labels)
+    label_rows = "\n".join(f"| {i} | {_table_cell(name)} |" for i, name in labels)
     metrics_block = (
         f"Measured with pycocotools (`hf_dino.evaluation`) on the {evaluated_on} split"
         f"{' of ' + dataset_name if dataset_name else ''}:\n\n{metrics_table(metrics)}"
         if metrics
         else "No evaluation was run."
     )
-    args_rows = "\n".join(f"| {k} | {v} |" for k, v in (training_args or {}).items())
+    args_rows = "\n".join(f"| {_table_cell(k)} | {_table_cell(v)} |" for k, v in (training_args or {}).items())
     args_block = f"| setting | value |\n|---|---|\n{args_rows}" if args_rows else "Not recorded."
     named = [name for _, name in labels if name.upper() != "N/A"]
     if summary is None:
@@ -354,6 +381,7 @@ __all__ = [
     "CITATION",
     "DEFAULT_EXAMPLE_IMAGE",
     "METRIC_NAMES",
+    "check_metrics",
     "finetuned_model_card",
     "lower_level_snippet",
     "metrics_table",
