@@ -474,6 +474,16 @@ def test_draw_detections_on_sixteen_bit_images_and_with_non_finite_boxes():
     assert drawn.mode == "RGB" and tuple(pixels[99, 199]) == (128, 128, 128)  # 32768 / 257, rounded
     assert tuple(pixels[50, 10]) == color_for_label("person")
     assert not (pixels == color_for_label("bicycle")).all(-1).any()
+    # drawn on as given: an EXIF orientation tag does not rotate the canvas (the boxes are in the image's frame,
+    # e.g. train.py's prediction image, predicted without EXIF rotation)
+    tagged = Image.new("RGB", (200, 100), (90, 90, 90))
+    exif = tagged.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees to view
+    buffer = io.BytesIO()
+    tagged.save(buffer, "JPEG", exif=exif.tobytes())
+    stored = Image.open(buffer)
+    assert stored.getexif().get(0x0112) == 6
+    assert draw_detections(stored, {k: v[:1] for k, v in detections.items()}).size == (200, 100)
 
 
 def test_draw_detections_colours_and_clipping():

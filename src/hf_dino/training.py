@@ -146,7 +146,8 @@ class ModelEMA:
 
     With ``warmup=True`` (the default) the decay is ``min(decay, (1 + n) / (10 + n))`` over the ``n`` updates so
     far, so short runs are not dominated by the initial weights (timm's and TensorFlow's rule; at the default
-    0.9997 it reaches ``decay`` after about 30000 updates). ``warmup=False`` is the original's constant decay. ``module`` is a frozen copy in eval mode; evaluate or save it directly.
+    0.9997 it reaches ``decay`` after about 30000 updates). ``warmup=False`` is the original's constant decay.
+    ``module`` is a frozen copy in eval mode; evaluate or save it directly.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9997, warmup: bool = True):

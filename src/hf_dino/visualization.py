@@ -89,12 +89,12 @@ def draw_detections(
     only the highest-scoring ones.
 
     The image is made RGB as the processor makes it (:func:`hf_dino.image_processing_dino.pil_to_rgb`: 16-bit and
-    float images scaled, not clipped; EXIF orientation applied, the frame in which the processor and the pipeline
-    give their boxes).
+    float images scaled, not clipped), and drawn on as given, without EXIF rotation: the boxes must be in the frame
+    of `image` (an image from transformers' `load_image` is upright, as the processor and the pipeline see it).
     """
     from .image_processing_dino import pil_to_rgb
 
-    canvas = pil_to_rgb(image)
+    canvas = pil_to_rgb(image, apply_exif_orientation=False)
     canvas = canvas.copy() if canvas is image else canvas
     width, height = canvas.size
     items = normalize_detections(detections, id2label)
