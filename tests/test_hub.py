@@ -150,7 +150,9 @@ def test_model_cards_refuse_metrics_that_are_not_coco_fractions():
         finetuned_model_card("me/dino", {0: "a"}, {"history": [], "best_AP": 0.3})
     with pytest.raises(ValueError, match=r"metrics\['AP50'\] must be a fraction"):
         finetuned_model_card("me/dino", {0: "a"}, {"AP": 0.3, "AP50": "high"})
-    for metrics in (None, {}, {"AP": 0.3, "APs": -1.0, "loss": 3.2}):
+    import numpy as np
+
+    for metrics in (None, {}, {"AP": 0.3, "APs": -1.0, "loss": 3.2}, {"AP": np.float32(0.3), "AP50": 1}):
         finetuned_model_card("me/dino", {0: "a"}, metrics)
 
 

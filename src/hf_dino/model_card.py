@@ -16,6 +16,7 @@ Every card starts with YAML metadata (license, library, pipeline tag, data sets,
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 from typing import Mapping
 
@@ -104,11 +105,11 @@ def check_metrics(metrics: Mapping[str, float] | None, argument: str = "metrics"
         if name not in metrics:
             continue
         value = metrics[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                value == -1 or 0 <= value <= 1):
+        number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if not number or not (value == -1 or 0 <= value <= 1):
+            hint = " (a percentage? divide by 100)." if number and 1 < value <= 100 else "."
             raise ValueError(f"{argument}[{name!r}] must be a fraction in [0, 1] (or -1: no such objects), got "
-                             f"{value!r}" + (" (a percentage? divide by 100)." if isinstance(value, (int, float))
-                                             and 1 < value <= 100 else "."))
+                             f"{value!r}{hint}")
 
 
 def _table_cell(value: object) -> str:
