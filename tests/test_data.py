@@ -203,6 +203,21 @@ def _boxes_sample(h=300, w=400):
     return image, {"boxes": boxes, "labels": torch.tensor([0, 1])}
 
 
+def test_train_transforms_keep_sub_pixel_boxes_and_drop_empty_ones():
+    """As the original's crop: a box thinner than a pixel stays (torchvision's SanitizeBoundingBoxes(min_size=1) would
+    drop it), a box without width (e.g. cropped away) goes, and the labels stay aligned with the boxes."""
+    image = tv_tensors.Image(torch.zeros(3, 100, 200, dtype=torch.uint8))
+    boxes = tv_tensors.BoundingBoxes(
+        torch.tensor([[10.0, 10.0, 10.6, 90.0], [20.0, 20.0, 20.0, 60.0], [50.0, 30.0, 150.0, 30.4],
+                      [60.0, 10.0, 120.0, 70.0]]), format="XYXY", canvas_size=(100, 200))
+    labels = torch.tensor([1, 2, 3, 4])
+    transform = make_train_transforms(scales=[100], max_size=1000, crop_size=None, hflip_prob=0.0)  # same size
+    out_image, target = transform(image, {"boxes": boxes, "labels": labels})
+    assert out_image.shape == image.shape and isinstance(target["boxes"], tv_tensors.BoundingBoxes)
+    assert target["labels"].tolist() == [1, 3, 4]
+    torch.testing.assert_close(target["boxes"].as_subclass(torch.Tensor), boxes[[0, 2, 3]].as_subclass(torch.Tensor))
+
+
 def test_train_transforms_follow_the_recipe():
     torch.manual_seed(0)
     transform = make_train_transforms()  # the original sizes: exact shorter side (400x300 images never hit 1333)

@@ -267,7 +267,8 @@ class DetectionDataset(torch.utils.data.Dataset):
                     pixels, target = self.transforms(pixels, target)
         new_h, new_w = pixels.shape[-2:]
         boxes = target["boxes"].as_subclass(torch.Tensor).float()
-        # normalized (cx, cy, w, h); boxes are inside the image after clamping, degenerate ones were sanitized away
+        # normalized (cx, cy, w, h); the boxes are inside the image after clamping, and those without width or
+        # height were removed
         boxes = boxes.clamp(min=0)
         boxes[:, 0::2] = boxes[:, 0::2].clamp(max=new_w)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(max=new_h)

@@ -10,18 +10,19 @@ Training::
                 RandomResize(scales, max_size)),
     )
     ClampBoundingBoxes()
-    SanitizeBoundingBoxes(min_size=1)                                # drop boxes cropped away / degenerate
+    RemoveEmptyBoxes()                                               # drop boxes cropped away (no width or height)
 
 Evaluation: ``RandomResize([800], 1333)`` (deterministic; the same size rule as ``DinoImageProcessor``).
 
 Boxes travel as ``tv_tensors.BoundingBoxes`` (absolute XYXY); labels under the ``"labels"`` key of the target
-dict so that ``SanitizeBoundingBoxes`` drops them together. Images are uint8 ``tv_tensors.Image`` ``[3, H, W]``;
+dict so that ``RemoveEmptyBoxes`` drops them together. Images are uint8 ``tv_tensors.Image`` ``[3, H, W]``;
 normalisation and padding happen in the collate function.
 
 All random draws go through ``torch``'s global generator; the data sets seed it per sample (see
 ``DetectionDataset``), so augmentation is reproducible and independent of worker processes and resumption.
 
-``scale`` multiplies every size of the recipe (like the original ``data_aug_scale_overlap``), e.g. ``scale=0.2``
+``scale`` multiplies every size of the recipe (as the original's ``data_aug_scale_overlap``, but rounded where the
+original truncates, and at least 8 pixels: sizes can differ from the original's by one pixel), e.g. ``scale=0.2``
 for 128-pixel synthetic images.
 """
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
@@ -37,6 +39,7 @@ __all__ = [
     "DEFAULT_SCALES",
     "RandomResize",
     "RandomSizeCrop",
+    "RemoveEmptyBoxes",
     "make_train_transforms",
     "make_eval_transforms",
     "scaled_recipe",
@@ -80,7 +83,7 @@ class RandomResize(v2.Transform):
 class RandomSizeCrop(v2.Transform):
     """Crop a random region whose width and height are drawn uniformly in ``[min_size, min(image side, max_size)]``
     (the original ``RandomSizeCrop``); the region's position is uniform. Boxes are cropped with the image (use
-    ``SanitizeBoundingBoxes`` afterwards to drop the ones that fall outside).
+    ``RemoveEmptyBoxes`` afterwards to drop the ones that fall outside).
     """
 
     def __init__(self, min_size: int, max_size: int):
@@ -109,6 +112,30 @@ class RandomSizeCrop(v2.Transform):
 def _randint(low: int, high: int) -> int:
     """Uniform integer in ``[low, high]`` (inclusive) from torch's global generator."""
     return int(torch.randint(low, high + 1, ()).item())
+
+
+class RemoveEmptyBoxes:
+    """Drop the boxes without width or height (``x1 <= x0`` or ``y1 <= y0``, e.g. cropped away) and the matching
+    rows of every other per-box tensor of the target (``"labels"``), as the original's crop does. Boxes thinner than
+    a pixel stay, as in the original; torchvision's ``SanitizeBoundingBoxes`` cannot keep them (``min_size >= 1``).
+    Takes and returns ``(image, target)``."""
+
+    def __call__(self, image: Any, target: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        boxes = target["boxes"]
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        if bool(keep.all()):
+            return image, target
+        count = boxes.shape[0]
+        target = {
+            key: value[keep] if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == count
+            else value
+            for key, value in target.items()
+        }
+        target["boxes"] = tv_tensors.wrap(target["boxes"], like=boxes)
+        return image, target
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
 
 
 def scaled_recipe(scale: float = 1.0, eval_size: int | None = None) -> dict[str, Any]:
@@ -140,7 +167,7 @@ def make_train_transforms(
     scales = [int(v) for v in scales]
     if crop_size is None:  # flip + random resize only
         return v2.Compose([v2.RandomHorizontalFlip(p=hflip_prob), RandomResize(scales, max_size=max_size),
-                           v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1.0)])
+                           v2.ClampBoundingBoxes(), RemoveEmptyBoxes()])
     return v2.Compose(
         [
             v2.RandomHorizontalFlip(p=hflip_prob),
@@ -157,7 +184,7 @@ def make_train_transforms(
                 ]
             ),
             v2.ClampBoundingBoxes(),
-            v2.SanitizeBoundingBoxes(min_size=1.0),
+            RemoveEmptyBoxes(),
         ]
     )
 
