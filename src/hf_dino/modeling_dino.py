@@ -55,7 +55,8 @@ class DinoModelOutput(ModelOutput):
     intermediate_pred_boxes (`[B, L, Q, 4]`): every decoder layer's box prediction, normalized (cx, cy, w, h).
     intermediate_reference_points (`[B, L + 1, Q, 4]`): the anchor boxes: index 0 the initial ones (refined
         encoder proposals), index l + 1 the anchors after decoder layer l (sigmoid space).
-    encoder_last_hidden_state (`[B, S, D]`): encoder memory.
+    encoder_last_hidden_state (`[B, S, D]`): encoder memory. In training on the CPU its rows of padding tokens, which
+        nothing reads, are not the original's (`DinoEncoderLayer.feed_forward` skips them); in eval mode they are.
     encoder_logits (`[B, Q, C]`): class logits of the selected encoder proposals (the "interm" outputs).
     encoder_pred_boxes (`[B, Q, 4]`): boxes of the selected encoder proposals, normalized (cx, cy, w, h).
     encoder_topk_indices (`[B, Q]`): the encoder tokens chosen by query selection, best first.
