@@ -680,6 +680,14 @@ def test_relu_feed_forward_in_chunks_gradcheck():
     inputs = [tokens.clone().requires_grad_()] + [w.clone().requires_grad_() for w in weights]
     assert torch.autograd.gradcheck(block, inputs)
     assert torch.autograd.gradcheck(block, [tokens.clone().requires_grad_(), *weights])
+    # only some rows (2 full chunks and a partial one); the others' output rows are zeros
+    rows = torch.tensor([0, 2, 3, 5, 7, 8, 9])
+    on_rows = lambda x, w1, b1, w2, b2: DinoReluFeedForwardInChunks.apply(x, w1, b1, w2, b2, 3, rows)  # noqa: E731
+    expected_on_rows = torch.zeros_like(expected)
+    expected_on_rows[rows] = expected[rows]
+    assert torch.allclose(on_rows(tokens, *weights), expected_on_rows, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(on_rows, inputs)
+    assert torch.autograd.gradcheck(on_rows, [tokens.clone().requires_grad_(), *weights])
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
@@ -750,18 +758,21 @@ def test_encoder_feed_forward_skips_padding_tokens():
     upstream = torch.randn(hidden.shape, dtype=torch.float64)
     expected.backward(upstream[valid])
 
-    rows_seen = []
-    original_apply = type(layer).feed_forward_in_chunks
+    from hf_dino.modeling_dino import DinoReluFeedForwardInChunks
 
-    def counting(self, tokens):
-        rows_seen.append(tokens.shape[0])
-        return original_apply(self, tokens)
+    chunks_seen = []
+    original_hidden = DinoReluFeedForwardInChunks.hidden
+
+    def counting(chunk, *args):
+        chunks_seen.append(chunk.clone())
+        return original_hidden(chunk, *args)
 
     trained_input = hidden.clone().requires_grad_()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(type(layer), "feed_forward_in_chunks", counting)
+        patch.setattr(DinoReluFeedForwardInChunks, "hidden", staticmethod(counting))
         output = layer.feed_forward(trained_input, padding_mask)
-    assert rows_seen == [int(valid.sum())]
+    # the block's first product saw exactly the tokens that are not padding, in order
+    assert torch.equal(torch.cat(chunks_seen), hidden[valid])
     assert (output[valid].double() - expected.detach()).abs().max() < 1e-5
     assert not output[padding_mask].any()
     output.backward(upstream.float())

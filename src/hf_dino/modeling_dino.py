@@ -302,6 +302,11 @@ class DinoReluFeedForwardInChunks(torch.autograd.Function):
     in order, straight into one buffer each. The `[chunk_size, F]` intermediates live in buffers allocated once per
     call and reused by every chunk (a fresh 8 MB tensor per chunk and product costs page faults). Differentiable once
     (no double backward).
+
+    With `rows` (`[K]` int64 indices) only those tokens go through the block: each chunk of rows is gathered into a
+    buffer and its result written back to its rows; the other rows of the output (and of the tokens' gradient) are
+    zeros and add nothing to the weights' gradients. Gathering chunk by chunk costs a copy of the rows in cache, where
+    gathering all rows first and scattering the result back would cost four passes over `[tokens, D]` in memory.
     """
 
     @staticmethod
@@ -313,18 +318,37 @@ class DinoReluFeedForwardInChunks(torch.autograd.Function):
         weight2: torch.Tensor,
         bias2: torch.Tensor,
         chunk_size: int,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens `[N, D]`; `linear1`'s weight `[F, D]` and bias `[F]`; `linear2`'s weight `[D, F]` and bias `[D]`
-        -> `[N, D]`."""
-        output = tokens.new_empty(tokens.shape[0], weight2.shape[0])
-        hidden_buffer = tokens.new_empty(min(chunk_size, tokens.shape[0]), weight1.shape[0])
-        for start in range(0, tokens.shape[0], chunk_size):
-            chunk = tokens[start : start + chunk_size]
+        """tokens `[N, D]`; `linear1`'s weight `[F, D]` and bias `[F]`; `linear2`'s weight `[D, F]` and bias `[D]`;
+        rows `[K]` or None (all) -> `[N, D]`."""
+        count = tokens.shape[0] if rows is None else rows.shape[0]
+        size = min(chunk_size, count)
+        output = tokens.new_empty(tokens.shape[0], weight2.shape[0]) if rows is None else tokens.new_zeros(
+            tokens.shape[0], weight2.shape[0])
+        hidden_buffer = tokens.new_empty(size, weight1.shape[0])
+        row_buffer = None if rows is None else tokens.new_empty(size, tokens.shape[1])
+        result_buffer = None if rows is None else tokens.new_empty(size, weight2.shape[0])
+        for start in range(0, count, chunk_size):
+            chunk = DinoReluFeedForwardInChunks.rows(tokens, rows, start, chunk_size, row_buffer)
             hidden = DinoReluFeedForwardInChunks.hidden(chunk, weight1, bias1, hidden_buffer[: chunk.shape[0]])
-            torch.addmm(bias2, hidden, weight2.t(), out=output[start : start + chunk_size])
-        ctx.save_for_backward(tokens, weight1, bias1, weight2)
+            if rows is None:
+                torch.addmm(bias2, hidden, weight2.t(), out=output[start : start + chunk_size])
+            else:
+                result = torch.addmm(bias2, hidden, weight2.t(), out=result_buffer[: chunk.shape[0]])
+                output.index_copy_(0, rows[start : start + chunk_size], result)
+        ctx.save_for_backward(tokens, weight1, bias1, weight2, rows)
         ctx.chunk_size = chunk_size
         return output
+
+    @staticmethod
+    def rows(source: torch.Tensor, rows: torch.Tensor | None, start: int, chunk_size: int,
+             buffer: torch.Tensor | None) -> torch.Tensor:
+        """Chunk `start // chunk_size` of `source`'s rows: a slice, or with `rows` those rows gathered into `buffer`."""
+        if rows is None:
+            return source[start : start + chunk_size]
+        index = rows[start : start + chunk_size]
+        return torch.index_select(source, 0, index, out=buffer[: index.shape[0]])
 
     @staticmethod
     def hidden(chunk: torch.Tensor, weight1: torch.Tensor, bias1: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -338,22 +362,35 @@ class DinoReluFeedForwardInChunks(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        tokens, weight1, bias1, weight2 = ctx.saved_tensors
-        needs_tokens, needs_weight1, needs_bias1, needs_weight2, needs_bias2, _ = ctx.needs_input_grad
+        tokens, weight1, bias1, weight2, rows = ctx.saved_tensors
+        needs_tokens, needs_weight1, needs_bias1, needs_weight2, needs_bias2 = ctx.needs_input_grad[:5]
         grad_output = grad_output.contiguous()
-        grad_tokens = torch.empty_like(tokens) if needs_tokens else None
+        count = tokens.shape[0] if rows is None else rows.shape[0]
+        size = min(ctx.chunk_size, count)
+        if needs_tokens:
+            grad_tokens = torch.empty_like(tokens) if rows is None else torch.zeros_like(tokens)
+        else:
+            grad_tokens = None
         grad_weight1 = torch.zeros_like(weight1) if needs_weight1 else None
         grad_bias1 = torch.zeros_like(bias1) if needs_bias1 else None
         grad_weight2 = torch.zeros_like(weight2) if needs_weight2 else None
-        grad_bias2 = grad_output.sum(0) if needs_bias2 else None
-        rows = min(ctx.chunk_size, tokens.shape[0])
-        hidden_buffer = tokens.new_empty(rows, weight1.shape[0])
-        grad_hidden_buffer = tokens.new_empty(rows, weight1.shape[0])
-        for start in range(0, tokens.shape[0], ctx.chunk_size):
-            chunk, grad_chunk = tokens[start : start + ctx.chunk_size], grad_output[start : start + ctx.chunk_size]
+        if needs_bias2:
+            grad_bias2 = grad_output.sum(0) if rows is None else torch.zeros_like(grad_output[0])
+        else:
+            grad_bias2 = None
+        hidden_buffer = tokens.new_empty(size, weight1.shape[0])
+        grad_hidden_buffer = tokens.new_empty(size, weight1.shape[0])
+        row_buffer = None if rows is None else tokens.new_empty(size, tokens.shape[1])
+        grad_row_buffer = None if rows is None else tokens.new_empty(size, grad_output.shape[1])
+        result_buffer = None if rows is None or not needs_tokens else tokens.new_empty(size, tokens.shape[1])
+        for start in range(0, count, ctx.chunk_size):
+            chunk = DinoReluFeedForwardInChunks.rows(tokens, rows, start, ctx.chunk_size, row_buffer)
+            grad_chunk = DinoReluFeedForwardInChunks.rows(grad_output, rows, start, ctx.chunk_size, grad_row_buffer)
             hidden = DinoReluFeedForwardInChunks.hidden(chunk, weight1, bias1, hidden_buffer[: chunk.shape[0]])
             if needs_weight2:
                 grad_weight2.addmm_(grad_chunk.t(), hidden)
+            if needs_bias2 and rows is not None:
+                grad_bias2 += grad_chunk.sum(0)
             grad_hidden = torch.mm(grad_chunk, weight2, out=grad_hidden_buffer[: chunk.shape[0]])
             # ReLU's gradient, in place
             torch.ops.aten.threshold_backward.grad_input(grad_hidden, hidden, 0.0, grad_input=grad_hidden)
@@ -361,9 +398,13 @@ class DinoReluFeedForwardInChunks(torch.autograd.Function):
                 grad_bias1 += grad_hidden.sum(0)
             if needs_weight1:
                 grad_weight1.addmm_(grad_hidden.t(), chunk)
-            if needs_tokens:
+            if needs_tokens and rows is None:
                 torch.mm(grad_hidden, weight1, out=grad_tokens[start : start + ctx.chunk_size])
-        return grad_tokens, grad_weight1, grad_bias1, grad_weight2, grad_bias2, None
+            elif needs_tokens:
+                result = torch.mm(grad_hidden, weight1, out=result_buffer[: chunk.shape[0]])
+                grad_tokens.index_copy_(0, rows[start : start + ctx.chunk_size], result)
+        grads = (grad_tokens, grad_weight1, grad_bias1, grad_weight2, grad_bias2)
+        return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))  # chunk_size (and rows, when given)
 
 
 class DinoEncoderLayer(GradientCheckpointingLayer):
@@ -417,27 +458,29 @@ class DinoEncoderLayer(GradientCheckpointingLayer):
         if (captures_graph() or tokens.device.type != "cpu" or tokens.shape[0] <= ENCODER_FFN_CHUNK_TOKENS
                 or has_hooks(modules)):
             return self.feed_forward_block(tokens).view_as(hidden_states)
-        kept = None if padding_mask is None or not self.training else (~padding_mask).reshape(-1).nonzero().squeeze(1)
-        if kept is not None and kept.numel() < tokens.shape[0]:
-            output = self.feed_forward_in_chunks(tokens.index_select(0, kept))
-            return tokens.new_zeros(tokens.shape).index_copy(0, kept, output).view_as(hidden_states)
-        return self.feed_forward_in_chunks(tokens).view_as(hidden_states)
+        rows = None if padding_mask is None or not self.training else (~padding_mask).reshape(-1).nonzero().squeeze(1)
+        if rows is not None and rows.numel() == tokens.shape[0]:
+            rows = None
+        return self.feed_forward_in_chunks(tokens, rows).view_as(hidden_states)
 
-    def feed_forward_in_chunks(self, tokens: torch.Tensor) -> torch.Tensor:
+    def feed_forward_in_chunks(self, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The feed-forward block on a token matrix, `[tokens, D]` -> `[tokens, D]`, `ENCODER_FFN_CHUNK_TOKENS` at a
-        time (see `feed_forward`)."""
+        time, on the tokens `rows` (`[K]` int64; the other rows of the result are zeros) or on all (see
+        `feed_forward`)."""
         modules = (self.linear1, self.activation, self.dropout, self.linear2)
         plain = [type(module) for module in modules] == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
         dropout_acts = self.training and self.dropout.p > 0
         if plain and not dropout_acts and not torch.is_autocast_enabled("cpu"):
             return DinoReluFeedForwardInChunks.apply(
                 tokens, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
-                ENCODER_FFN_CHUNK_TOKENS,
+                ENCODER_FFN_CHUNK_TOKENS, rows,
             )
-        chunks = tokens.split(ENCODER_FFN_CHUNK_TOKENS)
+        chunks = (tokens if rows is None else tokens.index_select(0, rows)).split(ENCODER_FFN_CHUNK_TOKENS)
         if torch.is_grad_enabled():
-            return torch.cat([checkpoint(self.feed_forward_block, chunk, use_reentrant=False) for chunk in chunks])
-        return torch.cat([self.feed_forward_block(chunk) for chunk in chunks])
+            output = torch.cat([checkpoint(self.feed_forward_block, chunk, use_reentrant=False) for chunk in chunks])
+        else:
+            output = torch.cat([self.feed_forward_block(chunk) for chunk in chunks])
+        return output if rows is None else tokens.new_zeros(tokens.shape).index_copy_(0, rows, output)
 
     def feed_forward_block(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The plain feed-forward block on a token matrix, `[tokens, D]` -> `[tokens, D]`."""
