@@ -330,7 +330,7 @@ class DinoReluFeedForwardInChunks(torch.autograd.Function):
         row_buffer = None if rows is None else tokens.new_empty(size, tokens.shape[1])
         result_buffer = None if rows is None else tokens.new_empty(size, weight2.shape[0])
         for start in range(0, count, chunk_size):
-            chunk = DinoReluFeedForwardInChunks.rows(tokens, rows, start, chunk_size, row_buffer)
+            chunk = DinoReluFeedForwardInChunks.chunk_rows(tokens, rows, start, chunk_size, row_buffer)
             hidden = DinoReluFeedForwardInChunks.hidden(chunk, weight1, bias1, hidden_buffer[: chunk.shape[0]])
             if rows is None:
                 torch.addmm(bias2, hidden, weight2.t(), out=output[start : start + chunk_size])
@@ -342,8 +342,8 @@ class DinoReluFeedForwardInChunks(torch.autograd.Function):
         return output
 
     @staticmethod
-    def rows(source: torch.Tensor, rows: torch.Tensor | None, start: int, chunk_size: int,
-             buffer: torch.Tensor | None) -> torch.Tensor:
+    def chunk_rows(source: torch.Tensor, rows: torch.Tensor | None, start: int, chunk_size: int,
+                   buffer: torch.Tensor | None) -> torch.Tensor:
         """Chunk `start // chunk_size` of `source`'s rows: a slice, or with `rows` those rows gathered into `buffer`."""
         if rows is None:
             return source[start : start + chunk_size]
@@ -384,8 +384,9 @@ class DinoReluFeedForwardInChunks(torch.autograd.Function):
         grad_row_buffer = None if rows is None else tokens.new_empty(size, grad_output.shape[1])
         result_buffer = None if rows is None or not needs_tokens else tokens.new_empty(size, tokens.shape[1])
         for start in range(0, count, ctx.chunk_size):
-            chunk = DinoReluFeedForwardInChunks.rows(tokens, rows, start, ctx.chunk_size, row_buffer)
-            grad_chunk = DinoReluFeedForwardInChunks.rows(grad_output, rows, start, ctx.chunk_size, grad_row_buffer)
+            chunk = DinoReluFeedForwardInChunks.chunk_rows(tokens, rows, start, ctx.chunk_size, row_buffer)
+            grad_chunk = DinoReluFeedForwardInChunks.chunk_rows(
+                grad_output, rows, start, ctx.chunk_size, grad_row_buffer)
             hidden = DinoReluFeedForwardInChunks.hidden(chunk, weight1, bias1, hidden_buffer[: chunk.shape[0]])
             if needs_weight2:
                 grad_weight2.addmm_(grad_chunk.t(), hidden)
