@@ -158,7 +158,8 @@ def load_original_state_dict(
     Reads the release layout the original `main.py` writes, `{"model", "optimizer", "lr_scheduler", "epoch", "args"}`
     (`args` an `argparse.Namespace`, allow-listed for the `weights_only=True` unpickler; optimizer and scheduler are
     ignored), and the bare `{"model": state_dict}` layout. `weights="ema_model"` takes the EMA copy that runs with
-    `use_ema=True` also save. Missing, empty, truncated or non-checkpoint files raise a one-line `ConversionError`
+    `use_ema=True` also save. A `module.` prefix on every key (the weights of a `DistributedDataParallel`-wrapped
+    model) is removed. Missing, empty, truncated or non-checkpoint files raise a one-line `ConversionError`
     naming the file; a file that pickles other objects is refused unless `trust_checkpoint=True`.
     """
     path = Path(path)
@@ -194,6 +195,20 @@ def load_original_state_dict(
     state_dict = checkpoint[weights]
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ConversionError(f"{path}: checkpoint[{weights!r}] is not a state dict of tensors.")
+    return strip_distributed_prefix(state_dict)
+
+
+DISTRIBUTED_PREFIX = "module."
+
+
+def strip_distributed_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict` without the `module.` prefix that `DistributedDataParallel` puts before every key.
+
+    The original `main.py` saves the unwrapped model, so the released files have no prefix; a fine-tuning script that
+    saves `model.state_dict()` of the wrapped model has it on every key. Only a prefix shared by all keys is removed.
+    """
+    if state_dict and all(key.startswith(DISTRIBUTED_PREFIX) for key in state_dict):
+        return {key[len(DISTRIBUTED_PREFIX):]: tensor for key, tensor in state_dict.items()}
     return state_dict
 
 

@@ -70,6 +70,26 @@ def test_model_only_layout_and_ema_weights(converter, tmp_path):
     assert float(converter.load_original_state_dict(path, weights="ema_model")["transformer.level_embed"][0, 0]) == 2.0
 
 
+def test_weights_saved_from_a_distributed_wrapper_lose_its_prefix(converter, tmp_path):
+    """A fine-tuning script that saves `model.state_dict()` of a DistributedDataParallel-wrapped model prefixes every
+    key with `module.`; the file converts like the unwrapped one (its keys were reported as not DINO's)."""
+    folder = require_parity("r50_4scale")
+    plain = tmp_path / "plain.pth"
+    subprocess.run([sys.executable, str(PARITY / "make_original_checkpoint.py"), str(folder / "manifest.json"),
+                    str(plain)], check=True, capture_output=True)
+    raw = torch.load(plain, weights_only=False)
+    wrapped = tmp_path / "wrapped.pth"
+    torch.save({**raw, "model": {f"module.{k}": v for k, v in raw["model"].items()}}, wrapped)
+    loaded = converter.load_original_state_dict(wrapped)
+    assert list(loaded) == list(raw["model"])
+    assert all(torch.equal(loaded[k], raw["model"][k]) for k in loaded)
+    assert converter.looks_like_dino(loaded)
+
+    # a prefix on some keys only is a name like any other, not a wrapper's
+    partial = {"module.transformer.level_embed": torch.zeros(4, 8), "class_embed.0.weight": torch.zeros(91, 8)}
+    assert list(converter.strip_distributed_prefix(partial)) == list(partial)
+
+
 def test_other_pickled_objects_need_an_explicit_opt_in(converter, tmp_path):
     path = tmp_path / "untrusted.pth"
     torch.save({"model": _dino_like_state_dict(), "note": pathlib.PurePosixPath("/a")}, path)
