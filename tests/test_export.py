@@ -200,6 +200,29 @@ def test_cli_predict_onnx_matches_pytorch(exported, tmp_path):
     np.testing.assert_allclose(boxes, reference["boxes"].tolist(), atol=0.05)  # pixels; the CLI rounds to 1e-3
 
 
+def test_cli_predict_onnx_names_the_argument_that_failed(exported, tmp_path, capsys):
+    """A bad --model next to a good --onnx was reported as "cannot load model 'dino.onnx'"."""
+    from hf_dino_cli import main
+
+    *_, tmp = exported
+    image = sorted(COCO_MINI.rglob("*.jpg"))[:1] if COCO_MINI.exists() else []
+    if not image:
+        pytest.skip(f"no COCO-MINI image at {COCO_MINI}")
+    onnx_file = str(tmp / "dino.onnx")
+    missing = str(tmp_path / "no_model_here")
+    assert main(["predict", str(image[0]), "--onnx", onnx_file, "--model", missing, "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"--model {missing!r}" in err and f"the model folder {missing!r} does not exist" in err, err
+    assert "dino.onnx" not in err, err
+    not_a_graph = tmp_path / "not_a_graph.onnx"
+    not_a_graph.write_bytes(b"not a protobuf")
+    assert main(["predict", str(image[0]), "--onnx", str(not_a_graph), "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot load --onnx {str(not_a_graph)!r}" in err, err
+
+
 def test_post_process_accepts_numpy(exported):
     detector = exported[2]
     out = fixture_batch_outputs(exported)

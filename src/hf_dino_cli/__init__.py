@@ -195,10 +195,17 @@ def _load_onnx_runner(onnx_path: str, model_name: str | None):
 
         import hf_dino  # noqa: F401 - registers DINO with the Auto classes
 
-        processor = transformers.AutoImageProcessor.from_pretrained(model_name)
-        config = transformers.AutoConfig.from_pretrained(model_name)
+        try:
+            check_model_argument(model_name)
+            processor = transformers.AutoImageProcessor.from_pretrained(model_name)
+            config = transformers.AutoConfig.from_pretrained(model_name)
+        except Exception as error:  # noqa: BLE001 - reported as a CLI error naming --model, not the graph
+            raise ValueError(f"--model {model_name!r} (its processor and label names): {error}") from error
         id2label = {int(k): v for k, v in getattr(config, "id2label", {}).items()}
-    runner = DinoOnnxDetector(onnx_path, processor)
+    try:
+        runner = DinoOnnxDetector(onnx_path, processor)
+    except Exception as error:  # noqa: BLE001
+        raise ValueError(f"--onnx {onnx_path!r}: {error}") from error
     return runner, runner.processor, id2label if id2label is not None else runner.id2label
 
 
@@ -256,7 +263,7 @@ def run_predict(args: argparse.Namespace) -> int:
             model, processor = _load_model_and_processor(args.model, device, args.dtype)
             id2label = {int(k): v for k, v in getattr(model.config, "id2label", {}).items()}
     except Exception as error:  # noqa: BLE001 - reported as a CLI error
-        _error(f"cannot load model {args.onnx or args.model!r}: {error}")
+        _error(f"cannot load {error}" if args.onnx is not None else f"cannot load model {args.model!r}: {error}")
         return 1
     from hf_dino.tta import tta_from_args
 
