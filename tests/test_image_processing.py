@@ -580,6 +580,20 @@ def test_tiny_huge_aspect_and_16bit_files(cls, tmp_path):
     assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
 
 
+def test_resize_to_a_single_pixel():
+    """A 1x1 output (a tiny `size`, a TTA scale near 0) failed an internal assert of torch's uint8 antialiased kernel
+    on the torchvision processor. Reference: PIL's antialiased bilinear resize on the PIL processor, which for a
+    1x1 output is a tent-weighted mean of the image, close to its plain mean."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    for size in ({"height": 1, "width": 1}, {"shortest_edge": 1, "longest_edge": 2}):
+        fast = DinoImageProcessor(do_normalize=False)(image, size=size, return_tensors="pt")["pixel_values"]
+        pil = DinoImageProcessorPil(do_normalize=False)(image, size=size, return_tensors="pt")["pixel_values"]
+        assert fast.shape == pil.shape == (1, 3, 1, 1)
+        torch.testing.assert_close(fast, pil, atol=1 / 255 + 1e-6, rtol=0)
+        mean = torch.from_numpy(np.asarray(image, dtype=np.float64).mean((0, 1)) / 255).float()
+        torch.testing.assert_close(fast[0, :, 0, 0], mean, atol=0.05, rtol=0)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Serialization / AutoImageProcessor
 # ----------------------------------------------------------------------------------------------------------------------

@@ -660,6 +660,11 @@ class DinoImageProcessor(_DinoProcessorMixin, TorchvisionBackend):
         new_size = _output_size(image.shape[-2], image.shape[-1], size)
         if tuple(new_size) == tuple(image.shape[-2:]):
             return image
+        if tuple(new_size) == (1, 1) and antialias and image.dtype == torch.uint8:
+            # torch's antialiased uint8 kernel fails an internal assert for a 1x1 output (a tiny `size`, or a TTA scale
+            # near 0): resize in float32 and round as the uint8 kernel does
+            resized = super().resize(image.float(), SizeDict(height=1, width=1), resample=resample, antialias=True)
+            return resized.round_().clamp_(0, 255).to(torch.uint8)
         return super().resize(
             image, SizeDict(height=new_size[0], width=new_size[1]), resample=resample, antialias=antialias
         )
