@@ -60,18 +60,41 @@ def test_folded_path_matches_float64_unfolded_backbone(backbone):
     assert_matches_reference([f for f, _ in features], float64_reference(backbone, pixel_values))
 
 
-def test_folded_weights_follow_in_place_updates(backbone):
-    """The cache is recomputed when a source tensor changes (here: new weights loaded in place)."""
+def test_folded_weights_follow_every_kind_of_weight_update(backbone):
+    """The folded view always computes with the current weights, however they changed. A cache keyed on the tensors'
+    version counters missed a fused AdamW step (transformers.Trainer's default optimizer: every evaluation after the
+    first ran the old backbone) and `.data` edits, and failed on weights converted in `torch.inference_mode()`."""
+    import copy
+
+    module = copy.deepcopy(backbone)
     pixel_values = torch.randn(1, 3, 64, 64)
     padding_mask = torch.zeros(1, 64, 64, dtype=torch.bool)
+
+    def check(what: str) -> None:
+        with torch.no_grad():
+            features = [f for f, _ in module(pixel_values, padding_mask)]
+        assert all(f.is_contiguous(memory_format=torch.channels_last) for f in features), what  # the folded view ran
+        assert_matches_reference(features, float64_reference(module, pixel_values))
+
+    check("first call")
     with torch.no_grad():
-        backbone(pixel_values, padding_mask)  # fills the cache
-        state = {k: v.clone() for k, v in backbone.state_dict().items()}
-        randomize_batch_norms(backbone, seed=1)
-        backbone.body.conv1.weight.mul_(0.5)
-        features = [f for f, _ in backbone(pixel_values, padding_mask)]
-    assert_matches_reference(features, float64_reference(backbone, pixel_values))
-    backbone.load_state_dict(state)
+        randomize_batch_norms(module, seed=1)
+        module.body.conv1.weight.mul_(0.5)
+    check("in-place updates")
+    module.body.layer2[0].conv1.weight.data.mul_(2.0)
+    module.body.layer3[0].bn2.running_var.data.fill_(3.0)
+    check(".data edits")
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=0.05, fused=True)
+    for p in trainable:
+        p.grad = torch.randn_like(p)
+    versions = [p._version for p in trainable]
+    optimizer.step()
+    assert [p._version for p in trainable] == versions  # what the cache missed: a fused step bumps no version
+    check("fused AdamW step")
+    with torch.inference_mode():
+        module.double().float()  # new parameters and buffers, created as inference tensors
+    check("weights converted in inference mode")
 
 
 def test_training_runs_the_folded_view_with_the_module_gradients(backbone):
@@ -88,7 +111,7 @@ def test_training_runs_the_folded_view_with_the_module_gradients(backbone):
     backbone.train()
     try:
         features = [f for f, _ in backbone(pixel_values, padding_mask)]
-        with torch.no_grad():  # training mode without autograd: the cached folding, the same function
+        with torch.no_grad():  # training mode without autograd: the same function
             cached = [f for f, _ in backbone(pixel_values, padding_mask)]
     finally:
         backbone.eval()
@@ -122,8 +145,9 @@ def test_fast_path_changes_nothing_saved(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.save_pretrained(tmp_path / "before")
     with torch.no_grad():
+        features = model.model.backbone(torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool))
         model(pixel_values=torch.randn(1, 3, 64, 96))
-    assert model.model.backbone.folded_body()._cache is not None, "the fast path did not run"
+    assert features[0][0].is_contiguous(memory_format=torch.channels_last), "the fast path did not run"
     after = model.state_dict()
     assert list(after) == list(before)
     assert all(torch.equal(after[k], v) and after[k].is_contiguous() for k, v in before.items())
