@@ -665,6 +665,39 @@ def test_new_label_set_reinitialises_class_heads(tmp_path):
     assert torch.allclose(model.class_embed.bias, torch.full((3,), prior))
 
 
+def test_loaded_model_keeps_the_stem_frozen(tmp_path):
+    """transformers makes every loaded floating-point parameter trainable: fine-tuning a saved or converted model
+    trained the ResNet stem and layer1, which DINO never trains. `from_pretrained` (direct, Auto class, new label set)
+    freezes them again, as a model built from its config."""
+    from transformers import AutoModelForObjectDetection
+
+    from conftest import tiny_model as build_tiny_model
+
+    model = build_tiny_model()
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert any(n.startswith("model.backbone.body.layer2") for n in trainable)
+    assert not any(n.startswith(("model.backbone.body.conv1", "model.backbone.body.layer1")) for n in trainable)
+    model.save_pretrained(tmp_path)
+    loaded = [
+        DinoForObjectDetection.from_pretrained(tmp_path),
+        AutoModelForObjectDetection.from_pretrained(tmp_path),
+        DinoForObjectDetection.from_pretrained(tmp_path, output_loading_info=True)[0],
+    ]
+    for again in loaded:
+        assert sorted(n for n, p in again.named_parameters() if p.requires_grad) == trainable
+    relabelled = DinoForObjectDetection.from_pretrained(tmp_path, num_labels=3, ignore_mismatched_sizes=True)
+    assert sorted(n for n, p in relabelled.named_parameters() if p.requires_grad) == trainable
+
+    # one optimizer step leaves the stem as it was
+    stem = relabelled.model.backbone.body.conv1.weight.detach().clone()
+    optimizer = torch.optim.AdamW([p for p in relabelled.parameters() if p.requires_grad], lr=1e-2)
+    relabelled.train()
+    labels = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    relabelled(pixel_values=torch.randn(1, 3, 64, 96), labels=labels).loss.backward()
+    optimizer.step()
+    assert torch.equal(relabelled.model.backbone.body.conv1.weight, stem)
+
+
 def test_relu_feed_forward_in_chunks_gradcheck():
     """`DinoReluFeedForwardInChunks` against numerical derivatives (float64, a partial last chunk), with every input
     trainable and with frozen weights (only the tokens' gradient computed)."""

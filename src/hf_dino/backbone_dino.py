@@ -539,16 +539,23 @@ class DinoBackbone(nn.Module):
                 zero_init_last=False,
             )
             self.body = DinoFrozenBatchNorm2d.replace_batch_norms(body)
-            # As the original: the stem and layer1 are never trained.
-            for name, parameter in self.body.named_parameters():
-                if not name.startswith(("layer2", "layer3", "layer4")):
-                    parameter.requires_grad_(False)
+            self.freeze_stem()
             # the ResNet keeps timm's initialisation (or its pretrained weights); transformers must not redo it
             for module in self.body.modules():
                 module._is_hf_initialized = True
         # not while `from_pretrained` builds the model on the meta device: its checkpoint holds the weights
         if config.use_pretrained_backbone and not any(p.is_meta for p in self.parameters()):
             self.load_pretrained_weights(config.pretrained_backbone_weights)
+
+    def freeze_stem(self) -> None:
+        """As the original, a ResNet's stem and layer1 are never trained: their parameters get
+        `requires_grad=False` (a Swin has none to freeze). `hf_dino.training.prepare_scratch_backbone` undoes it for a
+        backbone trained from scratch."""
+        if self.is_swin:
+            return
+        for name, parameter in self.body.named_parameters():
+            if not name.startswith(("layer2", "layer3", "layer4")):
+                parameter.requires_grad_(False)
 
     @property
     def is_swin(self) -> bool:

@@ -631,6 +631,18 @@ class DinoPreTrainedModel(PreTrainedModel):
     # enc_output_norm, enc_out_class_embed and enc_out_bbox_embed.
     _keep_in_fp32_modules_strict = [r"enc_out"]
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, then the ResNet stem and layer1 frozen again (`DinoBackbone.freeze_stem`),
+        as in a model built from its config: transformers makes every loaded floating-point parameter trainable, and
+        fine-tuning would train them, which DINO never does."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading info) with output_loading_info
+        for module in model.modules():
+            if isinstance(module, DinoBackbone):
+                module.freeze_stem()
+        return loaded
+
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
         # transformers treats models defined outside the library as "custom code" and then skips every module that
         # owns no parameter itself (the attention modules, the detection head) so that remote code writing tensors
