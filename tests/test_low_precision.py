@@ -143,6 +143,24 @@ def test_from_pretrained_in_bfloat16(fp32_run, tmp_path):
     assert_agrees_with_float32(outputs, reference, torch.bfloat16)
 
 
+def test_from_pretrained_in_bfloat16_with_a_new_label_set(fp32_run, tmp_path):
+    """Re-labelling while loading in 16 bits re-initialises the encoder's class head: it must be float32 like the
+    other selection heads (it was created in bfloat16 and the forward pass failed with a dtype mismatch)."""
+    fp32_model, _ = fp32_run
+    fp32_model.save_pretrained(tmp_path)
+    model = DinoForObjectDetection.from_pretrained(
+        tmp_path, dtype=torch.bfloat16, num_labels=3, ignore_mismatched_sizes=True).eval()
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    kept = {name for name in dtypes if name.startswith(SELECTION_HEADS)}
+    assert len(kept) == 12 and all(dtypes[name] == torch.float32 for name in kept)
+    assert {dtypes[name] for name in dtypes.keys() - kept} == {torch.bfloat16}
+    assert model.model.enc_out_class_embed.weight.shape[0] == 3
+    pixel_values, pixel_mask = batch()
+    with torch.no_grad():
+        outputs = model(pixel_values=pixel_values.bfloat16(), pixel_mask=pixel_mask)
+    assert outputs.logits.shape[-1] == 3 and torch.isfinite(outputs.logits.float()).all()
+
+
 SELECTION_HEADS = ("model.enc_output", "model.enc_output_norm", "model.enc_out_class_embed", "model.enc_out_bbox_embed")
 
 

@@ -633,14 +633,24 @@ class DinoPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, then the ResNet stem and layer1 frozen again (`DinoBackbone.freeze_stem`),
-        as in a model built from its config: transformers makes every loaded floating-point parameter trainable, and
-        fine-tuning would train them, which DINO never does."""
+        """`PreTrainedModel.from_pretrained`, then two repairs of what transformers' loading leaves:
+
+        - the ResNet stem and layer1 frozen again (`DinoBackbone.freeze_stem`), as in a model built from its config:
+          loading makes every floating-point parameter trainable, and fine-tuning would train them, which DINO never
+          does;
+        - in a 16-bit model, the query-selection heads in float32 (`_keep_in_fp32_modules_strict`) also where they
+          were re-initialised for a new label set (`num_labels=..., ignore_mismatched_sizes=True` created
+          `enc_out_class_embed` in 16 bits next to a float32 `enc_output`: the forward pass failed).
+        """
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading info) with output_loading_info
         for module in model.modules():
             if isinstance(module, DinoBackbone):
                 module.freeze_stem()
+        if any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
+            for name, module in model.named_modules():
+                if any(pattern in name for pattern in cls._keep_in_fp32_modules_strict):
+                    module.float()
         return loaded
 
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
