@@ -367,8 +367,9 @@ def test_converter_write_expected_verify_and_push(converter, monkeypatch, tmp_pa
 
 
 def test_converter_refuses_bad_verify_and_metrics_files_before_converting(converter, tmp_path, capsys):
-    """A --verify folder without expected outputs, or a --measured-metrics file that is not COCO fractions, is an
-    `error:` line before anything is converted or written (it used to be a traceback after the conversion)."""
+    """A --verify folder without expected outputs, a --measured-metrics file that is not COCO fractions, unreadable
+    --expected-images or an unwritable --write-expected is an `error:` line before anything is converted or written
+    (it used to be a traceback after the conversion)."""
     checkpoint = tmp_path / "checkpoint0011_4scale.pth"
     checkpoint.write_bytes(b"")
     empty_folder, not_safetensors, percent = tmp_path / "empty", tmp_path / "expected.safetensors", tmp_path / "m.json"
@@ -376,10 +377,17 @@ def test_converter_refuses_bad_verify_and_metrics_files_before_converting(conver
     not_safetensors.write_text("not a safetensors file")
     percent.write_text(json.dumps({"AP": 49.0}))
     base = ["--checkpoint", str(checkpoint), "--model-name", "dino-r50-4scale", "--output-dir", str(tmp_path / "out")]
+    not_an_image = tmp_path / "fake.jpg"
+    not_an_image.write_bytes(b"not an image")
     for extra, message in (
         (["--verify", str(empty_folder)], "no expected-output file at"),
         (["--verify", str(not_safetensors)], f"--verify {str(not_safetensors)!r}: "),
         (["--measured-metrics", str(percent)], "must be a fraction in [0, 1]"),
+        # the next three failed after the conversion (a PIL / safetensors traceback) or were silently ignored
+        (["--write-expected", str(tmp_path / "e.safetensors"), "--expected-images", str(not_an_image)],
+         f"--expected-images: cannot read {str(not_an_image)!r}"),
+        (["--write-expected", str(empty_folder)], "cannot be written as a file"),
+        (["--expected-images", str(not_an_image)], "give --write-expected FILE too"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             converter.main(base + extra)
