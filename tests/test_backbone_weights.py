@@ -241,15 +241,36 @@ def test_strict_loading_lists_every_problem(tmp_path):
     with pytest.raises(ValueError) as error:
         DinoBackbone(DinoConfig(backbone="resnet18", backbone_weights=str(file)))
     message = str(error.value)
-    assert "unmapped keys (1): ['layer2.0.extra.weight']" in message
-    assert "missing keys (1): ['layer3.1.bn1.running_mean']" in message
+    assert "unmapped keys (1): layer2.0.extra.weight\n" in message
+    assert "missing keys (1): layer3.1.bn1.running_mean\n" in message
     assert "layer4.1.conv2.weight: file (512, 512, 1, 1), model (512, 512, 3, 3)" in message
+    assert "whole detector" not in message
     # a ResNet-50 file does not fit a ResNet-18, a Swin-L file does not fit a Swin-T
     save_file(random_timm_state_dict("resnet50", seed=6), tmp_path / "r50.safetensors")
     with pytest.raises(ValueError, match="mis-shaped"):
         DinoBackbone(DinoConfig(backbone="resnet18", backbone_weights=str(tmp_path / "r50.safetensors")))
     with pytest.raises(FileNotFoundError, match="not found"):
         DinoBackbone(DinoConfig(backbone="resnet18", backbone_weights=str(tmp_path / "missing.pth")))
+
+
+def test_unfit_or_unreadable_files_give_short_messages_naming_them(tmp_path):
+    """A whole detector's weights given as backbone weights listed all of its ~540 keys (31 000 characters) without
+    saying what the file is; a corrupt .safetensors file raised safetensors' error without the path."""
+    from conftest import tiny_model
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "detector")
+    detector_file = tmp_path / "detector" / "model.safetensors"
+    with pytest.raises(ValueError) as error:
+        DinoBackbone(DinoConfig(backbone="resnet18", backbone_weights=str(detector_file)))
+    message = str(error.value)
+    assert "weights of a whole detector" in message and "from_pretrained" in message
+    assert len(message) < 4000 and "more)" in message, len(message)
+
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00" * 8)
+    with pytest.raises(ValueError, match=f"cannot read backbone weights {corrupt}"):
+        DinoBackbone(DinoConfig(backbone="resnet18", backbone_weights=str(corrupt)))
 
 
 def test_unknown_tag_and_unreachable_hub_say_what_to_pass(monkeypatch, tmp_path):

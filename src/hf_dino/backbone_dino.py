@@ -452,6 +452,11 @@ def swin_key_map(state_dict: dict[str, torch.Tensor]) -> dict[str, str | None]:
     return mapping
 
 
+def _preview(items: list[str], limit: int = 20) -> str:
+    """The first `limit` items of a list, and how many more."""
+    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
 def read_weight_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from a `.safetensors` file or a `.pth` (`torch.load(weights_only=True)`; a `{"model": ...}`
     or `{"state_dict": ...}` wrapper, as in Microsoft's Swin releases, is unwrapped)."""
@@ -461,7 +466,10 @@ def read_weight_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as error:  # safetensors' errors for a truncated or foreign file do not name it
+            raise ValueError(f"cannot read backbone weights {path}: {type(error).__name__}: {error}") from error
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle / zip errors of a truncated or foreign file
@@ -599,10 +607,16 @@ class DinoBackbone(nn.Module):
                 if state[key].shape != expected.shape or not torch.equal(state[key].to(expected), expected):
                     misshaped.append(f"{key}: differs from the window's relative position index")
         if unmapped or missing or misshaped:
+            hint = ""
+            if any(key.startswith(("model.backbone.", "backbone.0.", "transformer.")) for key in state):
+                hint = ("\n  (these are the weights of a whole detector, not of an ImageNet backbone: load a converted or "
+                        "trained DINO with DinoForObjectDetection.from_pretrained, or convert an original checkpoint "
+                        "with conversion/convert_original_checkpoint.py)")
             raise ValueError(
                 f"{weights} does not fit the {self.name} backbone:\n"
-                f"  unmapped keys ({len(unmapped)}): {unmapped}\n  missing keys ({len(missing)}): {missing}\n"
-                f"  mis-shaped ({len(misshaped)}): {misshaped}"
+                f"  unmapped keys ({len(unmapped)}): {_preview(unmapped)}\n"
+                f"  missing keys ({len(missing)}): {_preview(missing)}\n"
+                f"  mis-shaped ({len(misshaped)}): {_preview(misshaped)}{hint}"
             )
         self.body.load_state_dict({k: v.to(ours[k].dtype) for k, v in loaded.items()}, strict=False)
         for key in new:
