@@ -94,6 +94,15 @@ def main() -> int:
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.model is not None and not args.images:
+        parser.error("--model needs --images (the images to compare the detections on)")
+    if args.model is None and args.images:
+        parser.error("--images are the input of --model (a fixture brings its own images)")
+    missing = [path for path in args.images or [] if not Path(path).is_file()]
+    if missing:
+        parser.error(f"--images: no file {missing[0]!r}")
+    if args.threads < 1 or args.top_k < 1:
+        parser.error("--threads and --top-k must be >= 1")
     torch.set_num_threads(args.threads)
     from PIL import Image
     from safetensors.torch import load_file

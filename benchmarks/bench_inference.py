@@ -90,6 +90,12 @@ def main() -> int:
                         help="also run bfloat16: the model converted (from_pretrained(..., dtype=torch.bfloat16) "
                              "does the same) and the float32 model under torch.autocast")
     args = parser.parse_args()
+    if args.threads < 1 or args.repeats < 1:
+        parser.error("--threads and --repeats must be >= 1")
+    if args.image is not None and not Path(args.image).is_file():
+        parser.error(f"--image: no file {args.image!r}")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available")
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

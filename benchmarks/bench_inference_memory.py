@@ -75,6 +75,8 @@ def main() -> int:
     parser.add_argument("--autocast", action="store_true", help="also float32 models under bfloat16 autocast")
     parser.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads < 1 or args.repeats < 1 or args.steps < 1:
+        parser.error("--threads, --repeats and --steps must be >= 1")
     if args.worker:
         print(json.dumps(worker(*args.worker, args.steps, args.threads)))
         return 0

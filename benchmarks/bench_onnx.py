@@ -66,6 +66,10 @@ def main() -> int:
     parser.add_argument("--save", default=None, help="keep the export here (for --onnx next time)")
     parser.add_argument("--profile", action="store_true", help="print onnxruntime's per-operator time split")
     args = parser.parse_args()
+    if args.threads < 1 or args.repeats < 1:
+        parser.error("--threads and --repeats must be >= 1")
+    if args.image is not None and not Path(args.image).is_file():
+        parser.error(f"--image: no file {args.image!r}")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

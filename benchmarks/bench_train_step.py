@@ -128,6 +128,8 @@ def main() -> int:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads < 1 or args.repeats < 1 or args.steps < 1:
+        parser.error("--threads, --repeats and --steps must be >= 1")
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps, args.threads, args.checkpointing_worker, args.batch)))
         return 0

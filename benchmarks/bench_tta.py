@@ -44,6 +44,8 @@ def main() -> None:
     p.add_argument("--num-threads", type=int, default=1)
     p.add_argument("--json", default=None, help="write the numbers here")
     args = p.parse_args()
+    if args.num_threads < 1 or args.repeats < 1:
+        p.error("--num-threads and --repeats must be >= 1")
     torch.set_num_threads(args.num_threads)
 
     from pycocotools.coco import COCO
