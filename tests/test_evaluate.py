@@ -399,6 +399,7 @@ def test_evaluate_script_rejects_top_k_zero(tmp_path, capsys):
         (["--tta", "--tta-scales", "1.0", "-1"], "--tta-scales must be positive"),
         # a missing folder was reported as "Repo id must be in the form ..."
         (["--model", "./no/such/run"], "--model: the model folder './no/such/run' does not exist"),
+        (["--threshold", "nan"], "--threshold must be a score in [0, 1]"),
     ],
 )
 def test_evaluate_script_rejects_options_it_would_get_wrong(tmp_path, capsys, options, message):
@@ -406,6 +407,47 @@ def test_evaluate_script_rejects_options_it_would_get_wrong(tmp_path, capsys, op
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--model", "m", "--images", str(tmp_path), "--annotations", "a.json", *options])
     assert message in capsys.readouterr().err
+
+
+def test_evaluate_script_refuses_outputs_it_cannot_write_before_evaluating(tmp_path, capsys):
+    """An --output or --metrics-output that is a folder, or under a file, failed with a traceback after the whole
+    evaluation (its detections lost); missing folders are created."""
+    evaluate = _load_evaluate_script()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    base = ["--model", "m", "--images", str(tmp_path), "--annotations", "a.json"]
+    for option in ("--output", "--metrics-output"):
+        for value, message in ((tmp_path, "is a folder"), (blocker / "x.json", "a parent of it is a file")):
+            with pytest.raises(SystemExit):
+                evaluate.parse_args([*base, option, str(value)])
+            err = capsys.readouterr().err
+            assert f"{option} {str(value)!r}" in err and message in err, err
+    args = evaluate.parse_args([*base, "--output", str(tmp_path / "new" / "r.json")])
+    assert args.output == str(tmp_path / "new" / "r.json")
+
+
+def test_evaluate_script_names_an_unreadable_image_before_evaluating(tmp_path):
+    """A truncated image listed in the annotations: one line naming it, before any model is loaded (a PIL traceback
+    from the data loader before)."""
+    images = sorted((COCO_MINI / "val2017").glob("*.jpg"))[:2]
+    if len(images) < 2:
+        pytest.skip(f"COCO-MINI not found at {COCO_MINI}")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / images[0].name).write_bytes(images[0].read_bytes())
+    (folder / images[1].name).write_bytes(images[1].read_bytes()[:5000])  # truncated
+    annotations = tmp_path / "instances.json"
+    annotations.write_text(json.dumps({
+        "images": [{"id": i + 1, "file_name": p.name, "width": 640, "height": 480} for i, p in enumerate(images)],
+        "annotations": [], "categories": [{"id": 1, "name": "thing"}],
+    }))
+    (tmp_path / "unused").mkdir()  # never loaded: the images are checked first
+    evaluate = _load_evaluate_script()
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--model", str(tmp_path / "unused"), "--images", str(folder), "--annotations", str(annotations)])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: 1 images of") and str(folder / images[1].name) in message, message
+    assert "truncated" in message and "\n" not in message
 
 
 def test_evaluate_script_model_folder_without_processor_is_one_clear_line(tmp_path):

@@ -284,6 +284,11 @@ def test_post_process_threshold_target_size_forms_and_top_k():
 
     with pytest.raises(ValueError):
         post_process_object_detection(outputs, 0.5, sizes[:1])
+    # a threshold that is not a score: NaN kept all top-300, 2 silently none
+    for bad in (float("nan"), -0.5, 2.0):
+        with pytest.raises(ValueError, match="threshold must be a score in"):
+            post_process_object_detection(outputs, bad, sizes)
+    assert [len(r["scores"]) for r in post_process_object_detection(outputs, 1.0, sizes)] == [0, 0]
 
 
 def test_post_process_small_synthetic_and_huge_top_k():

@@ -383,8 +383,8 @@ def test_cli_model_folder_that_does_not_exist(tmp_path, capsys):
 def test_cli_predict_refuses_unsafe_or_ignored_options(model_dir, tmp_path, capsys):
     """Refused before anything is loaded or written: an --out folder holding the input images (the annotated
     images would overwrite them: the inputs were replaced), an --out that is a file, TTA options without --tta
-    (ignored before), a non-positive TTA scale (a traceback before), a negative --max-draw and 16-bit or GPU options
-    with --onnx (ignored before)."""
+    (ignored before), a non-positive TTA scale (a traceback before), a negative --max-draw, 16-bit or GPU options
+    with --onnx (ignored before) and a --threshold that is not a score."""
     import hashlib
 
     from hf_dino_cli import main
@@ -403,13 +403,16 @@ def test_cli_predict_refuses_unsafe_or_ignored_options(model_dir, tmp_path, caps
         (["--out", str(tmp_path / "o2"), "--tta", "--tta-scales", "1.0", "0"], "--tta-scales must be positive"),
         (["--out", str(tmp_path / "o3"), "--max-draw", "-1"], "--max-draw must be >= 0"),  # drew all but one before
         (["--out", str(tmp_path / "o4"), "--onnx", "m.onnx", "--dtype", "float16"], "--dtype and --device do not"),
+        # NaN kept every candidate ("600 detection(s) above nan"), 2 silently none
+        (["--out", str(tmp_path / "o5"), "--threshold", "nan"], "--threshold must be a score in [0, 1]"),
+        (["--out", str(tmp_path / "o6"), "--threshold", "2"], "--threshold must be a score in [0, 1]"),
     ]
     for options, message in cases:
         rc = main(["predict", str(folder), "--model", str(model_dir), "--no-progress", *options])
         assert rc == 2 and message in capsys.readouterr().err, options
     assert sorted(p.name for p in folder.iterdir()) == [IMAGE_A.name]
     assert hashlib.sha256(photo.read_bytes()).hexdigest() == digest
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 7))
     # without drawing, only the two JSON files are written: allowed next to the inputs
     assert main(["predict", str(folder), "--model", str(model_dir), "--no-progress", "--no-draw", "--out",
                  str(folder)]) == 0
@@ -423,6 +426,28 @@ def test_cli_export_refuses_a_non_positive_static_size(model_dir, tmp_path, caps
     rc = main(["export", "--model", str(model_dir), "--output", str(tmp_path / "m.onnx"), "--static-size", "-5", "10"])
     assert rc == 2 and "--static-size must be two positive numbers" in capsys.readouterr().err  # a traceback before
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_export_refuses_an_output_that_cannot_be_written_before_exporting(model_dir, tmp_path, capsys):
+    """An --output that is a folder (or under a file) ran the whole export, then failed with a traceback."""
+    import time
+
+    from hf_dino_cli import main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for output, message in ((tmp_path, "is a folder"), (blocker / "m.onnx", "a parent of it is a file")):
+        start = time.perf_counter()
+        rc = main(["export", "--model", str(model_dir), "--output", str(output)])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and "Traceback" not in err, err
+        assert time.perf_counter() - start < 5  # nothing loaded or exported
+    pytest.importorskip("onnx", reason="the `onnx` extra is not installed")
+    from hf_dino import DinoForObjectDetection
+    from hf_dino.export import export_onnx
+
+    with pytest.raises(ValueError, match="is a folder"):
+        export_onnx(DinoForObjectDetection.from_pretrained(model_dir), tmp_path)
 
 
 def test_cli_refuses_models_that_are_not_dino(tmp_path, capsys):

@@ -200,6 +200,8 @@ def export_onnx(
 
     model = model.eval()
     output_path = Path(output_path)
+    if output_path.is_dir():  # found before the export (minutes for a full model), not when the file is written
+        raise ValueError(f"output_path {str(output_path)!r} is a folder; give the .onnx file to write")
     output_path.parent.mkdir(parents=True, exist_ok=True)
     height, width = example_size
     device = next(model.parameters()).device

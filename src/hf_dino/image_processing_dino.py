@@ -404,6 +404,8 @@ def post_process_object_detection(
 
     if int(top_k) < 0:
         raise ValueError(f"top_k must be >= 0 (0 gives no detections), got {top_k}.")
+    if threshold is not None and not 0 <= threshold <= 1:  # NaN included: it kept everything
+        raise ValueError(f"threshold must be a score in [0, 1] (0 or None keeps all top_k), got {threshold}.")
     if target_sizes is not None:
         if len(target_sizes) != batch_size:
             raise ValueError(

@@ -216,6 +216,9 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         _error("--top-k must be >= 1 (the number of candidate detections per image; use --threshold to keep fewer)")
         return 2
+    if not 0 <= args.threshold <= 1:
+        _error(f"--threshold must be a score in [0, 1] (0 keeps all --top-k), got {args.threshold}")
+        return 2
     if args.model is None and args.onnx is None:
         _error("give --model (PyTorch) or --onnx (exported graph)")
         return 2
@@ -423,6 +426,13 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
 def run_export(args: argparse.Namespace) -> int:
     if args.static_size and min(args.static_size) < 1:
         _error(f"--static-size must be two positive numbers (height, width), got {args.static_size}")
+        return 2
+    output = Path(args.output)
+    if output.is_dir():
+        _error(f"--output {args.output!r} is a folder; give the .onnx file to write")
+        return 2
+    if any(parent.exists() and not parent.is_dir() for parent in output.parents):
+        _error(f"--output {args.output!r}: a parent of it is a file, not a folder")
         return 2
     try:
         from hf_dino.export import DinoExportError, export_onnx, require_onnx
