@@ -28,6 +28,7 @@ import torch
 import verify as verify_outputs  # conversion/verify.py, beside this script
 from hf_dino import DinoConfig, DinoForObjectDetection, DinoImageProcessor
 from hf_dino.training import check_image_file
+from hf_dino_cli import output_file_problem
 
 # name -> DinoConfig arguments (everything else: DINO_4scale defaults)
 MODEL_CONFIGS: dict[str, dict] = {
@@ -307,11 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.expected_images or []:
         if (problem := check_image_file(path)) is not None:
             parser.error(f"--expected-images: cannot read {path!r} ({problem})")
-    if args.write_expected is not None:
-        target = Path(args.write_expected)
-        if target.is_dir() or any(parent.exists() and not parent.is_dir() for parent in target.parents):
-            parser.error(f"--write-expected {args.write_expected!r} cannot be written as a file (a folder, or under "
-                         "a file)")
+    if args.write_expected is not None and output_file_problem(args.write_expected) is not None:
+        parser.error(f"--write-expected {args.write_expected!r} cannot be written as a file (a folder, or under a "
+                     "file)")
     metrics = None
     if args.measured_metrics:
         from hf_dino.model_card import check_metrics

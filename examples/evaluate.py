@@ -37,7 +37,13 @@ from hf_dino.evaluation import CocoEvaluator, build_label_to_category_id, format
 from hf_dino.image_processing_dino import pil_to_rgb
 from hf_dino.training import check_image_file
 from hf_dino.tta import tta_from_args
-from hf_dino_cli import ModelLoadError, add_tta_arguments, check_model_argument, tta_argument_error
+from hf_dino_cli import (
+    ModelLoadError,
+    add_tta_arguments,
+    check_model_argument,
+    output_file_problem,
+    tta_argument_error,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,16 +93,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         if value is not None and (problem := output_file_problem(value)):
             parser.error(f"{option} {value!r} {problem}")
     return args
-
-
-def output_file_problem(path: str) -> str | None:
-    """Why a file cannot be written at `path` (its missing folders are created), or None."""
-    path = Path(path)
-    if path.is_dir():
-        return "is a folder; give the file to write"
-    if any(parent.exists() and not parent.is_dir() for parent in path.parents):
-        return "cannot be written: a parent of it is a file, not a folder"
-    return None
 
 
 class CocoImages(torch.utils.data.Dataset):

@@ -148,6 +148,17 @@ def check_model_argument(model_name: str) -> None:
         raise ModelLoadError(f"the model folder {model_name!r} does not exist")
 
 
+def output_file_problem(path: str | os.PathLike) -> str | None:
+    """Why a file cannot be written at `path`, or None (its missing folders can be created): checked with the
+    arguments, before the work whose result it is meant to hold."""
+    path = Path(path)
+    if path.is_dir():
+        return "is a folder; give the file to write"
+    if any(parent.exists() and not parent.is_dir() for parent in path.parents):
+        return "cannot be written: a parent of it is a file, not a folder"
+    return None
+
+
 def _load_model_and_processor(model_name: str, device, dtype: str = "float32"):
     import transformers
 
@@ -427,12 +438,8 @@ def run_export(args: argparse.Namespace) -> int:
     if args.static_size and min(args.static_size) < 1:
         _error(f"--static-size must be two positive numbers (height, width), got {args.static_size}")
         return 2
-    output = Path(args.output)
-    if output.is_dir():
-        _error(f"--output {args.output!r} is a folder; give the .onnx file to write")
-        return 2
-    if any(parent.exists() and not parent.is_dir() for parent in output.parents):
-        _error(f"--output {args.output!r}: a parent of it is a file, not a folder")
+    if (problem := output_file_problem(args.output)) is not None:
+        _error(f"--output {args.output!r} {problem}")
         return 2
     try:
         from hf_dino.export import DinoExportError, export_onnx, require_onnx
