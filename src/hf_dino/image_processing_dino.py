@@ -372,6 +372,12 @@ def _get_output(outputs: Any, *names: str) -> torch.Tensor:
     raise ValueError(f"Model outputs have none of {names}.")
 
 
+def check_threshold(threshold: float | None) -> None:
+    """A detection score threshold must be in [0, 1] (`None` keeps all); NaN, which kept everything, is refused."""
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be a score in [0, 1] (0 or None keeps all top_k), got {threshold}.")
+
+
 def post_process_object_detection(
     outputs: Any,
     threshold: float | None = 0.5,
@@ -404,8 +410,7 @@ def post_process_object_detection(
 
     if int(top_k) < 0:
         raise ValueError(f"top_k must be >= 0 (0 gives no detections), got {top_k}.")
-    if threshold is not None and not 0 <= threshold <= 1:  # NaN included: it kept everything
-        raise ValueError(f"threshold must be a score in [0, 1] (0 or None keeps all top_k), got {threshold}.")
+    check_threshold(threshold)
     if target_sizes is not None:
         if len(target_sizes) != batch_size:
             raise ValueError(

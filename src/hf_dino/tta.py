@@ -66,7 +66,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torchvision.ops import batched_nms, box_iou
 
-from .image_processing_dino import to_chw_rgb_tensor
+from .image_processing_dino import check_threshold, to_chw_rgb_tensor
 
 __all__ = ["Augmentation", "DinoTTA", "ensemble_nms", "ensemble_one_to_one", "hflip_boxes"]
 
@@ -367,8 +367,7 @@ class DinoTTA:
             One `{"scores": [k], "labels": [k], "boxes": [k, 4] (x0, y0, x1, y1)}` dict per image, sorted by score,
             like `post_process_object_detection`.
         """
-        if threshold is not None and not 0 <= threshold <= 1:  # before the views' forward passes
-            raise ValueError(f"threshold must be a score in [0, 1] (0 or None keeps all top_k), got {threshold}.")
+        check_threshold(threshold)  # before the views' forward passes
         views = self.predict_views(images, target_sizes=target_sizes, top_k=top_k, **processor_kwargs)
         results = []
         for per_view in zip(*views):
