@@ -723,8 +723,61 @@ def test_relu_feed_forward_in_chunks_gradcheck():
     assert torch.autograd.gradcheck(on_rows, [tokens.clone().requires_grad_(), *weights])
 
 
+@pytest.fixture(params=["aten", "onednn"])
+def cpu_products(request, monkeypatch):
+    """The library the token-wise float32 CPU products run on: aten's BLAS, or oneDNN (forced, whatever this CPU is;
+    see `onednn_products_are_faster`). Yields a list that records every oneDNN product."""
+    from hf_dino import modeling_dino
+
+    if request.param == "onednn":
+        try:
+            torch.ops.mkldnn._linear_pointwise.default
+        except (AttributeError, RuntimeError):
+            pytest.skip("this torch build has no oneDNN linear op (torch.ops.mkldnn._linear_pointwise)")
+    monkeypatch.setattr(modeling_dino, "onednn_products_are_faster", lambda: request.param == "onednn")
+    calls = []
+    product = modeling_dino.onednn_linear
+
+    def recorded(*args, **kwargs):
+        calls.append(args[0].shape)
+        return product(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_dino, "onednn_linear", recorded)
+    yield request.param, calls
+    assert bool(calls) == (request.param == "onednn"), calls
+
+
+def test_dino_linear_is_nn_linear(cpu_products):
+    """`DinoLinear` computes `nn.Linear`'s function (float64 recomputation) on 2-D, 3-D and strided inputs; without
+    autograd it may run oneDNN's product, with autograd (trainable weights or input) it is `F.linear` and its
+    gradients are the float64 ones. Its state dict is `nn.Linear`'s."""
+    from hf_dino.modeling_dino import DinoLinear
+
+    library, calls = cpu_products
+    torch.manual_seed(0)
+    layer = DinoLinear(64, 96)
+    plain = torch.nn.Linear(64, 96)
+    plain.load_state_dict(layer.state_dict())
+    assert list(layer.state_dict()) == ["weight", "bias"]
+    inputs = [torch.randn(300, 64), torch.randn(2, 150, 64), torch.randn(150, 2, 64).transpose(0, 1),
+              torch.randn(300, 128)[:, ::2]]
+    for x in inputs:
+        expected = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
+        with torch.no_grad():
+            assert (layer(x).double() - expected).abs().max() < 1e-5 * expected.abs().max()
+    assert len(calls) == (len(inputs) if library == "onednn" else 0)
+    products = len(calls)
+    x = inputs[1].clone().requires_grad_()
+    layer(x).square().sum().backward()
+    reference, x64 = copy.deepcopy(plain).double(), inputs[1].double().requires_grad_()
+    reference(x64).square().sum().backward()
+    assert len(calls) == products  # autograd ran F.linear
+    assert (x.grad.double() - x64.grad).abs().max() < 1e-5 * x64.grad.abs().max()
+    assert (layer.weight.grad.double() - reference.weight.grad).abs().max() < 1e-5 * reference.weight.grad.abs().max()
+
+
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
-def test_encoder_feed_forward_in_chunks_is_the_plain_block(activation):
+def test_encoder_feed_forward_in_chunks_is_the_plain_block(activation, cpu_products):
     """`DinoEncoderLayer.feed_forward` runs the tokens in chunks: at inference the same function as the plain block,
     under autograd the same function and gradients (float64 recomputation of the plain block), without keeping the
     `[tokens, ffn_dim]` intermediate for the backward pass. ReLU runs as `DinoReluFeedForwardInChunks`, other
@@ -770,7 +823,7 @@ def test_encoder_feed_forward_in_chunks_is_the_plain_block(activation):
         assert (grad - expected_grad).abs().max() < 1e-5 * expected_grad.abs().max(), name
 
 
-def test_encoder_feed_forward_skips_padding_tokens():
+def test_encoder_feed_forward_skips_padding_tokens(cpu_products):
     """In training, with a padding mask, only the tokens that are not padding go through the encoder's feed-forward
     block: their rows and every gradient are the plain block's on them (float64 recomputation), the padding rows are
     zeros, and the block never sees a padding token. In eval mode every token goes through (as in the original)."""
