@@ -726,7 +726,7 @@ def test_relu_feed_forward_in_chunks_gradcheck():
 @pytest.fixture(params=["aten", "onednn"])
 def cpu_products(request, monkeypatch):
     """The library the token-wise float32 CPU products run on: aten's BLAS, or oneDNN (forced, whatever this CPU is;
-    see `onednn_products_are_faster`). Yields a list that records every oneDNN product."""
+    see `onednn_products_are_faster`), and the list of the shapes oneDNN's products ran on."""
     from hf_dino import modeling_dino
 
     if request.param == "onednn":
@@ -743,14 +743,14 @@ def cpu_products(request, monkeypatch):
         return product(*args, **kwargs)
 
     monkeypatch.setattr(modeling_dino, "onednn_linear", recorded)
-    yield request.param, calls
-    assert bool(calls) == (request.param == "onednn"), calls
+    return request.param, calls
 
 
 def test_dino_linear_is_nn_linear(cpu_products):
     """`DinoLinear` computes `nn.Linear`'s function (float64 recomputation) on 2-D, 3-D and strided inputs; without
     autograd it may run oneDNN's product, with autograd (trainable weights or input) it is `F.linear` and its
     gradients are the float64 ones. Its state dict is `nn.Linear`'s."""
+    from hf_dino import modeling_dino
     from hf_dino.modeling_dino import DinoLinear
 
     library, calls = cpu_products
@@ -759,13 +759,17 @@ def test_dino_linear_is_nn_linear(cpu_products):
     plain = torch.nn.Linear(64, 96)
     plain.load_state_dict(layer.state_dict())
     assert list(layer.state_dict()) == ["weight", "bias"]
-    inputs = [torch.randn(300, 64), torch.randn(2, 150, 64), torch.randn(150, 2, 64).transpose(0, 1),
-              torch.randn(300, 128)[:, ::2]]
+    rows = modeling_dino.ONEDNN_MIN_ROWS
+    inputs = [torch.randn(rows, 64), torch.randn(2, rows, 64), torch.randn(rows, 2, 64).transpose(0, 1),
+              torch.randn(rows, 128)[:, ::2]]
     for x in inputs:
         expected = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
         with torch.no_grad():
             assert (layer(x).double() - expected).abs().max() < 1e-5 * expected.abs().max()
     assert len(calls) == (len(inputs) if library == "onednn" else 0)
+    with torch.no_grad():  # fewer rows: aten's product
+        few = torch.randn(rows - 1, 64)
+        assert torch.allclose(layer(few), plain(few), rtol=0, atol=1e-6)
     products = len(calls)
     x = inputs[1].clone().requires_grad_()
     layer(x).square().sum().backward()
@@ -799,6 +803,8 @@ def test_encoder_feed_forward_in_chunks_is_the_plain_block(activation, cpu_produ
         chunked = layer.feed_forward(hidden)
     assert chunked.shape == hidden.shape
     assert (chunked.double() - expected.detach()).abs().max() < 1e-5
+    # DINO's ReLU block runs its forward products on oneDNN when asked; the GELU block's chunks are too small for it
+    assert bool(cpu_products[1]) == (cpu_products[0] == "onednn" and activation == "relu")
 
     saved_storages = []
 
@@ -872,6 +878,7 @@ def test_encoder_feed_forward_skips_padding_tokens(cpu_products):
     with torch.no_grad():
         expected_all = reference.feed_forward_block(hidden.double())
         assert (layer.feed_forward(hidden, padding_mask).double() - expected_all).abs().max() < 1e-5
+    assert bool(cpu_products[1]) == (cpu_products[0] == "onednn")
 
 
 def test_skipping_padding_tokens_changes_no_output_or_gradient():

@@ -236,11 +236,17 @@ def onednn_products_are_faster() -> bool:
         return False
 
 
+# fewest rows of a product that runs on oneDNN: at a few hundred rows it is no faster than MKL, and its first call for
+# each new shape (a JIT-compiled primitive) costs 1-3 ms more, as much as the product itself
+ONEDNN_MIN_ROWS = 2048
+
+
 def onednn_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `onednn_linear` computes `F.linear(x, weight, ...)` here: float32 tensors on the CPU, in eager mode (graph
-    capture and export see `F.linear`), where oneDNN is the faster library (`onednn_products_are_faster`)."""
+    """Whether `onednn_linear` computes `F.linear(x, weight, ...)` here: float32 tensors on the CPU, `x` with at least
+    `ONEDNN_MIN_ROWS` rows, in eager mode (graph capture and export see `F.linear`), where oneDNN is the faster library
+    (`onednn_products_are_faster`)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not captures_graph() and onednn_products_are_faster())
+            and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1] and not captures_graph() and onednn_products_are_faster())
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none"):
@@ -374,10 +380,11 @@ class DinoReluFeedForwardInChunks(torch.autograd.Function):
         hidden_buffer = tokens.new_empty(size, weight1.shape[0])
         row_buffer = None if rows is None else tokens.new_empty(size, tokens.shape[1])
         result_buffer = None if rows is None else tokens.new_empty(size, weight2.shape[0])
+        onednn = onednn_linear_applies(tokens, weight1)
         for start in range(0, count, chunk_size):
             chunk = DinoReluFeedForwardInChunks.chunk_rows(tokens, rows, start, chunk_size, row_buffer)
-            hidden = DinoReluFeedForwardInChunks.hidden(chunk, weight1, bias1, hidden_buffer[: chunk.shape[0]])
-            if onednn_linear_applies(hidden, weight2):
+            hidden = DinoReluFeedForwardInChunks.hidden(chunk, weight1, bias1, hidden_buffer[: chunk.shape[0]], onednn)
+            if onednn:
                 result = onednn_linear(hidden, weight2, bias2)
                 if rows is None:
                     output[start : start + chunk_size] = result
@@ -401,12 +408,13 @@ class DinoReluFeedForwardInChunks(torch.autograd.Function):
         return torch.index_select(source, 0, index, out=buffer[: index.shape[0]])
 
     @staticmethod
-    def hidden(chunk: torch.Tensor, weight1: torch.Tensor, bias1: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """`relu(chunk @ weight1.T + bias1)` `[rows, F]`, in `out` or, where oneDNN runs the product
-        (`onednn_linear_applies`), a new tensor with the bias and the ReLU applied by the product. Otherwise, in
+    def hidden(chunk: torch.Tensor, weight1: torch.Tensor, bias1: torch.Tensor, out: torch.Tensor,
+               onednn: bool) -> torch.Tensor:
+        """`relu(chunk @ weight1.T + bias1)` `[rows, F]`, in `out` or, with `onednn` (`onednn_linear_applies` to all the
+        call's tokens), a new tensor from oneDNN's product, which applies the bias and the ReLU. Otherwise, in
         float32/float64, the product, then the bias and the ReLU in one pass (`addmm` would first copy the broadcast bias
         into `out`, and `relu_` make a second pass; same values); aten's fused add + ReLU has no 16-bit kernel."""
-        if onednn_linear_applies(chunk, weight1):
+        if onednn:
             return onednn_linear(chunk, weight1, bias1, "relu")
         if out.dtype in (torch.float32, torch.float64):
             return torch.ops.aten._add_relu_(torch.mm(chunk, weight1.t(), out=out), bias1)
@@ -436,11 +444,12 @@ class DinoReluFeedForwardInChunks(torch.autograd.Function):
         row_buffer = None if rows is None else tokens.new_empty(size, tokens.shape[1])
         grad_row_buffer = None if rows is None else tokens.new_empty(size, grad_output.shape[1])
         result_buffer = None if rows is None or not needs_tokens else tokens.new_empty(size, tokens.shape[1])
+        onednn = onednn_linear_applies(tokens, weight1)
         for start in range(0, count, ctx.chunk_size):
             chunk = DinoReluFeedForwardInChunks.chunk_rows(tokens, rows, start, ctx.chunk_size, row_buffer)
             grad_chunk = DinoReluFeedForwardInChunks.chunk_rows(
                 grad_output, rows, start, ctx.chunk_size, grad_row_buffer)
-            hidden = DinoReluFeedForwardInChunks.hidden(chunk, weight1, bias1, hidden_buffer[: chunk.shape[0]])
+            hidden = DinoReluFeedForwardInChunks.hidden(chunk, weight1, bias1, hidden_buffer[: chunk.shape[0]], onednn)
             if needs_weight2:
                 grad_weight2.addmm_(grad_chunk.t(), hidden)
             if needs_bias2 and rows is not None:
