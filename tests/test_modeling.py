@@ -747,13 +747,16 @@ def cpu_products(request, monkeypatch):
 
 
 def test_dino_linear_is_nn_linear(cpu_products):
-    """`DinoLinear` computes `nn.Linear`'s function (float64 recomputation) on 2-D, 3-D and strided inputs; without
-    autograd it may run oneDNN's product, with autograd (trainable weights or input) it is `F.linear` and its
-    gradients are the float64 ones. Its state dict is `nn.Linear`'s."""
+    """`DinoLinear` computes `nn.Linear`'s function (float64 recomputation) on 2-D, 3-D and strided inputs, and under
+    autograd its gradients (input, weight, bias; any subset trainable; with and without a bias) are the float64 ones.
+    Where oneDNN is the faster library it runs the product and, in training, the input's gradient there
+    (`DinoOnednnLinear`); below `ONEDNN_MIN_ROWS` rows and under CPU autocast it is `F.linear`. Its state dict is
+    `nn.Linear`'s."""
     from hf_dino import modeling_dino
     from hf_dino.modeling_dino import DinoLinear
 
     library, calls = cpu_products
+    onednn = library == "onednn"
     torch.manual_seed(0)
     layer = DinoLinear(64, 96)
     plain = torch.nn.Linear(64, 96)
@@ -766,18 +769,46 @@ def test_dino_linear_is_nn_linear(cpu_products):
         expected = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
         with torch.no_grad():
             assert (layer(x).double() - expected).abs().max() < 1e-5 * expected.abs().max()
-    assert len(calls) == (len(inputs) if library == "onednn" else 0)
+    assert len(calls) == (len(inputs) if onednn else 0)
     with torch.no_grad():  # fewer rows: aten's product
         few = torch.randn(rows - 1, 64)
         assert torch.allclose(layer(few), plain(few), rtol=0, atol=1e-6)
-    products = len(calls)
-    x = inputs[1].clone().requires_grad_()
-    layer(x).square().sum().backward()
-    reference, x64 = copy.deepcopy(plain).double(), inputs[1].double().requires_grad_()
-    reference(x64).square().sum().backward()
-    assert len(calls) == products  # autograd ran F.linear
-    assert (x.grad.double() - x64.grad).abs().max() < 1e-5 * x64.grad.abs().max()
-    assert (layer.weight.grad.double() - reference.weight.grad).abs().max() < 1e-5 * reference.weight.grad.abs().max()
+    assert len(calls) == (len(inputs) if onednn else 0)
+
+    def close(actual, expected):
+        return (actual.double() - expected).abs().max() < 1e-5 * expected.abs().max()
+
+    for bias in (True, False):
+        for trainable in ({"input", "weight", "bias"}, {"input"}, {"weight"}, {"weight", "bias"}):
+            for x in inputs[1:3]:
+                layer = DinoLinear(64, 96, bias=bias)
+                reference = copy.deepcopy(layer).double()
+                for name, parameter in [*layer.named_parameters(), *reference.named_parameters()]:
+                    parameter.requires_grad_(name in trainable)
+                x, x64 = x.clone().requires_grad_("input" in trainable), x.double().requires_grad_("input" in trainable)
+                upstream = torch.randn(*x.shape[:-1], 96, dtype=torch.float64)
+                del calls[:]
+                output = layer(x)
+                assert close(output, reference(x64).detach())
+                output.backward(upstream.float())
+                reference(x64).backward(upstream)
+                # oneDNN: the product, and the input's gradient when the input is trained
+                assert len(calls) == ((2 if "input" in trainable else 1) if onednn else 0), (bias, trainable)
+                assert (x.grad is None) == ("input" not in trainable)
+                if x.grad is not None:
+                    assert close(x.grad, x64.grad)
+                for name, parameter in layer.named_parameters():
+                    assert (parameter.grad is None) == (name not in trainable), name
+                    if parameter.grad is not None:
+                        assert close(parameter.grad, reference.get_parameter(name).grad), name
+
+    del calls[:]
+    layer = DinoLinear(64, 96)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's 16-bit product, as nn.Linear
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                assert layer(inputs[0]).dtype == torch.bfloat16
+    assert not calls
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
@@ -822,7 +853,12 @@ def test_encoder_feed_forward_in_chunks_is_the_plain_block(activation, cpu_produ
     parameter_storages = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     assert input_storage in saved_storages and set(saved_storages) <= {input_storage} | parameter_storages
     assert torch.equal(output.detach(), chunked)
+    forward_products = len(cpu_products[1])
     output.backward(upstream.float())
+    # oneDNN in the backward pass: per chunk the recomputed hidden chunk, `grad @ W2` and `grad^T @ hidden`
+    backward_products = len(cpu_products[1]) - forward_products
+    chunks = -(-hidden.shape[0] * hidden.shape[1] // ENCODER_FFN_CHUNK_TOKENS)
+    assert backward_products == (3 * chunks if cpu_products[0] == "onednn" and activation == "relu" else 0)
     assert (trained_input.grad.double() - reference_input.grad).abs().max() < 1e-5
     for name in ("linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"):
         grad, expected_grad = layer.get_parameter(name).grad.double(), reference.get_parameter(name).grad

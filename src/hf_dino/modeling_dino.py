@@ -243,12 +243,12 @@ ONEDNN_MIN_ROWS = 2048
 
 def onednn_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `onednn_linear` computes `F.linear(x, weight, ...)` here: float32 tensors on the CPU, `x` with at least
-    `ONEDNN_MIN_ROWS` rows, in eager mode (graph capture and export see `F.linear`), where oneDNN is the faster library
-    (`onednn_products_are_faster`)."""
+    `ONEDNN_MIN_ROWS` rows, in eager mode (graph capture and export see `F.linear`) and outside CPU autocast (which
+    runs `F.linear` in 16 bits), where oneDNN is the faster library (`onednn_products_are_faster`)."""
     # graph capture first: a size comparison on a symbolic size would specialise it (and break a dynamic export)
     return (not captures_graph() and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1]
-            and onednn_products_are_faster())
+            and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1] and onednn_products_are_faster())
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none"):
@@ -257,18 +257,50 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], "")
 
 
+class DinoOnednnLinear(torch.autograd.Function):
+    """`F.linear(x, weight, bias)` with autograd, `x` `[..., K]`, `weight` `[N, K]`, `bias` `[N]` or None ->
+    `[..., N]`, where `onednn_linear_applies`: the product and the input's gradient `grad @ weight` run on oneDNN, the
+    weight's gradient `grad^T @ x` on aten's BLAS (the faster library for that product on the AVX2 CPUs where the
+    other two are faster on oneDNN: 50 vs 133 ms for `[256, 40394] x [40394, 256]` on the AMD EPYC). Saves what
+    `F.linear` saves (`x` and `weight`); differentiable once."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return onednn_linear(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad
+        grad_output = grad_output.reshape(-1, weight.shape[0])
+        grad_x = grad_weight = grad_bias = None
+        if needs_x:
+            grad_x = onednn_linear(grad_output, weight.t().contiguous(), None).view(x.shape)
+        if needs_weight:
+            grad_weight = torch.mm(grad_output.t(), x.reshape(-1, weight.shape[1]))
+        if needs_bias and ctx.has_bias:
+            grad_bias = grad_output.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
 class DinoLinear(nn.Linear):
-    """`nn.Linear` (the same parameters, state dict and initialisation) whose float32 CPU inference runs the product on
-    oneDNN where that library is the faster one (`onednn_products_are_faster`): the token-wise projections of the
-    deformable attention over the encoder's tokens. With autograd on any input (training), 16-bit weights, other
-    devices, graph capture and export it is `nn.Linear`."""
+    """`nn.Linear` (the same parameters, state dict and initialisation) whose float32 CPU products run on oneDNN where
+    that library is the faster one (`onednn_linear_applies`): the token-wise projections of the deformable attention
+    over the encoder's tokens. At inference the product is `onednn_linear`; with autograd it is `DinoOnednnLinear`
+    (forward and input gradient on oneDNN). 16-bit weights, autocast, other devices, graph capture and export see
+    `nn.Linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not onednn_linear_applies(x, self.weight):
+            return F.linear(x, self.weight, self.bias)
         differentiable = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or (
             self.bias is not None and self.bias.requires_grad))
-        if not differentiable and onednn_linear_applies(x, self.weight):
-            return onednn_linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        if differentiable:
+            return DinoOnednnLinear.apply(x, self.weight, self.bias)
+        return onednn_linear(x, self.weight, self.bias)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -356,6 +388,11 @@ class DinoReluFeedForwardInChunks(torch.autograd.Function):
     call and reused by every chunk (a fresh 8 MB tensor per chunk and product costs page faults). Differentiable once
     (no double backward).
 
+    Where `onednn_linear_applies` to the call's tokens (float32 on AVX2 CPUs), the forward products, the recomputation
+    and the backward's `grad @ W2` and `grad^T @ hidden` run on oneDNN (`[1024, 256] x [256, 2048]`: 11-15 vs 13-16 ms;
+    `[256, 1024] x [1024, 2048]`: 11-12 vs 19 ms on the AMD EPYC), `grad_hidden^T @ x` and `grad_hidden @ W1` on aten's
+    BLAS, the faster library for those two.
+
     With `rows` (`[K]` int64 indices) only those tokens go through the block: each chunk of rows is gathered into a
     buffer and its result written back to its rows; the other rows of the output (and of the tokens' gradient) are
     zeros and add nothing to the weights' gradients. Gathering chunk by chunk costs a copy of the rows in cache, where
@@ -379,13 +416,13 @@ class DinoReluFeedForwardInChunks(torch.autograd.Function):
         size = min(chunk_size, count)
         output = tokens.new_empty(tokens.shape[0], weight2.shape[0]) if rows is None else tokens.new_zeros(
             tokens.shape[0], weight2.shape[0])
-        hidden_buffer = tokens.new_empty(size, weight1.shape[0])
+        onednn = onednn_linear_applies(tokens, weight1)  # its products return new tensors: no buffers for them
+        hidden_buffer = None if onednn else tokens.new_empty(size, weight1.shape[0])
         row_buffer = None if rows is None else tokens.new_empty(size, tokens.shape[1])
-        result_buffer = None if rows is None else tokens.new_empty(size, weight2.shape[0])
-        onednn = onednn_linear_applies(tokens, weight1)
+        result_buffer = None if rows is None or onednn else tokens.new_empty(size, weight2.shape[0])
         for start in range(0, count, chunk_size):
             chunk = DinoReluFeedForwardInChunks.chunk_rows(tokens, rows, start, chunk_size, row_buffer)
-            hidden = DinoReluFeedForwardInChunks.hidden(chunk, weight1, bias1, hidden_buffer[: chunk.shape[0]], onednn)
+            hidden = DinoReluFeedForwardInChunks.hidden(chunk, weight1, bias1, hidden_buffer)
             if onednn:
                 result = onednn_linear(hidden, weight2, bias2)
                 if rows is None:
@@ -410,14 +447,16 @@ class DinoReluFeedForwardInChunks(torch.autograd.Function):
         return torch.index_select(source, 0, index, out=buffer[: index.shape[0]])
 
     @staticmethod
-    def hidden(chunk: torch.Tensor, weight1: torch.Tensor, bias1: torch.Tensor, out: torch.Tensor,
-               onednn: bool) -> torch.Tensor:
-        """`relu(chunk @ weight1.T + bias1)` `[rows, F]`, in `out` or, with `onednn` (`onednn_linear_applies` to all the
-        call's tokens), a new tensor from oneDNN's product, which applies the bias and the ReLU. Otherwise, in
-        float32/float64, the product, then the bias and the ReLU in one pass (`addmm` would first copy the broadcast bias
-        into `out`, and `relu_` make a second pass; same values); aten's fused add + ReLU has no 16-bit kernel."""
-        if onednn:
+    def hidden(chunk: torch.Tensor, weight1: torch.Tensor, bias1: torch.Tensor,
+               buffer: torch.Tensor | None) -> torch.Tensor:
+        """`relu(chunk @ weight1.T + bias1)` `[rows, F]`, in the first rows of `buffer` (`[chunk_size, F]`) or, without
+        one (`onednn_linear_applies` to all the call's tokens), a new tensor from oneDNN's product, which applies the
+        bias and the ReLU. With a buffer, in float32/float64: the product, then the bias and the ReLU in one pass
+        (`addmm` would first copy the broadcast bias into it, and `relu_` make a second pass; same values); aten's fused
+        add + ReLU has no 16-bit kernel."""
+        if buffer is None:
             return onednn_linear(chunk, weight1, bias1, "relu")
+        out = buffer[: chunk.shape[0]]
         if out.dtype in (torch.float32, torch.float64):
             return torch.ops.aten._add_relu_(torch.mm(chunk, weight1.t(), out=out), bias1)
         return torch.addmm(bias1, chunk, weight1.t(), out=out).relu_()
@@ -441,22 +480,28 @@ class DinoReluFeedForwardInChunks(torch.autograd.Function):
             grad_bias2 = grad_output.sum(0) if rows is None else torch.zeros_like(grad_output[0])
         else:
             grad_bias2 = None
-        hidden_buffer = tokens.new_empty(size, weight1.shape[0])
-        grad_hidden_buffer = tokens.new_empty(size, weight1.shape[0])
+        onednn = onednn_linear_applies(tokens, weight1)  # its products return new tensors: no buffers for them
+        hidden_buffer = None if onednn else tokens.new_empty(size, weight1.shape[0])
+        grad_hidden_buffer = None if onednn else tokens.new_empty(size, weight1.shape[0])
         row_buffer = None if rows is None else tokens.new_empty(size, tokens.shape[1])
         grad_row_buffer = None if rows is None else tokens.new_empty(size, grad_output.shape[1])
         result_buffer = None if rows is None or not needs_tokens else tokens.new_empty(size, tokens.shape[1])
-        onednn = onednn_linear_applies(tokens, weight1)
+        weight2_t = weight2.t().contiguous() if onednn else None  # `[F, D]`: oneDNN's `grad @ weight2` operand
         for start in range(0, count, ctx.chunk_size):
             chunk = DinoReluFeedForwardInChunks.chunk_rows(tokens, rows, start, ctx.chunk_size, row_buffer)
             grad_chunk = DinoReluFeedForwardInChunks.chunk_rows(
                 grad_output, rows, start, ctx.chunk_size, grad_row_buffer)
-            hidden = DinoReluFeedForwardInChunks.hidden(chunk, weight1, bias1, hidden_buffer[: chunk.shape[0]], onednn)
-            if needs_weight2:
+            hidden = DinoReluFeedForwardInChunks.hidden(chunk, weight1, bias1, hidden_buffer)
+            if needs_weight2 and onednn:
+                grad_weight2 += onednn_linear(grad_chunk.t(), hidden.t(), None)
+            elif needs_weight2:
                 grad_weight2.addmm_(grad_chunk.t(), hidden)
             if needs_bias2 and rows is not None:
                 grad_bias2 += grad_chunk.sum(0)
-            grad_hidden = torch.mm(grad_chunk, weight2, out=grad_hidden_buffer[: chunk.shape[0]])
+            if onednn:
+                grad_hidden = onednn_linear(grad_chunk, weight2_t, None)
+            else:
+                grad_hidden = torch.mm(grad_chunk, weight2, out=grad_hidden_buffer[: chunk.shape[0]])
             # ReLU's gradient, in place
             torch.ops.aten.threshold_backward.grad_input(grad_hidden, hidden, 0.0, grad_input=grad_hidden)
             if needs_bias1:
