@@ -361,7 +361,8 @@ class DinoReluFeedForwardInChunks(torch.autograd.Function):
     and the backward's `grad @ W2` and `grad^T @ hidden` run on oneDNN (`[1024, 256] x [256, 2048]`: 11-15 vs 13-16 ms;
     `[256, 1024] x [1024, 2048]`: 11-12 vs 19 ms on the AMD EPYC; the block's forward + backward over 40394 tokens:
     3.05 -> 2.95 s and 2.93 -> 2.86 s in two A/B runs), `grad_hidden^T @ x` and `grad_hidden @ W1` on aten's BLAS, the
-    faster library for those two.
+    faster library for those two. oneDNN's products return new tensors instead of filling the buffers; glibc hands
+    the same memory back chunk after chunk (the block's page faults are the same either way).
 
     With `rows` (`[K]` int64 indices) only those tokens go through the block: each chunk of rows is gathered into a
     buffer and its result written back to its rows; the other rows of the output (and of the tokens' gradient) are
