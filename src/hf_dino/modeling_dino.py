@@ -406,6 +406,7 @@ class DinoReluFeedForwardInChunks(torch.autograd.Function):
                 output.index_copy_(0, rows[start : start + chunk_size], result)
         ctx.save_for_backward(tokens, weight1, bias1, weight2, rows)
         ctx.chunk_size = chunk_size
+        ctx.onednn = onednn
         return output
 
     @staticmethod
@@ -451,7 +452,7 @@ class DinoReluFeedForwardInChunks(torch.autograd.Function):
             grad_bias2 = grad_output.sum(0) if rows is None else torch.zeros_like(grad_output[0])
         else:
             grad_bias2 = None
-        onednn = onednn_linear_applies(tokens, weight1)  # its products return new tensors: no buffers for them
+        onednn = ctx.onednn  # the forward's choice of library; oneDNN's products return new tensors: no buffers
         hidden_buffer = None if onednn else tokens.new_empty(size, weight1.shape[0])
         grad_hidden_buffer = None if onednn else tokens.new_empty(size, weight1.shape[0])
         row_buffer = None if rows is None else tokens.new_empty(size, tokens.shape[1])
@@ -463,10 +464,11 @@ class DinoReluFeedForwardInChunks(torch.autograd.Function):
             grad_chunk = DinoReluFeedForwardInChunks.chunk_rows(
                 grad_output, rows, start, ctx.chunk_size, grad_row_buffer)
             hidden = DinoReluFeedForwardInChunks.hidden(chunk, weight1, bias1, hidden_buffer)
-            if needs_weight2 and onednn:
-                grad_weight2 += onednn_linear(grad_chunk.t(), hidden.t(), None)
-            elif needs_weight2:
-                grad_weight2.addmm_(grad_chunk.t(), hidden)
+            if needs_weight2:
+                if onednn:
+                    grad_weight2 += onednn_linear(grad_chunk.t(), hidden.t(), None)
+                else:
+                    grad_weight2.addmm_(grad_chunk.t(), hidden)
             if needs_bias2 and rows is not None:
                 grad_bias2 += grad_chunk.sum(0)
             if onednn:
