@@ -723,6 +723,30 @@ def test_relu_feed_forward_in_chunks_gradcheck():
     assert torch.autograd.gradcheck(on_rows, [tokens.clone().requires_grad_(), *weights])
 
 
+@pytest.mark.parametrize(
+    "capability, vendor, expected",
+    [("AVX2", "GenuineIntel", True), ("AVX2", "AuthenticAMD", True), ("AVX512", "AuthenticAMD", True),
+     ("AVX512", "GenuineIntel", False), ("DEFAULT", "AuthenticAMD", False), ("SVE256", "", False)],
+)
+def test_onednn_products_are_faster_on_amd_and_avx2(monkeypatch, capability, vendor, expected):
+    """oneDNN runs the float32 products on AMD CPUs (measured: AVX2 Zen 3, AVX-512 Zen 4) and on AVX2-only CPUs; MKL
+    keeps them on Intel's AVX-512 CPUs; no x86 vector unit, no oneDNN products."""
+    from hf_dino import modeling_dino
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(modeling_dino, "cpu_vendor", lambda: vendor)
+    modeling_dino.onednn_products_are_faster.cache_clear()
+    try:
+        torch.ops.mkldnn._linear_pointwise.default
+        has_op = torch.backends.mkldnn.is_available() and torch.backends.mkl.is_available()
+    except (AttributeError, RuntimeError):
+        has_op = False
+    try:
+        assert modeling_dino.onednn_products_are_faster() == (expected and has_op)
+    finally:
+        modeling_dino.onednn_products_are_faster.cache_clear()
+
+
 @pytest.fixture(params=["aten", "onednn"])
 def cpu_products(request, monkeypatch):
     """The library the token-wise float32 CPU products run on: aten's BLAS, or oneDNN (forced, whatever this CPU is;
