@@ -724,13 +724,15 @@ def test_relu_feed_forward_in_chunks_gradcheck():
 
 
 @pytest.mark.parametrize(
-    "capability, vendor, expected",
-    [("AVX2", "GenuineIntel", True), ("AVX2", "AuthenticAMD", True), ("AVX512", "AuthenticAMD", True),
-     ("AVX512", "GenuineIntel", False), ("DEFAULT", "AuthenticAMD", False), ("SVE256", "", False)],
+    "capability, vendor, expected, expected_every",
+    [("AVX2", "GenuineIntel", True, False), ("AVX2", "AuthenticAMD", True, False),
+     ("AVX512", "AuthenticAMD", True, True), ("AVX512", "GenuineIntel", False, False),
+     ("DEFAULT", "AuthenticAMD", False, False), ("SVE256", "", False, False)],
 )
-def test_onednn_products_are_faster_on_amd_and_avx2(monkeypatch, capability, vendor, expected):
-    """oneDNN runs the float32 products on AMD CPUs (measured: AVX2 Zen 3, AVX-512 Zen 4) and on AVX2-only CPUs; MKL
-    keeps them on Intel's AVX-512 CPUs; no x86 vector unit, no oneDNN products."""
+def test_onednn_products_are_faster_on_amd_and_avx2(monkeypatch, capability, vendor, expected, expected_every):
+    """oneDNN runs the float32 products on AMD CPUs (measured: AVX2 Zen 3, AVX-512 Zen 4) and on AVX2-only CPUs, and
+    every product of the feed-forward's backward on AVX-512 AMD CPUs only; MKL keeps them on Intel's AVX-512 CPUs; no
+    x86 vector unit, no oneDNN products."""
     from hf_dino import modeling_dino
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
@@ -743,22 +745,26 @@ def test_onednn_products_are_faster_on_amd_and_avx2(monkeypatch, capability, ven
         has_op = False
     try:
         assert modeling_dino.onednn_products_are_faster() == (expected and has_op)
+        assert modeling_dino.onednn_runs_every_feed_forward_product() == (expected_every and has_op)
     finally:
         modeling_dino.onednn_products_are_faster.cache_clear()
 
 
-@pytest.fixture(params=["aten", "onednn"])
+@pytest.fixture(params=["aten", "onednn", "onednn-all"])
 def cpu_products(request, monkeypatch):
     """The library the token-wise float32 CPU products run on: aten's BLAS, or oneDNN (forced, whatever this CPU is;
-    see `onednn_products_are_faster`), and the list of the shapes oneDNN's products ran on."""
+    see `onednn_products_are_faster`), with (`onednn-all`, as on AVX-512 AMD CPUs) or without (as on AVX2 ones) the
+    feed-forward backward's last two products (`onednn_runs_every_feed_forward_product`); and the list of the shapes
+    oneDNN's products ran on."""
     from hf_dino import modeling_dino
 
-    if request.param == "onednn":
+    if request.param != "aten":
         try:
             torch.ops.mkldnn._linear_pointwise.default
         except (AttributeError, RuntimeError):
             pytest.skip("this torch build has no oneDNN linear op (torch.ops.mkldnn._linear_pointwise)")
-    monkeypatch.setattr(modeling_dino, "onednn_products_are_faster", lambda: request.param == "onednn")
+    monkeypatch.setattr(modeling_dino, "onednn_products_are_faster", lambda: request.param != "aten")
+    monkeypatch.setattr(modeling_dino, "onednn_runs_every_feed_forward_product", lambda: request.param == "onednn-all")
     calls = []
     product = modeling_dino.onednn_linear
 
@@ -779,7 +785,7 @@ def test_dino_linear_is_nn_linear(cpu_products):
     from hf_dino.modeling_dino import DinoLinear
 
     library, calls = cpu_products
-    onednn = library == "onednn"
+    onednn = library != "aten"
     torch.manual_seed(0)
     layer = DinoLinear(64, 96)
     plain = torch.nn.Linear(64, 96)
@@ -857,7 +863,7 @@ def test_encoder_feed_forward_in_chunks_is_the_plain_block(activation, cpu_produ
     assert chunked.shape == hidden.shape
     assert (chunked.double() - expected.detach()).abs().max() < 1e-5
     # DINO's ReLU block runs its forward products on oneDNN when asked; the GELU block's chunks are too small for it
-    assert bool(cpu_products[1]) == (cpu_products[0] == "onednn" and activation == "relu")
+    assert bool(cpu_products[1]) == (cpu_products[0] != "aten" and activation == "relu")
 
     saved_storages = []
 
@@ -877,10 +883,12 @@ def test_encoder_feed_forward_in_chunks_is_the_plain_block(activation, cpu_produ
     assert torch.equal(output.detach(), chunked)
     forward_products = len(cpu_products[1])
     output.backward(upstream.float())
-    # oneDNN in the backward pass: per chunk the recomputed hidden chunk, `grad @ W2` and `grad^T @ hidden`
+    # oneDNN in the backward pass: per chunk the recomputed hidden chunk, `grad @ W2` and `grad^T @ hidden`, and with
+    # `onednn-all` `grad_hidden @ W1` and `grad_hidden^T @ x`
     backward_products = len(cpu_products[1]) - forward_products
     chunks = -(-hidden.shape[0] * hidden.shape[1] // ENCODER_FFN_CHUNK_TOKENS)
-    assert backward_products == (3 * chunks if cpu_products[0] == "onednn" and activation == "relu" else 0)
+    per_chunk = {"aten": 0, "onednn": 3, "onednn-all": 5}[cpu_products[0]] if activation == "relu" else 0
+    assert backward_products == per_chunk * chunks
     assert (trained_input.grad.double() - reference_input.grad).abs().max() < 1e-5
     for name in ("linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"):
         grad, expected_grad = layer.get_parameter(name).grad.double(), reference.get_parameter(name).grad
@@ -936,7 +944,7 @@ def test_encoder_feed_forward_skips_padding_tokens(cpu_products):
     with torch.no_grad():
         expected_all = reference.feed_forward_block(hidden.double())
         assert (layer.feed_forward(hidden, padding_mask).double() - expected_all).abs().max() < 1e-5
-    assert bool(cpu_products[1]) == (cpu_products[0] == "onednn")
+    assert bool(cpu_products[1]) == (cpu_products[0] != "aten")
 
 
 def test_skipping_padding_tokens_changes_no_output_or_gradient():

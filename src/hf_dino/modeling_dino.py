@@ -254,6 +254,14 @@ def onednn_products_are_faster() -> bool:
         return False
 
 
+def onednn_runs_every_feed_forward_product() -> bool:
+    """Whether, beyond the products `onednn_products_are_faster` sends to oneDNN, the feed-forward block's backward
+    runs `grad_hidden @ W1` and `grad_hidden^T @ x` (output width 256, long reductions) there too: on AVX-512 CPUs
+    where oneDNN is the faster library (AMD's; per 1024-token chunk on the AMD EPYC Zen 4 2.95 vs 6.36 ms and 5.23 vs
+    6.47 ms). On AVX2 CPUs MKL is faster for those two (Zen 3: 9 vs 10.5 ms and 13-15 vs 17-18 ms)."""
+    return onednn_products_are_faster() and torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 # fewest rows of a product that runs on oneDNN: at a few hundred rows it is no faster than MKL, and its first call for
 # each new shape (a JIT-compiled primitive) costs 1-3 ms more, as much as the product itself
 ONEDNN_MIN_ROWS = 2048
@@ -375,12 +383,13 @@ class DinoReluFeedForwardInChunks(torch.autograd.Function):
     call and reused by every chunk (a fresh 8 MB tensor per chunk and product costs page faults). Differentiable once
     (no double backward).
 
-    Where `onednn_linear_applies` to the call's tokens (float32 on AVX2 CPUs), the forward products, the recomputation
-    and the backward's `grad @ W2` and `grad^T @ hidden` run on oneDNN (`[1024, 256] x [256, 2048]`: 11-15 vs 13-16 ms;
-    `[256, 1024] x [1024, 2048]`: 11-12 vs 19 ms on the AMD EPYC; the block's forward + backward over 40394 tokens:
-    3.05 -> 2.95 s and 2.93 -> 2.86 s in two A/B runs), `grad_hidden^T @ x` and `grad_hidden @ W1` on aten's BLAS, the
-    faster library for those two. oneDNN's products return new tensors instead of filling the buffers; glibc hands
-    the same memory back chunk after chunk (the block's page faults are the same either way).
+    Where `onednn_linear_applies` to the call's tokens (float32 on AMD and AVX2-only CPUs), the forward products, the
+    recomputation and the backward's `grad @ W2` and `grad^T @ hidden` run on oneDNN (on the AMD EPYC Zen 3:
+    `[1024, 256] x [256, 2048]` 11-15 vs 13-16 ms, `[256, 1024] x [1024, 2048]` 11-12 vs 19 ms; the block's forward +
+    backward over 40394 tokens 3.05 -> 2.95 s and 2.93 -> 2.86 s in two A/B runs), and `grad_hidden^T @ x` and
+    `grad_hidden @ W1` too where `onednn_runs_every_feed_forward_product` (AVX-512), on aten's BLAS otherwise.
+    oneDNN's products return new tensors instead of filling the buffers; glibc hands the same memory back chunk after
+    chunk (the block's page faults are the same either way).
 
     With `rows` (`[K]` int64 indices) only those tokens go through the block: each chunk of rows is gathered into a
     buffer and its result written back to its rows; the other rows of the output (and of the tokens' gradient) are
@@ -471,12 +480,15 @@ class DinoReluFeedForwardInChunks(torch.autograd.Function):
         else:
             grad_bias2 = None
         onednn = ctx.onednn  # the forward's choice of library; oneDNN's products return new tensors: no buffers
+        onednn_all = onednn and onednn_runs_every_feed_forward_product()  # `grad_hidden @ W1`, `grad_hidden^T @ x`
         hidden_buffer = None if onednn else tokens.new_empty(size, weight1.shape[0])
         grad_hidden_buffer = None if onednn else tokens.new_empty(size, weight1.shape[0])
         row_buffer = None if rows is None else tokens.new_empty(size, tokens.shape[1])
         grad_row_buffer = None if rows is None else tokens.new_empty(size, grad_output.shape[1])
-        result_buffer = None if rows is None or not needs_tokens else tokens.new_empty(size, tokens.shape[1])
+        result_buffer = None if rows is None or not needs_tokens or onednn_all else tokens.new_empty(
+            size, tokens.shape[1])
         weight2_t = weight2.t().contiguous() if onednn else None  # `[F, D]`: oneDNN's `grad @ weight2` operand
+        weight1_t = weight1.t().contiguous() if onednn_all and needs_tokens else None  # `[D, F]`: of `grad_hidden @ W1`
         for start in range(0, count, ctx.chunk_size):
             chunk = DinoReluFeedForwardInChunks.chunk_rows(tokens, rows, start, ctx.chunk_size, row_buffer)
             grad_chunk = DinoReluFeedForwardInChunks.chunk_rows(
@@ -498,12 +510,21 @@ class DinoReluFeedForwardInChunks(torch.autograd.Function):
             if needs_bias1:
                 grad_bias1 += grad_hidden.sum(0)
             if needs_weight1:
-                grad_weight1.addmm_(grad_hidden.t(), chunk)
-            if needs_tokens and rows is None:
-                torch.mm(grad_hidden, weight1, out=grad_tokens[start : start + ctx.chunk_size])
-            elif needs_tokens:
-                result = torch.mm(grad_hidden, weight1, out=result_buffer[: chunk.shape[0]])
-                grad_tokens.index_copy_(0, rows[start : start + ctx.chunk_size], result)
+                if onednn_all:
+                    grad_weight1 += onednn_linear(grad_hidden.t(), chunk.t(), None)
+                else:
+                    grad_weight1.addmm_(grad_hidden.t(), chunk)
+            if needs_tokens:
+                if onednn_all:
+                    result = onednn_linear(grad_hidden, weight1_t, None)
+                elif rows is None:
+                    result = torch.mm(grad_hidden, weight1, out=grad_tokens[start : start + ctx.chunk_size])
+                else:
+                    result = torch.mm(grad_hidden, weight1, out=result_buffer[: chunk.shape[0]])
+                if rows is not None:
+                    grad_tokens.index_copy_(0, rows[start : start + ctx.chunk_size], result)
+                elif onednn_all:
+                    grad_tokens[start : start + ctx.chunk_size] = result
         grads = (grad_tokens, grad_weight1, grad_bias1, grad_weight2, grad_bias2)
         return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))  # chunk_size (and rows, when given)
 
