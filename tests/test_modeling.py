@@ -3,6 +3,7 @@ batch independence, denoising isolation, bad configs, training forward."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import re
@@ -776,6 +777,18 @@ def cpu_products(request, monkeypatch):
     return request.param, calls
 
 
+@contextlib.contextmanager
+def onednn_disabled():
+    """`torch.backends.mkldnn.enabled = False` for the block (what `torch.backends.mkldnn.flags(enabled=False)` does,
+    without its TF32 setting and warning)."""
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
+
+
 def test_dino_linear_is_nn_linear(cpu_products):
     """`DinoLinear` computes `nn.Linear`'s function (float64 recomputation) on 2-D, 3-D and strided inputs, and under
     autograd its gradients (input, weight, bias; any subset trainable; with and without a bias) are the float64 ones.
@@ -837,6 +850,10 @@ def test_dino_linear_is_nn_linear(cpu_products):
             with torch.set_grad_enabled(grad):
                 assert layer(inputs[0]).dtype == torch.bfloat16
     assert not calls
+    with onednn_disabled(), torch.no_grad():  # the user turned oneDNN off: aten's product
+        expected = torch.nn.functional.linear(inputs[0].double(), layer.weight.double(), layer.bias.double())
+        assert (layer(inputs[0]).double() - expected).abs().max() < 1e-5 * expected.abs().max()
+    assert not calls
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
@@ -864,6 +881,10 @@ def test_encoder_feed_forward_in_chunks_is_the_plain_block(activation, cpu_produ
     assert (chunked.double() - expected.detach()).abs().max() < 1e-5
     # DINO's ReLU block runs its forward products on oneDNN when asked; the GELU block's chunks are too small for it
     assert bool(cpu_products[1]) == (cpu_products[0] != "aten" and activation == "relu")
+    del cpu_products[1][:]
+    with torch.no_grad(), onednn_disabled():  # oneDNN turned off by the user: aten's products
+        assert (layer.feed_forward(hidden).double() - expected.detach()).abs().max() < 1e-5
+    assert not cpu_products[1]
 
     saved_storages = []
 

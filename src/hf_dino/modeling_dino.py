@@ -269,12 +269,14 @@ ONEDNN_MIN_ROWS = 2048
 
 def onednn_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `onednn_linear` computes `F.linear(x, weight, ...)` here: float32 tensors on the CPU, `x` with at least
-    `ONEDNN_MIN_ROWS` rows, in eager mode (graph capture and export see `F.linear`) and outside CPU autocast (which
-    runs `F.linear` in 16 bits), where oneDNN is the faster library (`onednn_products_are_faster`)."""
+    `ONEDNN_MIN_ROWS` rows, in eager mode (graph capture and export see `F.linear`), outside CPU autocast (which
+    runs `F.linear` in 16 bits) and with oneDNN enabled (`torch.backends.mkldnn.flags(enabled=False)` turns it off for
+    aten's operators and ours alike), where oneDNN is the faster library (`onednn_products_are_faster`)."""
     # graph capture first: a size comparison on a symbolic size would specialise it (and break a dynamic export)
     return (not captures_graph() and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1] and onednn_products_are_faster())
+            and torch.backends.mkldnn.enabled and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1]
+            and onednn_products_are_faster())
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none"):
