@@ -766,6 +766,9 @@ def cpu_products(request, monkeypatch):
             pytest.skip("this torch build has no oneDNN linear op (torch.ops.mkldnn._linear_pointwise)")
     monkeypatch.setattr(modeling_dino, "onednn_products_are_faster", lambda: request.param != "aten")
     monkeypatch.setattr(modeling_dino, "onednn_runs_every_feed_forward_product", lambda: request.param == "onednn-all")
+    # bfloat16 products on oneDNN only where this CPU has them (as aten decides)
+    bfloat16 = request.param != "aten" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    monkeypatch.setattr(modeling_dino, "onednn_runs_bfloat16_products", lambda: bfloat16)
     calls = []
     product = modeling_dino.onednn_linear
 
@@ -816,6 +819,17 @@ def test_dino_linear_is_nn_linear(cpu_products):
         few = torch.randn(rows - 1, 64)
         assert torch.allclose(layer(few), plain(few), rtol=0, atol=1e-6)
     assert len(calls) == (len(inputs) if onednn else 0)
+    # bfloat16: oneDNN's product where aten would run it there too (the same values), float16: aten's
+    del calls[:]
+    with torch.no_grad():
+        for dtype in (torch.bfloat16, torch.float16):
+            half = copy.deepcopy(plain).to(dtype)
+            half_layer = DinoLinear(64, 96).to(dtype)
+            half_layer.load_state_dict(half.state_dict())
+            x = inputs[1].to(dtype)
+            assert torch.equal(half_layer(x), half(x)), dtype
+    assert len(calls) == (1 if modeling_dino.onednn_runs_bfloat16_products() else 0)
+    del calls[:]
 
     def close(actual, expected):
         return (actual.double() - expected).abs().max() < 1e-5 * expected.abs().max()
@@ -885,6 +899,13 @@ def test_encoder_feed_forward_in_chunks_is_the_plain_block(activation, cpu_produ
     with torch.no_grad(), onednn_disabled():  # oneDNN turned off by the user: aten's products
         assert (layer.feed_forward(hidden).double() - expected.detach()).abs().max() < 1e-5
     assert not cpu_products[1]
+    with torch.no_grad():  # bfloat16: the same block (within bfloat16's rounding), on oneDNN where aten would use it
+        chunked16 = copy.deepcopy(layer).to(torch.bfloat16).feed_forward(hidden.to(torch.bfloat16))
+        assert (chunked16.double() - expected.detach()).abs().max() < 2e-2 * expected.abs().max()
+    from hf_dino import modeling_dino
+
+    assert bool(cpu_products[1]) == (modeling_dino.onednn_runs_bfloat16_products() and activation == "relu")
+    del cpu_products[1][:]
 
     saved_storages = []
 
