@@ -767,7 +767,7 @@ def cpu_products(request, monkeypatch):
     monkeypatch.setattr(modeling_dino, "onednn_products_are_faster", lambda: request.param != "aten")
     monkeypatch.setattr(modeling_dino, "onednn_runs_every_feed_forward_product", lambda: request.param == "onednn-all")
     # bfloat16 products on oneDNN only where this CPU has them (as aten decides)
-    bfloat16 = request.param != "aten" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    bfloat16 = request.param != "aten" and modeling_dino.onednn_runs_bfloat16_products()
     monkeypatch.setattr(modeling_dino, "onednn_runs_bfloat16_products", lambda: bfloat16)
     calls = []
     product = modeling_dino.onednn_linear
