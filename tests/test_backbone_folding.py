@@ -230,3 +230,103 @@ def test_hooks_on_the_body_fire(backbone, where):
     assert_matches_reference(features, float64_reference(backbone, pixel_values))
     with torch.no_grad():  # without the hook the folded view runs again
         assert all(f.is_contiguous(memory_format=torch.channels_last) for f, _ in backbone(pixel_values, padding_mask))
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """The convolutions oneDNN ran with their ReLU (and shortcut) fused: a list of `"relu"` / `"residual"`."""
+    from hf_dino import backbone_dino
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN (torch.backends.mkldnn)")
+    calls = []
+    fused = backbone_dino.onednn_convolution_relu
+
+    def recorded(*args, residual=None):
+        calls.append("relu" if residual is None else "residual")
+        return fused(*args, residual=residual)
+
+    monkeypatch.setattr(backbone_dino, "onednn_convolution_relu", recorded)
+    return calls
+
+
+def convolutions(body: torch.nn.Module, stages: tuple[str, ...]) -> tuple[int, int]:
+    """(convolutions followed by a ReLU of their own, blocks' last convolutions) in the stem and `stages`."""
+    relu = residual = 0
+    for name, child in body.named_children():
+        if name == "conv1":
+            relu += 1
+        elif name in stages:
+            for block in child:
+                n = 3 if hasattr(block, "conv3") else 2
+                relu, residual = relu + n - 1, residual + 1
+    return relu, residual
+
+
+def test_inference_fuses_relu_and_shortcut_into_the_convolutions(backbone, fused_calls, monkeypatch):
+    """Without autograd every ReLU runs inside its convolution and every block's last convolution sums into the
+    shortcut in place (oneDNN): the stage maps are the float64 body's, and those of the unfused path to float32
+    rounding (oneDNN may add the bias and the shortcut in another order); the in-place sums never touch a returned
+    map."""
+    from hf_dino import backbone_dino
+
+    pixel_values = torch.randn(2, 3, 64, 96)
+    padding_mask = torch.zeros(2, 64, 96, dtype=torch.bool)
+    with torch.no_grad():
+        features = [f for f, _ in backbone(pixel_values, padding_mask)]
+        relu, residual = convolutions(backbone.body, ("layer1", "layer2", "layer3", "layer4"))
+        assert fused_calls.count("relu") == relu and fused_calls.count("residual") == residual
+        assert_matches_reference(features, float64_reference(backbone, pixel_values))
+        monkeypatch.setattr(backbone_dino, "onednn_convolution_applies", lambda *tensors: False)
+        unfused = [f for f, _ in backbone(pixel_values, padding_mask)]
+    assert len(fused_calls) == relu + residual
+    assert all((a - b).abs().max() <= 1e-6 * b.abs().max() for a, b in zip(features, unfused))
+
+
+def test_bfloat16_inference_fuses_where_the_cpu_runs_bfloat16_on_onednn(backbone, fused_calls):
+    """A bfloat16 backbone fuses where this CPU runs bfloat16 convolutions on oneDNN, and its maps stay within
+    bfloat16 rounding of the float64 body's."""
+    import copy
+
+    from hf_dino.onednn import onednn_runs_bfloat16_products
+
+    module = copy.deepcopy(backbone).to(torch.bfloat16)
+    pixel_values = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        features = [f for f, _ in module(pixel_values.bfloat16(), torch.zeros(1, 64, 96, dtype=torch.bool))]
+    relu, residual = convolutions(backbone.body, ("layer1", "layer2", "layer3", "layer4"))
+    assert len(fused_calls) == ((relu + residual) if onednn_runs_bfloat16_products() else 0)
+    for ours, ref in zip(features, float64_reference(module.float(), pixel_values)):
+        assert ours.dtype == torch.bfloat16
+        assert (ours.double() - ref).abs().max().item() <= 0.05 * ref.abs().max().item()
+
+
+def test_training_fuses_only_the_frozen_convolutions(backbone, fused_calls):
+    """Under autograd only the frozen stem and layer1, whose inputs need no gradient either, run fused (the fused op
+    has no backward); the trained stages run `F.conv2d`, and their gradients flow."""
+    pixel_values = torch.randn(1, 3, 64, 96)
+    features = [f for f, _ in backbone(pixel_values, torch.zeros(1, 64, 96, dtype=torch.bool))]
+    relu, residual = convolutions(backbone.body, ("layer1",))
+    assert fused_calls.count("relu") == relu and fused_calls.count("residual") == residual
+    sum(f.sum() for f in features).backward()
+    trained = [p for p in backbone.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None for p in trained)
+    backbone.zero_grad(set_to_none=True)
+
+
+def test_no_fusion_under_autocast_or_with_onednn_disabled(backbone, fused_calls):
+    """CPU autocast runs the convolutions in bfloat16 through `F.conv2d`, and a user who turns oneDNN off gets aten's
+    convolutions: nothing fused then."""
+    pixel_values = torch.randn(1, 3, 64, 96)
+    padding_mask = torch.zeros(1, 64, 96, dtype=torch.bool)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        backbone(pixel_values, padding_mask)
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        with torch.no_grad():
+            features = [f for f, _ in backbone(pixel_values, padding_mask)]
+    finally:
+        torch.backends.mkldnn.enabled = previous
+    assert fused_calls == []
+    assert_matches_reference(features, float64_reference(backbone, pixel_values))

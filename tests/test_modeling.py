@@ -734,21 +734,21 @@ def test_onednn_products_are_faster_on_amd_and_avx2(monkeypatch, capability, ven
     """oneDNN runs the float32 products on AMD CPUs (measured: AVX2 Zen 3, AVX-512 Zen 4) and on AVX2-only CPUs, and
     every product of the feed-forward's backward on AVX-512 AMD CPUs only; MKL keeps them on Intel's AVX-512 CPUs; no
     x86 vector unit, no oneDNN products."""
-    from hf_dino import modeling_dino
+    from hf_dino import onednn
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    monkeypatch.setattr(modeling_dino, "cpu_vendor", lambda: vendor)
-    modeling_dino.onednn_products_are_faster.cache_clear()
+    monkeypatch.setattr(onednn, "cpu_vendor", lambda: vendor)
+    onednn.onednn_products_are_faster.cache_clear()
     try:
         torch.ops.mkldnn._linear_pointwise.default
         has_op = torch.backends.mkldnn.is_available() and torch.backends.mkl.is_available()
     except (AttributeError, RuntimeError):
         has_op = False
     try:
-        assert modeling_dino.onednn_products_are_faster() == (expected and has_op)
-        assert modeling_dino.onednn_runs_every_feed_forward_product() == (expected_every and has_op)
+        assert onednn.onednn_products_are_faster() == (expected and has_op)
+        assert onednn.onednn_runs_every_feed_forward_product() == (expected_every and has_op)
     finally:
-        modeling_dino.onednn_products_are_faster.cache_clear()
+        onednn.onednn_products_are_faster.cache_clear()
 
 
 @pytest.fixture(params=["aten", "onednn", "onednn-all"])
@@ -1111,3 +1111,56 @@ def test_hooks_on_the_encoder_feed_forward_fire(module):
     assert torch.equal(seen[0], expected_hidden)
     with torch.no_grad():
         assert torch.equal(output, layer.feed_forward_block(hidden.reshape(-1, hidden.shape[-1])).view_as(hidden))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_deformable_attention_against_float64(padded, monkeypatch):
+    """`DinoMultiscaleDeformableAttention` against its float64 recomputation: the value projection with padded tokens
+    zeroed (the pass is skipped when nothing is padded), softmax weights, sampling around the references. A bfloat16
+    module hands the attention float32 weights (softmax taken in float32) and stays within bfloat16 rounding."""
+    from hf_dino import modeling_dino
+    from hf_dino.deformable_attention import multi_scale_deformable_attention_pytorch
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    attention = modeling_dino.DinoMultiscaleDeformableAttention(config, num_heads=4, n_points=2).eval()
+    with torch.no_grad():
+        for linear in (attention.sampling_offsets, attention.attention_weights):
+            linear.weight.normal_(0, 0.05)
+    shapes_list = [(12, 16), (6, 8), (3, 4), (2, 2)][: config.num_feature_levels]
+    shapes = torch.tensor(shapes_list)
+    starts = torch.cat((shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]))
+    tokens = int(shapes.prod(1).sum())
+    value = torch.randn(2, tokens, config.d_model)
+    query = torch.randn(2, 30, config.d_model)
+    reference = torch.rand(2, 30, config.num_feature_levels, 2)
+    mask = torch.zeros(2, tokens, dtype=torch.bool)
+    if padded:
+        mask[0, 150:] = True
+
+    def expected() -> torch.Tensor:
+        a = copy.deepcopy(attention).double()
+        b, q, heads, levels, points = 2, 30, 4, config.num_feature_levels, 2
+        v = a.value_proj(value.double()).masked_fill(mask[..., None], 0.0).view(b, tokens, heads, -1)
+        offsets = a.sampling_offsets(query.double()).view(b, q, heads, levels, points, 2)
+        normalizer = shapes.flip(-1).double()[None, None, None, :, None, :]
+        locations = reference.double()[:, :, None, :, None, :] + offsets / normalizer
+        weights = a.attention_weights(query.double()).view(b, q, heads, -1).softmax(-1).view(b, q, heads, levels, points)
+        return a.output_proj(multi_scale_deformable_attention_pytorch(v, shapes_list, locations, weights))
+
+    with torch.no_grad():
+        want = expected()
+        got = attention(query, reference, value, mask, shapes, shapes_list, starts)
+        assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+        seen = []
+        attend = modeling_dino.multi_scale_deformable_attention
+
+        def recorded(*args, **kwargs):
+            seen.append(args[4].dtype)
+            return attend(*args, **kwargs)
+
+        monkeypatch.setattr(modeling_dino, "multi_scale_deformable_attention", recorded)
+        half = copy.deepcopy(attention).to(torch.bfloat16)
+        got = half(query.bfloat16(), reference, value.bfloat16(), mask, shapes, shapes_list, starts)
+    assert seen == [torch.float32] and got.dtype == torch.bfloat16
+    assert (got.double() - want).abs().max() <= 3e-2 * want.abs().max()

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from .configuration_dino import SWIN_ARCHITECTURES, DinoConfig
+from .onednn import onednn_convolution_applies, onednn_convolution_relu
 
 logger = logging.getLogger(__name__)
 
@@ -283,6 +284,21 @@ class DinoFoldedConv(NamedTuple):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
+    def relu(self, x: torch.Tensor) -> torch.Tensor:
+        """`relu(conv(x))`, as one oneDNN call where `onednn_convolution_applies`."""
+        if onednn_convolution_applies(x, self.weight):
+            return onednn_convolution_relu(x, *self)
+        return self(x).relu_()
+
+    def add_relu_(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """`relu(conv(x) + residual)`: as one oneDNN call written into `residual` (overwritten) where
+        `onednn_convolution_applies`, else into the convolution's output."""
+        if onednn_convolution_applies(x, self.weight, residual):
+            return onednn_convolution_relu(x, *self, residual=residual)
+        out = self(x)
+        out += residual
+        return out.relu_()
+
 
 class DinoFoldedResNet:
     """Eager view of a frozen-batch-norm timm ResNet (`DinoBackbone.body`): the same function as
@@ -380,7 +396,11 @@ class DinoFoldedResNet:
 
     def __call__(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """`[B, C, H, W]` -> the returned stages' maps `[B, C_l, H_l, W_l]` (channels-last), as `body` returns.
-        The in-place additions and ReLUs act on convolution outputs, which no backward formula needs."""
+        The in-place additions and ReLUs act on convolution outputs, which no backward formula needs. Where oneDNN
+        runs the convolutions without autograd (`onednn_convolution_applies`: inference in float32, or bfloat16 where
+        the CPU has it), each ReLU is fused into its convolution and a bottleneck's last convolution sums into the
+        shortcut in place (`onednn_convolution_relu`): no pass of its own for either, and no fresh 60 MB map per
+        block at 800x1200 in float32 (float32 values to rounding; the same logits bit for bit on an 800x1201 image)."""
         convs = [self._fold(conv, bn) for conv, bn in self._pairs]
         x = pixel_values.contiguous(memory_format=torch.channels_last)
         outputs = []
@@ -388,17 +408,17 @@ class DinoFoldedResNet:
             if step is not None:
                 kind, what = step
                 if kind == "stem":
-                    x = convs[what](x).relu_()
+                    x = convs[what].relu(x)
                 elif kind == "module":
                     x = what(x)
                 else:
                     for block_convs, downsample in what:
+                        # a returned stage's map is never summed into (in place): a stage whose first block has no
+                        # downsample follows the stem, not a returned stage
                         shortcut = x if downsample is None else convs[downsample](x)
                         for index in block_convs[:-1]:
-                            x = convs[index](x).relu_()
-                        x = convs[block_convs[-1]](x)
-                        x += shortcut
-                        x.relu_()
+                            x = convs[index].relu(x)
+                        x = convs[block_convs[-1]].add_relu_(x, shortcut)
             if name in self._return_layers:
                 outputs.append(x)
         return outputs

@@ -18,9 +18,7 @@ The flow of one batch (each step is one named module or function below):
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-import platform
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -41,6 +39,7 @@ from .deformable_attention import multi_scale_deformable_attention
 from .denoising import DenoisingMeta, build_contrastive_denoising_queries, inverse_sigmoid
 from .box_ops import check_detection_labels
 from .loss_dino import DinoLoss
+from .onednn import onednn_products_are_faster, onednn_runs_bfloat16_products, onednn_runs_every_feed_forward_product
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -223,62 +222,9 @@ class DinoSinePositionEmbedding(nn.Module):
 # ------------------------------------------------------------------------------------------------------------------
 # Token-wise products on the CPU
 # ------------------------------------------------------------------------------------------------------------------
-def cpu_vendor() -> str:
-    """The CPU's vendor string (`"GenuineIntel"`, `"AuthenticAMD"`, ...) as Linux's `/proc/cpuinfo` names it, or
-    elsewhere as `platform.processor()` describes the CPU (on Windows it ends with the vendor); `""` if unknown."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-@functools.cache
-def onednn_products_are_faster() -> bool:
-    """Whether float32 CPU products run faster on oneDNN than on aten's BLAS (MKL) here: on AMD CPUs and on CPUs with
-    AVX2 but not AVX-512. MKL's sgemm is at the ceiling on Intel's AVX-512 CPUs, not on AMD's. The `[tokens, 256] x
-    [256, N]` products of the encoder, MKL against oneDNN: on a 2-core AMD EPYC with AVX2 (Zen 3) 31-79 against
-    51-110 GFLOP/s (`[20097, 256] x [256, 256]`: 84 vs 52 ms); on a 2-core AMD EPYC with AVX-512 (Zen 4) 115-166
-    against 174-370 GFLOP/s (21.8 vs 9.1 ms)."""
-    if not torch.backends.mkldnn.is_available() or not torch.backends.mkl.is_available():
-        return False
-    capability = torch.backends.cpu.get_cpu_capability()
-    if not (capability == "AVX2" or (capability == "AVX512" and "AuthenticAMD" in cpu_vendor())):
-        return False
-    try:
-        return torch.ops.mkldnn._linear_pointwise.default is not None
-    except (AttributeError, RuntimeError):  # a build without the op
-        return False
-
-
-def onednn_runs_every_feed_forward_product() -> bool:
-    """Whether, beyond the products `onednn_products_are_faster` sends to oneDNN, the feed-forward block's backward
-    runs `grad_hidden @ W1` and `grad_hidden^T @ x` (output width 256, long reductions) there too: on AVX-512 CPUs
-    where oneDNN is the faster library (AMD's; per 1024-token chunk on the AMD EPYC Zen 4 2.95 vs 6.36 ms and 5.23 vs
-    6.47 ms). On AVX2 CPUs MKL is faster for those two (Zen 3: 9 vs 10.5 ms and 13-15 vs 17-18 ms)."""
-    return onednn_products_are_faster() and torch.backends.cpu.get_cpu_capability() == "AVX512"
-
-
 # fewest rows of a product that runs on oneDNN: at a few hundred rows it is no faster than MKL, and its first call for
 # each new shape (a JIT-compiled primitive) costs 1-3 ms more, as much as the product itself
 ONEDNN_MIN_ROWS = 2048
-
-
-@functools.cache
-def onednn_runs_bfloat16_products() -> bool:
-    """Whether aten runs bfloat16 CPU products on oneDNN here (`torch.ops.mkldnn._is_mkldnn_bf16_supported()`: CPUs
-    with AVX-512, native bf16 arithmetic or not). There calling oneDNN's product directly computes the same values
-    without aten's copy of the broadcast bias into the output, and with the feed-forward's ReLU fused: a bf16 forward
-    (800x1201) 1.28 -> 1.22 s on the AMD EPYC Zen 4 (six interleaved calls each), bit-identical logits."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported() and torch.ops.mkldnn._linear_pointwise.default is not None
-    except (AttributeError, RuntimeError):  # a build without the ops
-        return False
 
 
 def onednn_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -360,11 +306,17 @@ class DinoMultiscaleDeformableAttention(nn.Module):
         # the projection as a 2-d product, so that its output is a tensor of its own (not a view) and the padding
         # can be zeroed in place (the product's backward does not read its output): no 40 MB copy per layer
         tokens = value.shape[1]
-        value = self.value_proj(value.reshape(b * tokens, -1)).masked_fill_(value_padding_mask.reshape(-1, 1), 0.0)
+        value = self.value_proj(value.reshape(b * tokens, -1))
+        # on the CPU an image without padding (batch 1) skips the pass (a GPU would wait for the answer)
+        if captures_graph() or value.device.type != "cpu" or value_padding_mask.any():
+            value.masked_fill_(value_padding_mask.reshape(-1, 1), 0.0)
         value = value.view(b, tokens, self.n_heads, self.d_model // self.n_heads)
         offsets = self.sampling_offsets(query).view(b, q, self.n_heads, self.n_levels, self.n_points, 2)
         weights = self.attention_weights(query).view(b, q, self.n_heads, self.n_levels * self.n_points)
-        weights = weights.softmax(-1).view(b, q, self.n_heads, self.n_levels, self.n_points)
+        # a 16-bit model's weights in float32, which both attention paths sum in (a bfloat16 softmax over 16 values
+        # is 3x slower on the CPU than a float32 one, and rounds the weights)
+        weights = weights.softmax(-1, dtype=torch.promote_types(weights.dtype, torch.float32))
+        weights = weights.view(b, q, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] == 2:
             # reference + offset / (w_l, h_l), written so that both broadcasts run over one outer dimension
             # (the plain 6-d broadcast is several times slower on CPU); same arithmetic, same rounding
