@@ -280,7 +280,8 @@ def test_inference_fuses_relu_and_shortcut_into_the_convolutions(backbone, fused
         monkeypatch.setattr(backbone_dino, "onednn_convolution_applies", lambda *tensors: False)
         unfused = [f for f, _ in backbone(pixel_values, padding_mask)]
     assert len(fused_calls) == relu + residual
-    assert all((a - b).abs().max() <= 1e-6 * b.abs().max() for a, b in zip(features, unfused))
+    # float32 rounding through ~50 layers (2.8e-6 of the maximum in pytest-xdist workers, 0 in one process here)
+    assert all((a - b).abs().max() <= 2e-5 * b.abs().max() for a, b in zip(features, unfused))
 
 
 def test_bfloat16_inference_fuses_where_the_cpu_runs_bfloat16_on_onednn(backbone, fused_calls):
