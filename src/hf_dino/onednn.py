@@ -59,9 +59,9 @@ def onednn_runs_every_feed_forward_product() -> bool:
 def onednn_runs_bfloat16_products() -> bool:
     """Whether aten runs bfloat16 CPU products and convolutions on oneDNN here
     (`torch.ops.mkldnn._is_mkldnn_bf16_supported()`: CPUs with AVX-512, native bf16 arithmetic or not). There calling
-    oneDNN's product directly computes the same values
-    without aten's copy of the broadcast bias into the output, and with the feed-forward's ReLU fused: a bf16 forward
-    (800x1201) 1.28 -> 1.22 s on the AMD EPYC Zen 4 (six interleaved calls each), bit-identical logits."""
+    oneDNN's product directly computes the same values without aten's copy of the broadcast bias into the output, and
+    with the feed-forward's ReLU fused: a bf16 forward (800x1201) 1.28 -> 1.22 s on the AMD EPYC Zen 4 (six
+    interleaved calls each), bit-identical logits."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
@@ -73,8 +73,8 @@ def onednn_runs_bfloat16_products() -> bool:
 def onednn_convolution_applies(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
     """Whether `onednn_convolution_relu` computes `relu(F.conv2d(x, weight, ...) [+ residual])` here: where aten runs
     the convolution on oneDNN anyway (CPU tensors of one dtype, float32, or bfloat16 where this CPU runs it on
-    oneDNN), without autograd on any of the tensors (the fused op has no backward: in training, only convolutions of
-    a frozen stem on the image qualify), outside CPU autocast (which runs `F.conv2d` in 16 bits) and with oneDNN
+    oneDNN), without autograd on any of the tensors (the fused op has no backward: in training, only the frozen stem's
+    and layer1's convolutions qualify), outside CPU autocast (which runs `F.conv2d` in 16 bits) and with oneDNN
     enabled (`torch.backends.mkldnn.flags(enabled=False)` turns it off for aten's operators and ours alike). Graph
     capture never reaches it: the folded ResNet that calls it runs only in eager mode."""
     tensors = (x, weight) if residual is None else (x, weight, residual)
