@@ -2,8 +2,9 @@
 //
 // This header is deliberately free of includes and namespaces: msda_cpu.cpp includes it several times,
 // each time inside its own namespace and (on x86 with GCC) under a different `#pragma GCC target`, to get
-// a baseline build and an AVX2/FMA build of the same loops, chosen at run time. Everything here must
-// therefore be templates / inline functions that only use <cmath> / <cstdint> (included by the caller).
+// a baseline build, an AVX2/FMA build and an AVX-512 build of the same loops, chosen at run time. Everything
+// here must therefore be templates / inline functions that only use <cmath> / <cstdint> (included by the
+// caller). `MsdaLoops` at the end bundles one copy's entry points into a type the caller can pass on.
 //
 // Work decomposition:
 //   forward : one task per (batch, query, head); the head dimension is innermost and contiguous in both
@@ -272,3 +273,24 @@ void msda_backward_value_range(const MsdaParams& p, const T* locations, const T*
     }
   }
 }
+
+// This copy's entry points as static members of one type, so that msda_cpu.cpp can choose a copy at run time and
+// hand it on as a template argument (`Loops::template forward<T, V, D>(...)`).
+struct MsdaLoops {
+  template <typename T, typename V, int D, typename... Args>
+  static void forward(const Args&... args) {
+    msda_forward_range<T, V, D>(args...);
+  }
+  template <typename T, typename V, int D, typename... Args>
+  static void backward(const Args&... args) {
+    msda_backward_range<T, V, D>(args...);
+  }
+  template <typename T, typename V, int D, typename... Args>
+  static void backward_sampling(const Args&... args) {
+    msda_backward_sampling_range<T, V, D>(args...);
+  }
+  template <typename T, typename... Args>
+  static void backward_value(const Args&... args) {
+    msda_backward_value_range<T>(args...);
+  }
+};

@@ -60,7 +60,7 @@ def simd_variants(cpu_extension):
     decompositions (single pass over batch x head; split into sampling gradients + channel blocks of
     grad_value, used automatically when there are more threads than batch x head)."""
     original = cpu_extension.simd()
-    simds = ["baseline"] + (["avx2"] if cpu_extension.set_simd("avx2") else [])
+    simds = ["baseline"] + [simd for simd in ("avx2", "avx512") if cpu_extension.set_simd(simd)]
 
     def each():
         for simd in simds:
@@ -168,6 +168,36 @@ def test_backward_writes_every_grad_value_row(simd_variants, dtype, queries):
             assert torch.count_nonzero(grads[0][:, ~right_half]) > 0
             scale = ref_grads[0].abs().max().item()
             torch.testing.assert_close(grads[0].double() / scale, ref_grads[0] / scale, rtol=tol, atol=tol)
+
+
+def test_default_loops_are_the_widest_the_cpu_supports(cpu_extension):
+    """A fresh process runs the widest copy of the loops that the CPU's flags (as /proc/cpuinfo lists them) allow:
+    AVX-512 F/BW/VL/DQ, else AVX2 + FMA, else the baseline; `set_simd` refuses a copy the CPU lacks or an unknown name."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file() or not any(line.startswith("flags") for line in cpuinfo.read_text().splitlines()):
+        pytest.skip("needs an x86 Linux /proc/cpuinfo")
+    compiler = subprocess.run([os.environ.get("CXX", "c++"), "--version"], capture_output=True, text=True).stdout
+    if "clang" in compiler.lower():
+        pytest.skip("the AVX2 / AVX-512 copies are built with GCC's target pragmas only")
+    line = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags"))
+    flags = set(line.split(":", 1)[1].split())
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma"} <= flags:
+        expected = "avx512"
+    elif {"avx2", "fma"} <= flags:
+        expected = "avx2"
+    else:
+        expected = "baseline"
+    code = "from hf_dino.kernels import _loader; print(_loader.build('cpu').simd())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == expected
+    original = cpu_extension.simd()
+    try:
+        assert not cpu_extension.set_simd("avx1024")
+        if expected != "avx512":
+            assert not cpu_extension.set_simd("avx512")
+    finally:
+        cpu_extension.set_simd(original)
 
 
 def test_gradcheck_float64(cpu_extension):
