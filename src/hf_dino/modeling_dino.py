@@ -324,7 +324,10 @@ class DinoMultiscaleDeformableAttention(nn.Module):
             normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(reference_points.dtype)
             normalizer = normalizer[:, None, :].expand(-1, self.n_points, -1).reshape(levels_points)
             reference = reference_points[:, :, :, None, :].expand(-1, -1, -1, self.n_points, -1).reshape(b, q, 1, levels_points)
-            locations = torch.addcdiv(reference, offsets.view(b, q, self.n_heads, levels_points), normalizer)
+            # a 16-bit model's offsets widened to the (float32) reference first: aten's addcdiv over mixed dtypes
+            # converts element by element (the encoder's: 9 ms per layer on the CPU, against 1 ms for both steps)
+            offsets = offsets.view(b, q, self.n_heads, levels_points).to(reference.dtype)
+            locations = torch.addcdiv(reference, offsets, normalizer)
             locations = locations.view(b, q, self.n_heads, self.n_levels, self.n_points, 2)
         else:
             locations = (
