@@ -128,6 +128,15 @@ def test_forward_and_gradients_match_float64_reference(simd_variants, levels, dt
         assert_close_to_reference(*inputs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_more_than_64_points_per_query_match_float64_reference(simd_variants, dtype):
+    """Above 64 levels x points per query and head (here 4 x 17) the forward sets up each point's corners on its
+    own instead of all of them ahead (the other tests' path)."""
+    inputs = make_inputs(LEVEL_SETS["odd"], points=17, head_dim=32, dtype=dtype, seed=9)
+    for _ in simd_variants():
+        assert_close_to_reference(*inputs)
+
+
 def test_dino_encoder_shapes_match_reference(simd_variants):
     """Realistic sizes (a small image's 4-level pyramid, 8 heads x 32, 4 points), float32."""
     inputs = make_inputs([(20, 30), (10, 15), (5, 8), (3, 4)], batch=2, queries=300, heads=8, head_dim=32,
@@ -236,6 +245,22 @@ def test_points_far_outside_and_on_the_border(cpu_extension):
     assert_close_to_reference(value, shapes, starts, locations, weights)
     out = K.ms_deform_attn(value, shapes, starts, locations, weights)
     assert out[:, :2].abs().max() == 0
+
+
+@pytest.mark.parametrize("points", [3, 17], ids=["set-up-ahead", "per-point"])
+def test_nan_locations_sample_nothing(simd_variants, points):
+    """A NaN sampling location contributes nothing (as a point outside every level), whether the forward sets up
+    the corners of all levels x points ahead (up to 64 per query and head) or point by point (17 x 4 = 68)."""
+    value, shapes, starts, locations, weights = make_inputs(LEVEL_SETS["odd"], points=points, dtype=torch.float32,
+                                                            seed=8)
+    nan_locations, outside = locations.clone(), locations.clone()
+    nan_locations[:, :, :, 1, 0, 0] = float("nan")  # x of one point per (query, head)
+    nan_locations[:, :, :, 2, :, 1] = float("nan")  # y of a whole level
+    outside[:, :, :, 1, 0, 0] = 5.0
+    outside[:, :, :, 2, :, 1] = 5.0
+    for _ in simd_variants():
+        torch.testing.assert_close(K.ms_deform_attn(value, shapes, starts, nan_locations, weights),
+                                   K.ms_deform_attn(value, shapes, starts, outside, weights), rtol=0, atol=0)
 
 
 def test_levels_of_size_one(cpu_extension):
