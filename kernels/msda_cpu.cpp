@@ -364,5 +364,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("simd", &hf_dino_msda::msda_cpu_simd, "vectorised variant in use");
   m.def("set_backward_mode", &hf_dino_msda::msda_cpu_set_backward_mode,
         "backward decomposition: 'auto', 'single' (over batch x head) or 'split'; False if unknown");
-  m.def("set_simd", &hf_dino_msda::msda_cpu_set_simd, "select 'avx512', 'avx2' or 'baseline' loops; False if unavailable");
+  m.def("set_simd", &hf_dino_msda::msda_cpu_set_simd,
+        "select 'avx512', 'avx2' or 'baseline' loops; False if unavailable");
 }
