@@ -252,7 +252,8 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 class DinoLinear(nn.Linear):
     """`nn.Linear` (the same parameters, state dict and initialisation) whose CPU inference runs the product on oneDNN
     where `onednn_linear_applies` (float32 where that library is the faster one, bfloat16 where aten uses it anyway):
-    the token-wise projections of the deformable attention over the encoder's tokens. With autograd on any input
+    the token-wise products of the deformable attention, of the encoder's and decoder's feed-forward blocks and of the
+    query selection's heads. With autograd on any input
     (training; running the forward and the input's gradient on oneDNN there gained nothing measurable), float16,
     autocast, other devices, graph capture and export it is `nn.Linear`."""
 
