@@ -61,6 +61,19 @@ inline bool msda_corners(T x, T y, int64_t height, int64_t width, int64_t start,
   return true;
 }
 
+// Calls fn(k, corners, height, width) for every sampling point k (levels x points) of one (query, head) that has a
+// corner inside its level; `loc` holds the item's levels x points (x, y) locations.
+template <typename T, typename Fn>
+inline void msda_for_each_point(const MsdaParams& p, const T* loc, Fn&& fn) {
+  for (int64_t l = 0; l < p.levels; ++l) {
+    const int64_t height = p.shapes[2 * l], width = p.shapes[2 * l + 1], start = p.starts[l];
+    for (int64_t k = l * p.points; k < (l + 1) * p.points; ++k) {
+      MsdaCorners<T> s;
+      if (msda_corners<T>(loc[2 * k], loc[2 * k + 1], height, width, start, s)) fn(k, s, height, width);
+    }
+  }
+}
+
 // acc[0:n] += w0 * v0 + w1 * v1 + w2 * v2 + w3 * v3
 template <typename T, typename V, int D>
 inline void msda_axpy4(T* __restrict__ acc, const V* __restrict__ v0, const V* __restrict__ v1,
@@ -210,20 +223,15 @@ void msda_forward_range(const MsdaParams& p, const V* value, const T* locations,
         msda_axpy4<T, V, D>(acc, v0, v1, v2, v3, c.weight[0][k], c.weight[1][k], c.weight[2][k], c.weight[3][k], dim);
       }
     } else {
-      for (int64_t l = 0; l < p.levels; ++l) {
-        const int64_t height = p.shapes[2 * l], width = p.shapes[2 * l + 1], start = p.starts[l];
-        for (int64_t k = l * p.points; k < (l + 1) * p.points; ++k) {
-          MsdaCorners<T> s;
-          if (!msda_corners<T>(loc[2 * k], loc[2 * k + 1], height, width, start, s)) continue;
-          const T a = att[k];
-          const V* v0 = s.valid[0] ? vbase + s.index[0] * token_stride : zeros;
-          const V* v1 = s.valid[1] ? vbase + s.index[1] * token_stride : zeros;
-          const V* v2 = s.valid[2] ? vbase + s.index[2] * token_stride : zeros;
-          const V* v3 = s.valid[3] ? vbase + s.index[3] * token_stride : zeros;
-          msda_axpy4<T, V, D>(acc, v0, v1, v2, v3, a * s.weight[0], a * s.weight[1], a * s.weight[2],
-                              a * s.weight[3], dim);
-        }
-      }
+      msda_for_each_point<T>(p, loc, [&](int64_t k, const MsdaCorners<T>& s, int64_t, int64_t) {
+        const T a = att[k];
+        const V* v0 = s.valid[0] ? vbase + s.index[0] * token_stride : zeros;
+        const V* v1 = s.valid[1] ? vbase + s.index[1] * token_stride : zeros;
+        const V* v2 = s.valid[2] ? vbase + s.index[2] * token_stride : zeros;
+        const V* v3 = s.valid[3] ? vbase + s.index[3] * token_stride : zeros;
+        msda_axpy4<T, V, D>(acc, v0, v1, v2, v3, a * s.weight[0], a * s.weight[1], a * s.weight[2], a * s.weight[3],
+                            dim);
+      });
     }
     for (int64_t c = 0; c < dim; ++c) out[c] = static_cast<V>(acc[c]);
   }
@@ -285,16 +293,11 @@ void msda_backward_range(const MsdaParams& p, const V* value, const T* locations
       const int64_t i = (b * p.queries + q) * p.heads + h;
       const T* loc = locations + i * lp * 2;
       const T* att = weights + i * lp;
-      for (int64_t l = 0; l < p.levels; ++l) {
-        const int64_t height = p.shapes[2 * l], width = p.shapes[2 * l + 1], start = p.starts[l];
-        for (int64_t k = l * p.points; k < (l + 1) * p.points; ++k) {
-          MsdaCorners<T> s;
-          if (!msda_corners<T>(loc[2 * k], loc[2 * k + 1], height, width, start, s)) continue;
-          msda_point_backward<T, V, D>(s, att[k], height, width, vbase, value_stride, grad_scratch, dim,
-                                       grad_output + i * dim, zeros, dim, grad_locations + (i * lp + k) * 2,
-                                       grad_weights + i * lp + k);
-        }
-      }
+      msda_for_each_point<T>(p, loc, [&](int64_t k, const MsdaCorners<T>& s, int64_t height, int64_t width) {
+        msda_point_backward<T, V, D>(s, att[k], height, width, vbase, value_stride, grad_scratch, dim,
+                                     grad_output + i * dim, zeros, dim, grad_locations + (i * lp + k) * 2,
+                                     grad_weights + i * lp + k);
+      });
     }
     for (int64_t t = 0; t < p.tokens; ++t) {
       for (int64_t c = 0; c < dim; ++c) gvrows[t * token_stride + c] = grad_scratch[t * dim + c];
@@ -317,16 +320,10 @@ void msda_backward_sampling_range(const MsdaParams& p, const V* value, const T* 
     const V* vbase = value + b * p.tokens * token_stride + h * dim;
     const T* loc = locations + i * lp * 2;
     const T* att = weights + i * lp;
-    for (int64_t l = 0; l < p.levels; ++l) {
-      const int64_t height = p.shapes[2 * l], width = p.shapes[2 * l + 1], start = p.starts[l];
-      for (int64_t k = l * p.points; k < (l + 1) * p.points; ++k) {
-        MsdaCorners<T> s;
-        if (!msda_corners<T>(loc[2 * k], loc[2 * k + 1], height, width, start, s)) continue;
-        msda_point_backward<T, V, D>(s, att[k], height, width, vbase, token_stride, nullptr, 0,
-                                     grad_output + i * dim, zeros, dim, grad_locations + (i * lp + k) * 2,
-                                     grad_weights + i * lp + k);
-      }
-    }
+    msda_for_each_point<T>(p, loc, [&](int64_t k, const MsdaCorners<T>& s, int64_t height, int64_t width) {
+      msda_point_backward<T, V, D>(s, att[k], height, width, vbase, token_stride, nullptr, 0, grad_output + i * dim,
+                                   zeros, dim, grad_locations + (i * lp + k) * 2, grad_weights + i * lp + k);
+    });
   }
 }
 
@@ -351,17 +348,11 @@ void msda_backward_value_range(const MsdaParams& p, const T* locations, const T*
       const T* g = grad_output + i * dim + c0;
       const T* loc = locations + i * lp * 2;
       const T* att = weights + i * lp;
-      for (int64_t l = 0; l < p.levels; ++l) {
-        const int64_t height = p.shapes[2 * l], width = p.shapes[2 * l + 1], start = p.starts[l];
-        for (int64_t k = l * p.points; k < (l + 1) * p.points; ++k) {
-          MsdaCorners<T> s;
-          if (!msda_corners<T>(loc[2 * k], loc[2 * k + 1], height, width, start, s)) continue;
-          const T a = att[k];
-          for (int c = 0; c < 4; ++c) {
-            if (s.valid[c]) msda_axpy<T, 0>(gvbase + s.index[c] * token_stride, g, a * s.weight[c], len);
-          }
+      msda_for_each_point<T>(p, loc, [&](int64_t k, const MsdaCorners<T>& s, int64_t, int64_t) {
+        for (int c = 0; c < 4; ++c) {
+          if (s.valid[c]) msda_axpy<T, 0>(gvbase + s.index[c] * token_stride, g, att[k] * s.weight[c], len);
         }
-      }
+      });
     }
   }
 }
