@@ -795,8 +795,9 @@ def onednn_disabled():
 def test_dino_linear_is_nn_linear(cpu_products):
     """`DinoLinear` computes `nn.Linear`'s function (float64 recomputation) on 2-D, 3-D and strided inputs, and under
     autograd its gradients (input, weight, bias; any subset trainable; with and without a bias) are the float64 ones.
-    Where oneDNN is the faster library it runs the product without autograd; with autograd, below `ONEDNN_MIN_ROWS`
-    rows and under CPU autocast it is `F.linear`. Its state dict is `nn.Linear`'s."""
+    Where oneDNN is the faster library it runs the product without autograd (from `ONEDNN_PACK_MIN_ROWS` rows with the
+    weight packed first); with autograd, below `ONEDNN_MIN_ROWS` rows and under CPU autocast it is `F.linear`. Its
+    state dict is `nn.Linear`'s."""
     from hf_dino import modeling_dino
     from hf_dino.modeling_dino import DinoLinear
 
@@ -809,7 +810,7 @@ def test_dino_linear_is_nn_linear(cpu_products):
     assert list(layer.state_dict()) == ["weight", "bias"]
     rows = modeling_dino.ONEDNN_MIN_ROWS
     inputs = [torch.randn(rows, 64), torch.randn(2, rows, 64), torch.randn(rows, 2, 64).transpose(0, 1),
-              torch.randn(rows, 128)[:, ::2]]
+              torch.randn(rows, 128)[:, ::2], torch.randn(modeling_dino.ONEDNN_PACK_MIN_ROWS, 64)]
     for x in inputs:
         expected = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
         with torch.no_grad():
@@ -826,9 +827,9 @@ def test_dino_linear_is_nn_linear(cpu_products):
             half = copy.deepcopy(plain).to(dtype)
             half_layer = DinoLinear(64, 96).to(dtype)
             half_layer.load_state_dict(half.state_dict())
-            x = inputs[1].to(dtype)
-            assert torch.equal(half_layer(x), half(x)), dtype
-    assert len(calls) == (1 if modeling_dino.onednn_runs_bfloat16_products() else 0)
+            for x in (inputs[1].to(dtype), inputs[-1].to(dtype)):  # the weight as it is, and packed
+                assert torch.equal(half_layer(x), half(x)), dtype
+    assert len(calls) == (2 if modeling_dino.onednn_runs_bfloat16_products() else 0)
     del calls[:]
 
     def close(actual, expected):

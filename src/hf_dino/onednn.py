@@ -28,6 +28,16 @@ def cpu_vendor() -> str:
     return platform.processor()
 
 
+def has_onednn_linear_ops() -> bool:
+    """Whether this torch build has the oneDNN operators `onednn_linear` calls: the product
+    (`torch.ops.mkldnn._linear_pointwise`) and the weight packing (`torch.ops.mkldnn._reorder_linear_weight`)."""
+    try:
+        return (torch.ops.mkldnn._linear_pointwise.default is not None
+                and torch.ops.mkldnn._reorder_linear_weight.default is not None)
+    except (AttributeError, RuntimeError):  # a build without them
+        return False
+
+
 @functools.cache
 def onednn_products_are_faster() -> bool:
     """Whether float32 CPU products run faster on oneDNN than on aten's BLAS (MKL) here: on AMD CPUs and on CPUs with
@@ -40,10 +50,7 @@ def onednn_products_are_faster() -> bool:
     capability = torch.backends.cpu.get_cpu_capability()
     if not (capability == "AVX2" or (capability == "AVX512" and "AuthenticAMD" in cpu_vendor())):
         return False
-    try:
-        return torch.ops.mkldnn._linear_pointwise.default is not None
-    except (AttributeError, RuntimeError):  # a build without the op
-        return False
+    return has_onednn_linear_ops()
 
 
 def onednn_runs_every_feed_forward_product() -> bool:
@@ -65,8 +72,8 @@ def onednn_runs_bfloat16_products() -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported() and torch.ops.mkldnn._linear_pointwise.default is not None
-    except (AttributeError, RuntimeError):  # a build without the ops
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported() and has_onednn_linear_ops()
+    except (AttributeError, RuntimeError):  # a build without the op
         return False
 
 
