@@ -137,6 +137,34 @@ def test_more_than_64_points_per_query_match_float64_reference(simd_variants, dt
         assert_close_to_reference(*inputs)
 
 
+@pytest.mark.parametrize("levels_points", [(1, 1), (1, 7), (4, 2), (3, 3), (4, 4), (5, 4), (3, 11), (4, 16)],
+                         ids=lambda lp: f"{lp[0]}x{lp[1]}")
+@pytest.mark.parametrize("value_dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_vectorised_set_up_is_the_scalar_one(cpu_extension, levels_points, value_dtype):
+    """The AVX-512 copy sets up float32 corners 16 sampling points at a time in vector registers (the last step
+    partial); it gives the scalar set-up's results bit for bit (the AVX2 copy's forward), for 1 to 64 levels x points
+    per query and head, points outside, on the borders and NaN."""
+    levels, points = levels_points
+    sizes = [(7, 5), (3, 4), (1, 1), (2, 9), (6, 1)][:levels]
+    value, shapes, starts, locations, weights = make_inputs(sizes, points=points, heads=4, head_dim=32,
+                                                            dtype=torch.float32, seed=levels * 100 + points)
+    locations[0, :, 0, 0, 0] = torch.tensor([0.0, 1.0])  # on the borders
+    locations[0, :, 1, -1, -1] = torch.tensor([1.0, 0.0])
+    locations[1, :, 2, 0, 0, 1] = float("nan")
+    value = value.to(value_dtype)
+    original = cpu_extension.simd()
+    if not cpu_extension.set_simd("avx512"):
+        pytest.skip("this CPU has no AVX-512: the vectorised set-up is not used here")
+    try:
+        vectorised = cpu_extension.forward(value, shapes, starts, locations, weights)
+        assert cpu_extension.set_simd("avx2")
+        scalar = cpu_extension.forward(value, shapes, starts, locations, weights)
+    finally:
+        cpu_extension.set_simd(original)
+    torch.testing.assert_close(vectorised, scalar, rtol=0, atol=0)
+    assert vectorised.abs().sum() > 0
+
+
 def test_dino_encoder_shapes_match_reference(simd_variants):
     """Realistic sizes (a small image's 4-level pyramid, 8 heads x 32, 4 points), float32."""
     inputs = make_inputs([(20, 30), (10, 15), (5, 8), (3, 4)], batch=2, queries=300, heads=8, head_dim=32,
