@@ -315,13 +315,22 @@ def test_training_fuses_only_the_frozen_convolutions(backbone, fused_calls):
     backbone.zero_grad(set_to_none=True)
 
 
-def test_no_fusion_under_autocast_or_with_onednn_disabled(backbone, fused_calls):
-    """CPU autocast runs the convolutions in bfloat16 through `F.conv2d`, and a user who turns oneDNN off gets aten's
-    convolutions: nothing fused then."""
+def test_autocast_runs_bfloat16_fused_and_onednn_disabled_nothing_fused(backbone, fused_calls):
+    """Under CPU autocast to bfloat16 at inference the body runs in bfloat16 (the input and the folded weights cast as
+    autocast casts `F.conv2d`'s), fused where this CPU runs bfloat16 convolutions on oneDNN, within bfloat16 rounding
+    of the float64 body; a user who turns oneDNN off gets aten's convolutions: nothing fused then."""
+    from hf_dino.onednn import onednn_runs_bfloat16_products
+
     pixel_values = torch.randn(1, 3, 64, 96)
     padding_mask = torch.zeros(1, 64, 96, dtype=torch.bool)
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-        backbone(pixel_values, padding_mask)
+        features = [f for f, _ in backbone(pixel_values, padding_mask)]
+    relu, residual = convolutions(backbone.body, ("layer1", "layer2", "layer3", "layer4"))
+    assert len(fused_calls) == ((relu + residual) if onednn_runs_bfloat16_products() else 0)
+    for ours, ref in zip(features, float64_reference(backbone, pixel_values)):
+        assert ours.dtype == torch.bfloat16
+        assert (ours.double() - ref).abs().max().item() <= 0.05 * ref.abs().max().item()
+    del fused_calls[:]
     previous = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = False
     try:

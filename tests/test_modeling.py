@@ -796,8 +796,8 @@ def test_dino_linear_is_nn_linear(cpu_products):
     """`DinoLinear` computes `nn.Linear`'s function (float64 recomputation) on 2-D, 3-D and strided inputs, and under
     autograd its gradients (input, weight, bias; any subset trainable; with and without a bias) are the float64 ones.
     Where oneDNN is the faster library it runs the product without autograd (from `ONEDNN_PACK_MIN_ROWS` rows with the
-    weight packed first); with autograd, below `ONEDNN_MIN_ROWS` rows and under CPU autocast it is `F.linear`. Its
-    state dict is `nn.Linear`'s."""
+    weight packed first), under CPU autocast to bfloat16 on autocast's bfloat16 operands; with autograd and below
+    `ONEDNN_MIN_ROWS` rows it is `F.linear`. Its state dict is `nn.Linear`'s."""
     from hf_dino import modeling_dino
     from hf_dino.modeling_dino import DinoLinear
 
@@ -860,10 +860,17 @@ def test_dino_linear_is_nn_linear(cpu_products):
 
     del calls[:]
     layer = DinoLinear(64, 96)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's 16-bit product, as nn.Linear
-        for grad in (False, True):
-            with torch.set_grad_enabled(grad):
-                assert layer(inputs[0]).dtype == torch.bfloat16
+    plain.load_state_dict(layer.state_dict())
+    # CPU autocast to bfloat16: autocast's 16-bit product, as nn.Linear's, bit for bit; at inference on oneDNN where
+    # aten runs bfloat16 products there (on the operands cast as autocast casts them), with autograd `F.linear`
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for x in (inputs[0], inputs[-1]):
+            with torch.no_grad():
+                assert layer(x).dtype == torch.bfloat16 and torch.equal(layer(x), plain(x))
+    assert len(calls) == (4 if modeling_dino.onednn_runs_bfloat16_products() else 0)
+    del calls[:]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(inputs[0]).dtype == torch.bfloat16
     assert not calls
     with onednn_disabled(), torch.no_grad():  # the user turned oneDNN off: aten's product
         expected = torch.nn.functional.linear(inputs[0].double(), layer.weight.double(), layer.bias.double())
@@ -906,6 +913,13 @@ def test_encoder_feed_forward_in_chunks_is_the_plain_block(activation, cpu_produ
         assert (chunked16.double() - expected.detach()).abs().max() < 2e-2 * expected.abs().max()
     from hf_dino import modeling_dino
 
+    assert bool(cpu_products[1]) == modeling_dino.onednn_runs_bfloat16_products()
+    del cpu_products[1][:]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the plain block's bfloat16 result
+        automatic = layer.feed_forward(hidden)
+        plain_automatic = layer.feed_forward_block(hidden.reshape(-1, hidden.shape[-1])).view_as(hidden)
+    assert automatic.dtype == plain_automatic.dtype == torch.bfloat16
+    assert (automatic.double() - plain_automatic.double()).abs().max() <= 1e-2 * plain_automatic.abs().max()
     assert bool(cpu_products[1]) == modeling_dino.onednn_runs_bfloat16_products()
     del cpu_products[1][:]
 

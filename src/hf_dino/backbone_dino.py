@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from .configuration_dino import SWIN_ARCHITECTURES, DinoConfig
-from .onednn import onednn_convolution_applies, onednn_convolution_relu
+from .onednn import autocast_operands, onednn_convolution_applies, onednn_convolution_relu
 
 logger = logging.getLogger(__name__)
 
@@ -391,7 +391,9 @@ class DinoFoldedResNet:
         shift = bn.bias.to(compute_dtype) - bn.running_mean.to(compute_dtype) * scale
         weight = conv.weight.to(compute_dtype) * scale.view(-1, 1, 1, 1)
         bias = shift if conv.bias is None else conv.bias.to(compute_dtype) * scale + shift
-        return DinoFoldedConv(weight.to(dtype).contiguous(memory_format=torch.channels_last), bias.to(dtype),
+        # under CPU autocast to bfloat16, in bfloat16 as autocast would hand them to `F.conv2d`
+        weight, bias = autocast_operands(weight.to(dtype), bias.to(dtype))
+        return DinoFoldedConv(weight.contiguous(memory_format=torch.channels_last), bias,
                               conv.stride, conv.padding, conv.dilation, conv.groups)
 
     def __call__(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
@@ -400,9 +402,11 @@ class DinoFoldedResNet:
         runs the convolutions without autograd (`onednn_convolution_applies`: inference in float32, or bfloat16 where
         the CPU has it), each ReLU is fused into its convolution and a bottleneck's last convolution sums into the
         shortcut in place (`onednn_convolution_relu`): no pass of its own for either, and no fresh 60 MB map per
-        block at 800x1200 in float32 (float32 values to rounding; the same logits bit for bit on an 800x1201 image)."""
+        block at 800x1200 in float32 (float32 values to rounding; the same logits bit for bit on an 800x1201 image).
+        Under CPU autocast to bfloat16 the input and the folded weights are cast first (`autocast_operands`), so
+        the body runs in bfloat16 as autocast runs its convolutions, with the same fusions."""
         convs = [self._fold(conv, bn) for conv, bn in self._pairs]
-        x = pixel_values.contiguous(memory_format=torch.channels_last)
+        x = autocast_operands(pixel_values)[0].contiguous(memory_format=torch.channels_last)
         outputs = []
         for name, step in self._plan:
             if step is not None:

@@ -39,7 +39,13 @@ from .deformable_attention import multi_scale_deformable_attention
 from .denoising import DenoisingMeta, build_contrastive_denoising_queries, inverse_sigmoid
 from .box_ops import check_detection_labels
 from .loss_dino import DinoLoss
-from .onednn import onednn_products_are_faster, onednn_runs_bfloat16_products, onednn_runs_every_feed_forward_product
+from .onednn import (
+    autocast_allows,
+    autocast_operands,
+    onednn_products_are_faster,
+    onednn_runs_bfloat16_products,
+    onednn_runs_every_feed_forward_product,
+)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -232,10 +238,11 @@ def onednn_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `onednn_linear` computes `F.linear(x, weight, ...)` here: CPU tensors of one dtype, float32 where oneDNN
     is the faster library (`onednn_products_are_faster`) or bfloat16 where aten runs it on oneDNN anyway
     (`onednn_runs_bfloat16_products`); `x` with at least `ONEDNN_MIN_ROWS` rows, in eager mode (graph capture and
-    export see `F.linear`), outside CPU autocast (which runs `F.linear` in 16 bits) and with oneDNN enabled
+    export see `F.linear`), outside CPU autocast or on its bfloat16 operands (`autocast_allows`: under
+    `torch.autocast("cpu", torch.bfloat16)` the callers cast them with `autocast_operands`) and with oneDNN enabled
     (`torch.backends.mkldnn.flags(enabled=False)` turns it off for aten's operators and ours alike)."""
     # graph capture first: a size comparison on a symbolic size would specialise it (and break a dynamic export)
-    if (captures_graph() or x.device.type != "cpu" or weight.dtype != x.dtype or torch.is_autocast_enabled("cpu")
+    if (captures_graph() or x.device.type != "cpu" or weight.dtype != x.dtype or not autocast_allows(x, weight)
             or not torch.backends.mkldnn.enabled or x.numel() < ONEDNN_MIN_ROWS * x.shape[-1]):
         return False
     if x.dtype == torch.float32:
@@ -272,15 +279,18 @@ class DinoLinear(nn.Linear):
     """`nn.Linear` (the same parameters, state dict and initialisation) whose CPU inference runs the product on oneDNN
     where `onednn_linear_applies` (float32 where that library is the faster one, bfloat16 where aten uses it anyway):
     the token-wise products of the deformable attention, of the encoder's and decoder's feed-forward blocks and of the
-    query selection's heads. With autograd on any input
-    (training; running the forward and the input's gradient on oneDNN there gained nothing measurable), float16,
-    autocast, other devices, graph capture and export it is `nn.Linear`."""
+    query selection's heads; under CPU autocast to bfloat16 on the operands cast as autocast casts `F.linear`'s
+    (`autocast_operands`), for the same bfloat16 result. With autograd on any input (training; running the forward and
+    the input's gradient on oneDNN there gained nothing measurable), float16, other devices, graph capture and export
+    it is `nn.Linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         differentiable = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or (
             self.bias is not None and self.bias.requires_grad))
-        if not differentiable and onednn_linear_applies(x, self.weight):
-            return onednn_linear(x, self.weight, self.bias)
+        if not differentiable:
+            operands = autocast_operands(x, self.weight, self.bias)
+            if onednn_linear_applies(operands[0], operands[1]):
+                return onednn_linear(*operands)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -567,7 +577,8 @@ class DinoEncoderLayer(GradientCheckpointingLayer):
         to memory at every layer, and in training kept for the backward pass (2 GB over six layers); a chunk's (8 MB)
         is reused by the allocator and stays in cache. Under autograd the intermediate is not kept: the backward pass
         recomputes it chunk by chunk (one more `linear1` per chunk). DINO's block (ReLU, no dropout in action, no
-        autocast) runs as `DinoReluFeedForwardInChunks`; any other as `torch.utils.checkpoint` of the plain block per
+        autocast, or CPU autocast to bfloat16 at inference on operands cast as autocast casts them) runs as
+        `DinoReluFeedForwardInChunks`; any other as `torch.utils.checkpoint` of the plain block per
         chunk. The outputs are the same (rows are independent), the gradients the same sums in chunk order. Graph
         capture (tracing, `torch.compile`, export), GPUs (no page faults to avoid; fewer, larger kernels are
         faster; `gradient_checkpointing_enable()` saves memory there) and hooks on the block's modules (they see the
@@ -590,11 +601,14 @@ class DinoEncoderLayer(GradientCheckpointingLayer):
         modules = (self.linear1, self.activation, self.dropout, self.linear2)
         plain = [type(module) for module in modules] == [DinoLinear, nn.ReLU, nn.Dropout, DinoLinear]
         dropout_acts = self.training and self.dropout.p > 0
-        if plain and not dropout_acts and not torch.is_autocast_enabled("cpu"):
-            return DinoReluFeedForwardInChunks.apply(
-                tokens, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
-                ENCODER_FFN_CHUNK_TOKENS, rows,
-            )
+        if plain and not dropout_acts:
+            operands = (tokens, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias)
+            if not torch.is_autocast_enabled("cpu"):
+                return DinoReluFeedForwardInChunks.apply(*operands, ENCODER_FFN_CHUNK_TOKENS, rows)
+            if not torch.is_grad_enabled():  # CPU autocast to bfloat16: on the operands it would hand `F.linear`
+                operands = autocast_operands(*operands)
+                if autocast_allows(*operands):
+                    return DinoReluFeedForwardInChunks.apply(*operands, ENCODER_FFN_CHUNK_TOKENS, rows)
         chunks = (tokens if rows is None else tokens.index_select(0, rows)).split(ENCODER_FFN_CHUNK_TOKENS)
         if torch.is_grad_enabled():
             output = torch.cat([checkpoint(self.feed_forward_block, chunk, use_reentrant=False) for chunk in chunks])

@@ -77,15 +77,34 @@ def onednn_runs_bfloat16_products() -> bool:
         return False
 
 
+def autocast_operands(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The tensors as CPU autocast to bfloat16 hands them to a product or a convolution: float32 ones cast to bfloat16
+    (None and other dtypes as they are); outside such autocast, unchanged. Autocast does not see our direct oneDNN
+    calls (`onednn_linear`, `onednn_convolution_relu`): their callers pass the operands through this first, so that
+    under `torch.autocast("cpu", torch.bfloat16)` they compute in bfloat16 as `F.linear` / `F.conv2d` would."""
+    if not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+        return tensors
+    return tuple(t.to(torch.bfloat16) if t is not None and t.dtype == torch.float32 else t for t in tensors)
+
+
+def autocast_allows(*tensors: torch.Tensor | None) -> bool:
+    """Whether a direct oneDNN call on these operands computes what CPU autocast would: outside CPU autocast, or
+    bfloat16 operands (`autocast_operands`) under autocast to bfloat16 (which runs products in 16 bits)."""
+    if not torch.is_autocast_enabled("cpu"):
+        return True
+    return torch.get_autocast_dtype("cpu") == torch.bfloat16 and all(
+        t.dtype == torch.bfloat16 for t in tensors if t is not None)
+
+
 def onednn_convolution_applies(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
     """Whether `onednn_convolution_relu` computes `relu(F.conv2d(x, weight, ...) [+ residual])` here: where aten runs
     the convolution on oneDNN anyway (CPU tensors of one dtype, float32, or bfloat16 where this CPU runs it on
     oneDNN), without autograd on any of the tensors (the fused op has no backward: in training, only the frozen stem's
-    and layer1's convolutions qualify), outside CPU autocast (which runs `F.conv2d` in 16 bits) and with oneDNN
-    enabled (`torch.backends.mkldnn.flags(enabled=False)` turns it off for aten's operators and ours alike). Graph
-    capture never reaches it: the folded ResNet that calls it runs only in eager mode."""
+    and layer1's convolutions qualify), outside CPU autocast or on its bfloat16 operands (`autocast_allows`) and with
+    oneDNN enabled (`torch.backends.mkldnn.flags(enabled=False)` turns it off for aten's operators and ours alike).
+    Graph capture never reaches it: the folded ResNet that calls it runs only in eager mode."""
     tensors = (x, weight) if residual is None else (x, weight, residual)
-    if (x.device.type != "cpu" or weight.dtype != x.dtype or torch.is_autocast_enabled("cpu")
+    if (x.device.type != "cpu" or weight.dtype != x.dtype or not autocast_allows(*tensors)
             or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled
             or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
         return False
