@@ -266,8 +266,9 @@ void msda_forward_range(const MsdaParams& p, const V* value, const T* locations,
     if (i + 1 < end) {  // and the locations and weights of the item after it (the set-up waited on their loads)
       const char* next_loc = reinterpret_cast<const char*>(locations + (i + 1) * lp * 2);
       const char* next_att = reinterpret_cast<const char*>(weights + (i + 1) * lp);
-      for (int64_t byte = 0; byte < lp * 2 * static_cast<int64_t>(sizeof(T)); byte += 64) msda_prefetch(next_loc + byte);
-      for (int64_t byte = 0; byte < lp * static_cast<int64_t>(sizeof(T)); byte += 64) msda_prefetch(next_att + byte);
+      const int64_t att_bytes = lp * static_cast<int64_t>(sizeof(T));
+      for (int64_t byte = 0; byte < 2 * att_bytes; byte += 64) msda_prefetch(next_loc + byte);
+      for (int64_t byte = 0; byte < att_bytes; byte += 64) msda_prefetch(next_att + byte);
     }
   };
   if (batched && begin < end) set_up(begin, corners[0]);

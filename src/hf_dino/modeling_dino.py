@@ -458,9 +458,9 @@ class DinoReluFeedForwardInChunks(torch.autograd.Function):
                buffer: torch.Tensor | None) -> torch.Tensor:
         """`relu(chunk @ weight1.T + bias1)` `[rows, F]`, in the first rows of `buffer` (`[chunk_size, F]`) or, without
         one (`onednn_linear_applies` to all the call's tokens), a new tensor from oneDNN's product, which applies the
-        bias and the ReLU (`weight1` plain or packed by `onednn_packed_weight`). With a buffer, in float32/float64: the product, then the bias and the ReLU in one pass
-        (`addmm` would first copy the broadcast bias into it, and `relu_` make a second pass; same values); aten's fused
-        add + ReLU has no 16-bit kernel."""
+        bias and the ReLU (`weight1` plain or packed by `onednn_packed_weight`). With a buffer, in float32/float64:
+        the product, then the bias and the ReLU in one pass (`addmm` would first copy the broadcast bias into it, and
+        `relu_` make a second pass; same values); aten's fused add + ReLU has no 16-bit kernel."""
         if buffer is None:
             return onednn_linear(chunk, weight1, bias1, "relu")
         out = buffer[: chunk.shape[0]]
