@@ -243,7 +243,7 @@ void msda_forward_range(const MsdaParams& p, const V* value, const T* locations,
   const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(V));
 #ifdef HF_DINO_MSDA_AVX512_SET_UP
   MsdaPointLevels point_levels;
-  if (batched) msda_point_levels(p, point_levels);
+  if (batched && lp > 0) msda_point_levels(p, point_levels);  // (no points: nothing to set up)
 #endif
   const auto set_up = [&](int64_t i, MsdaPointCorners<T>& c) {
 #ifdef HF_DINO_MSDA_AVX512_SET_UP

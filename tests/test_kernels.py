@@ -311,6 +311,25 @@ def test_empty_batch_and_no_queries(cpu_extension):
             torch.testing.assert_close(grad, ref_grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["float32", "float64", "bfloat16"])
+def test_no_sampling_points_sample_nothing(simd_variants, dtype):
+    """Zero points per level: every query samples nothing (zero output and value gradient, empty location and weight
+    gradients), in every vectorised copy; not a division by the number of points."""
+    value, shapes, starts, locations, weights = make_inputs(LEVEL_SETS["odd"], points=0, head_dim=32, seed=21)
+    value = value.to(dtype)
+    if dtype == torch.bfloat16:
+        locations, weights = locations.float(), weights.float()
+    else:
+        locations, weights = locations.to(dtype), weights.to(dtype)
+    for _ in simd_variants():
+        leaves = [t.detach().requires_grad_() for t in (value, locations, weights)]
+        out = K.ms_deform_attn(*[leaves[0], shapes, starts, leaves[1], leaves[2]])
+        assert out.shape == (value.shape[0], locations.shape[1], value.shape[2] * value.shape[3])
+        assert out.abs().max() == 0
+        grads = torch.autograd.grad(out.float().sum(), leaves)
+        assert grads[0].abs().max() == 0 and grads[1].numel() == 0 and grads[2].numel() == 0
+
+
 def test_levels_that_do_not_tile_value_are_refused(cpu_extension):
     """The loops read `value` rows by `level_start_index` and each level's (H, W): shapes that need more tokens than
     `value` has read past its end (a value stored just after a 46-token view came back as the output), and a wrong
