@@ -1,7 +1,8 @@
 """Where DINO's CPU work calls oneDNN directly: which products run faster there than on aten's BLAS on this CPU
 (`onednn_products_are_faster`, `onednn_runs_every_feed_forward_product`), whether bfloat16 runs on it
-(`onednn_runs_bfloat16_products`), and the backbone's convolutions with their epilogues fused
-(`onednn_convolution_applies`, `onednn_convolution_relu`).
+(`onednn_runs_bfloat16_products`), the operands such a call takes under CPU autocast (`autocast_operands`,
+`autocast_allows`), and the backbone's convolutions with their epilogues fused (`onednn_convolution_applies`,
+`onednn_convolution_relu`).
 
 The token-wise products that use these rules are `DinoLinear` and `DinoReluFeedForwardInChunks` (modeling_dino.py);
 the convolutions, `DinoFoldedResNet` (backbone_dino.py).
@@ -73,7 +74,7 @@ def onednn_runs_bfloat16_products() -> bool:
         return False
     try:
         return torch.ops.mkldnn._is_mkldnn_bf16_supported() and has_onednn_linear_ops()
-    except (AttributeError, RuntimeError):  # a build without the op
+    except (AttributeError, RuntimeError):  # a build without the ops
         return False
 
 
