@@ -249,12 +249,11 @@ void msda_forward_range(const MsdaParams& p, const V* value, const T* locations,
 #ifdef HF_DINO_MSDA_AVX512_SET_UP
     if constexpr (std::is_same<T, float>::value) {
       msda_point_corners_avx512(point_levels, lp, locations + i * lp * 2, weights + i * lp, c);
-    } else {
+    } else  // the scalar set-up below: this copy's other types, and every other copy
+#endif
+    {
       msda_point_corners<T>(p, locations + i * lp * 2, weights + i * lp, c);
     }
-#else
-    msda_point_corners<T>(p, locations + i * lp * 2, weights + i * lp, c);
-#endif
     const V* vbase = value + (i / (p.queries * p.heads)) * p.tokens * token_stride + (i % p.heads) * dim;
     for (int64_t k = 0; k < lp; ++k) {
       for (int e = 0; e < 4; ++e) {
