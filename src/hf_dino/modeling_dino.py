@@ -601,14 +601,12 @@ class DinoEncoderLayer(GradientCheckpointingLayer):
         modules = (self.linear1, self.activation, self.dropout, self.linear2)
         plain = [type(module) for module in modules] == [DinoLinear, nn.ReLU, nn.Dropout, DinoLinear]
         dropout_acts = self.training and self.dropout.p > 0
-        if plain and not dropout_acts:
-            operands = (tokens, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias)
-            if not torch.is_autocast_enabled("cpu"):
+        # under CPU autocast only at inference, on the bfloat16 operands autocast would hand `F.linear`
+        if plain and not dropout_acts and not (torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()):
+            operands = autocast_operands(tokens, self.linear1.weight, self.linear1.bias, self.linear2.weight,
+                                         self.linear2.bias)
+            if autocast_allows(*operands):
                 return DinoReluFeedForwardInChunks.apply(*operands, ENCODER_FFN_CHUNK_TOKENS, rows)
-            if not torch.is_grad_enabled():  # CPU autocast to bfloat16: on the operands it would hand `F.linear`
-                operands = autocast_operands(*operands)
-                if autocast_allows(*operands):
-                    return DinoReluFeedForwardInChunks.apply(*operands, ENCODER_FFN_CHUNK_TOKENS, rows)
         chunks = (tokens if rows is None else tokens.index_select(0, rows)).split(ENCODER_FFN_CHUNK_TOKENS)
         if torch.is_grad_enabled():
             output = torch.cat([checkpoint(self.feed_forward_block, chunk, use_reentrant=False) for chunk in chunks])
