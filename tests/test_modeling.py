@@ -1172,11 +1172,17 @@ def test_deformable_attention_against_float64(padded, monkeypatch):
         attend = modeling_dino.multi_scale_deformable_attention
 
         def recorded(*args, **kwargs):
-            seen.append(args[4].dtype)
+            seen.append((args[3], args[4].dtype))
             return attend(*args, **kwargs)
 
         monkeypatch.setattr(modeling_dino, "multi_scale_deformable_attention", recorded)
         half = copy.deepcopy(attention).to(torch.bfloat16)
         got = half(query.bfloat16(), reference, value.bfloat16(), mask, shapes, shapes_list, starts)
-    assert seen == [torch.float32] and got.dtype == torch.bfloat16
+        # its sampling locations: float32, the float32 references plus its own (bfloat16) offsets / (w_l, h_l), to
+        # float32 rounding
+        half_offsets = half.sampling_offsets(query.bfloat16()).double().view(2, 30, 4, config.num_feature_levels, 2, 2)
+        want_locations = reference.double()[:, :, None, :, None, :] + half_offsets / shapes.flip(-1).double()[:, None]
+    (locations, weights_dtype), = seen
+    assert locations.dtype == weights_dtype == torch.float32 and got.dtype == torch.bfloat16
+    assert (locations.double() - want_locations).abs().max() <= 4 * torch.finfo(torch.float32).eps
     assert (got.double() - want).abs().max() <= 3e-2 * want.abs().max()
