@@ -60,6 +60,14 @@ namespace cpu_avx512 {
 #undef HF_DINO_MSDA_AVX512_SET_UP
 #pragma GCC pop_options
 #endif
+// The decoder's self-attention in bfloat16 (attention_cpu_kernel.h), for CPUs with AVX-512 BF16.
+#define HF_DINO_HAS_BF16_ATTENTION 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")
+namespace cpu_avx512_bf16 {
+#include "attention_cpu_kernel.h"
+}  // namespace cpu_avx512_bf16
+#pragma GCC pop_options
 #endif
 
 namespace {
@@ -356,6 +364,66 @@ bool msda_cpu_set_simd(const std::string& level) {
   return false;
 }
 
+// Whether attention_cpu_forward runs here: an x86 GCC build on a CPU with AVX-512 (F, BW, VL, DQ) and AVX-512 BF16.
+bool attention_cpu_supported() {
+#ifdef HF_DINO_HAS_BF16_ATTENTION
+  static const bool supported = [] {
+    __builtin_cpu_init();
+    return cpu_supports(kAvx512) && __builtin_cpu_supports("avx512bf16");
+  }();
+  return supported;
+#else
+  return false;
+#endif
+}
+
+// Softmax attention (scale 1 / sqrt(32)), no mask, of bfloat16 query [B, L, H * 32], key and value [B, S, H * 32]
+// (any row strides, channels contiguous) -> [B, L, H * 32] bfloat16; see attention_cpu_kernel.h.
+at::Tensor attention_cpu_forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                 int64_t heads) {
+  TORCH_CHECK(attention_cpu_supported(), "attention_cpu_forward: needs a CPU with AVX-512 BF16 (and a GCC x86 build)");
+  for (const at::Tensor* t : {&query, &key, &value}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->dim() == 3 && t->stride(2) == 1,
+                "attention_cpu_forward: query, key and value must be 3-D bfloat16 CPU tensors with contiguous channels");
+  }
+  const int64_t batch = query.size(0), queries = query.size(1), keys = key.size(1), width = query.size(2);
+  TORCH_CHECK(heads > 0 && width == heads * 32, "attention_cpu_forward: the channels must be heads x 32, got ", width,
+              " for ", heads, " heads");
+  TORCH_CHECK(key.size(0) == batch && value.size(0) == batch && key.size(2) == width && value.size(2) == width &&
+                  value.size(1) == keys,
+              "attention_cpu_forward: key and value must be [", batch, ", S, ", width, "] alike");
+  at::Tensor output = at::empty({batch, queries, width}, query.options());
+  if (batch * queries == 0) return output;
+  TORCH_CHECK(keys > 0, "attention_cpu_forward: no keys to attend to");
+#ifdef HF_DINO_HAS_BF16_ATTENTION
+  using namespace cpu_avx512_bf16;
+  const auto* q = reinterpret_cast<const uint16_t*>(query.const_data_ptr<at::BFloat16>());
+  const auto* k = reinterpret_cast<const uint16_t*>(key.const_data_ptr<at::BFloat16>());
+  const auto* v = reinterpret_cast<const uint16_t*>(value.const_data_ptr<at::BFloat16>());
+  auto* out = reinterpret_cast<uint16_t*>(output.mutable_data_ptr<at::BFloat16>());
+  std::vector<AttentionHead> packed(batch * heads);
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / heads, h = t % heads;
+      packed[t].pack(k + b * key.stride(0) + h * 32, key.stride(1), v + b * value.stride(0) + h * 32, value.stride(1),
+                     keys);
+    }
+  });
+  // tasks of up to 64 queries of one (batch, head), so that a single image's 8 heads keep more than 8 cores busy
+  constexpr int64_t kChunk = 64;
+  const int64_t chunks = (queries + kChunk - 1) / kChunk;
+  const float scale = 1.0f / std::sqrt(32.0f);
+  at::parallel_for(0, batch * heads * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / chunks, b = bh / heads, h = bh % heads, first = (t % chunks) * kChunk;
+      attention_queries(q + b * query.stride(0) + h * 32, query.stride(1), packed[bh], scale,
+                        out + b * queries * width + h * 32, width, first, std::min(first + kChunk, queries));
+    }
+  });
+#endif
+  return output;
+}
+
 bool msda_cpu_set_backward_mode(const std::string& mode) {
   if (mode == "auto") backward_mode().store(0);
   else if (mode == "single") backward_mode().store(1);
@@ -373,6 +441,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("simd", &hf_dino_msda::msda_cpu_simd, "vectorised variant in use");
   m.def("set_backward_mode", &hf_dino_msda::msda_cpu_set_backward_mode,
         "backward decomposition: 'auto', 'single' (over batch x head) or 'split'; False if unknown");
+  m.def("attention", &hf_dino_msda::attention_cpu_forward,
+        "softmax attention of bfloat16 [B, L, H * 32] queries, [B, S, H * 32] keys / values (AVX-512 BF16)");
+  m.def("attention_supported", &hf_dino_msda::attention_cpu_supported, "whether `attention` runs on this CPU");
   m.def("set_simd", &hf_dino_msda::msda_cpu_set_simd,
         "select 'avx512', 'avx2' or 'baseline' loops; False if unavailable");
 }

@@ -441,6 +441,92 @@ def test_shapes_given_on_another_device_or_as_lists(cpu_extension):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# bfloat16 softmax attention (the decoder's self-attention), AVX-512 BF16
+# --------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bfloat16_attention(cpu_extension):
+    if not cpu_extension.attention_supported():
+        pytest.skip("this CPU has no AVX-512 BF16: the bfloat16 attention kernel does not run here (the decoder "
+                    "uses nn.MultiheadAttention)")
+    return cpu_extension.attention
+
+
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def attention64(query, key, value, heads):
+    """Softmax attention in float64 of the (bfloat16) inputs, heads of 32 channels side by side."""
+    q, k, v = (_heads(t.double(), heads) for t in (query, key, value))
+    weights = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
+    return (weights @ v).transpose(1, 2).flatten(2)
+
+
+def aten_attention(query, key, value, heads):
+    """aten's attention on the same bfloat16 tensors (flash attention on the CPU)."""
+    q, k, v = (_heads(t, heads) for t in (query, key, value))
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+def attention_inputs(batch, queries, keys, heads, scale, seed=0):
+    """bfloat16 query (a column slice: row stride width + 16), key and value (column slices of one projection, as
+    the decoder passes them: row stride 2 x width)."""
+    generator = torch.Generator().manual_seed(seed)
+    width = 32 * heads
+    query = (torch.randn(batch, queries, width + 16, generator=generator) * scale).bfloat16()[..., :width]
+    key, value = (torch.randn(batch, keys, 2 * width, generator=generator) * scale).bfloat16().split(width, -1)
+    return query, key, value
+
+
+@pytest.mark.parametrize(
+    "batch,queries,keys,heads,scale",
+    [(1, 900, 900, 8, 2.0), (2, 37, 53, 3, 2.0), (1, 1, 1, 1, 1.0), (1, 901, 17, 2, 2.0), (3, 70, 1000, 1, 1.0),
+     (1, 45, 16, 2, 1.0), (1, 8, 33, 1, 8.0), (2, 9, 31, 2, 8.0)],
+)
+def test_bfloat16_attention_against_float64(bfloat16_attention, batch, queries, keys, heads, scale):
+    """The AVX-512 BF16 attention against float64 attention of the same bfloat16 inputs: no further from it than
+    aten's bfloat16 attention (float32 scores and softmax, bfloat16 probabilities), in the worst element and on
+    average. Key counts around multiples of 16 and odd ones (the padding keys of the last blocks and pairs), query
+    counts around the 8-query steps and 64-query tasks, strided inputs, large scores (scale 8: the maximum is
+    subtracted before the exponential)."""
+    query, key, value = attention_inputs(batch, queries, keys, heads, scale)
+    want = attention64(query, key, value, heads)
+    got = bfloat16_attention(query, key, value, heads)
+    assert got.dtype == torch.bfloat16 and got.shape == (batch, queries, 32 * heads) and got.is_contiguous()
+    error = (got.double() - want).abs()
+    aten_error = (aten_attention(query, key, value, heads).double() - want).abs()
+    assert error.max() <= 1.25 * aten_error.max() + 1e-3
+    assert error.mean() <= 1.25 * aten_error.mean() + 1e-4
+
+
+def test_bfloat16_attention_propagates_nan_as_aten(bfloat16_attention):
+    """A NaN in a query makes that query's head output NaN; a NaN in a key, every query's output of that head; a
+    NaN in a value, the channel it is in (as aten's attention); nothing else changes."""
+    query, key, value = attention_inputs(1, 40, 50, 2, 1.0)
+    clean = bfloat16_attention(query, key, value, 2)
+    query, key, value = query.clone(), key.clone(), value.clone()
+    query[0, 3, 5] = key[0, 7, 40] = value[0, 11, 2] = float("nan")
+    got = bfloat16_attention(query, key, value, 2)
+    nan = aten_attention(query, key, value, 2).isnan()
+    assert nan[0, 3, :32].all() and nan[0, :, 32:].all() and nan[0, :, 2].all()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan], clean[~nan])
+
+
+def test_bfloat16_attention_refuses_bad_inputs(bfloat16_attention):
+    query, key, value = attention_inputs(1, 10, 12, 2, 1.0)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        bfloat16_attention(query.float(), key, value, 2)
+    with pytest.raises(RuntimeError, match="heads x 32"):
+        bfloat16_attention(query, key, value, 4)
+    with pytest.raises(RuntimeError, match="key and value"):
+        bfloat16_attention(query, key, value[:, :11], 2)
+    with pytest.raises(RuntimeError, match="no keys"):
+        bfloat16_attention(query, key[:, :0], value[:, :0], 2)
+    assert bfloat16_attention(query[:, :0], key, value, 2).shape == (1, 0, 64)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # dispatch and switches
 # --------------------------------------------------------------------------------------------------------------
 def _ran_kernel(output: torch.Tensor) -> bool:

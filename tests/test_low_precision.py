@@ -323,3 +323,63 @@ def test_evaluate_script_in_bfloat16(model_dir, tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results and all(math.isfinite(r["score"]) and len(r["bbox"]) == 4 for r in results)
     assert set(json.loads((tmp_path / "metrics.json").read_text())) >= {"AP", "AP50"}
+
+
+def test_decoder_self_attention_in_bfloat16(monkeypatch):
+    """A bfloat16 decoder layer at inference takes its self-attention from the CPU extension's bfloat16 attention
+    where that runs (AVX-512 BF16; elsewhere nothing changes): as close to the float64 module as the bfloat16
+    module itself; so does a float32 layer under CPU autocast to bfloat16. With a mask (the denoising queries'),
+    autograd, training, a hook on `self_attn`, custom kernels disabled or autocast to float16, the module runs (the
+    hook fires)."""
+    import hf_dino.kernels as kernels
+    from conftest import tiny_config
+    from hf_dino.modeling_dino import DinoDecoderLayer
+
+    torch.manual_seed(0)
+    layer = DinoDecoderLayer(tiny_config()).eval()  # d_model 64, 2 heads of 32
+    half = copy.deepcopy(layer).to(torch.bfloat16)
+    query_key, value = torch.randn(2, 30, 64).bfloat16(), torch.randn(2, 30, 64).bfloat16()
+    with torch.no_grad():
+        want = layer.double().self_attn(query_key.double(), query_key.double(), value.double(), need_weights=False)[0]
+        module = half.self_attn(query_key, query_key, value, need_weights=False)[0]
+    calls = []
+    original = kernels.bfloat16_attention
+    monkeypatch.setattr(kernels, "bfloat16_attention", lambda *args: calls.append(1) or original(*args))
+    usable = kernels.bfloat16_attention_usable(query_key)
+
+    with torch.no_grad():
+        got = half.self_attention(query_key, value, None)
+    assert calls == ([1] if usable else []) and got.dtype == torch.bfloat16
+    error, module_error = (got.double() - want).abs(), (module.double() - want).abs()
+    assert error.max() <= 1.25 * module_error.max() + 1e-3 and error.mean() <= 1.25 * module_error.mean() + 1e-4
+
+    calls.clear()
+    mask = torch.zeros(30, 30, dtype=torch.bool)
+    with torch.no_grad():
+        assert torch.equal(half.self_attention(query_key, value, mask),
+                           half.self_attn(query_key, query_key, value, attn_mask=mask, need_weights=False)[0])
+    assert torch.equal(half.self_attention(query_key, value, None).detach(), module)  # autograd on
+    with torch.no_grad():
+        half.train()
+        assert torch.equal(half.self_attention(query_key, value, None), module)  # (DINO's dropout is 0)
+        half.eval()
+        seen = []
+        handle = half.self_attn.register_forward_hook(lambda *args: seen.append(1))
+        assert torch.equal(half.self_attention(query_key, value, None), module) and seen == [1]
+        handle.remove()
+        half.disable_custom_kernels = True
+        assert torch.equal(half.self_attention(query_key, value, None), module)
+        half.disable_custom_kernels = False
+        with torch.autocast("cpu", torch.float16):  # not bfloat16: the module (autocast casts its products)
+            assert torch.equal(half.self_attention(query_key, value, None),
+                               half.self_attn(query_key, query_key, value, need_weights=False)[0])
+    assert calls == []
+
+    # the float32 layer under CPU autocast to bfloat16: the kernel on the bfloat16 projections autocast makes
+    layer = layer.float()
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        got = layer.self_attention(query_key.float(), value.float(), None)
+        module = layer.self_attn(query_key.float(), query_key.float(), value.float(), need_weights=False)[0]
+    assert calls == ([1] if usable else []) and got.dtype == module.dtype == torch.bfloat16
+    error, module_error = (got.double() - want).abs(), (module.double() - want).abs()
+    assert error.max() <= 1.25 * module_error.max() + 1e-3 and error.mean() <= 1.25 * module_error.mean() + 1e-4

@@ -105,7 +105,8 @@ class DinoConfig(PreTrainedConfig):
         encoder_loss_coefficient (`float`, defaults to 1.0): weight of the encoder (query-selection) losses.
         auxiliary_loss (`bool`, defaults to `True`): losses after every decoder layer.
         init_std (`float`, defaults to 0.02): std of the linear-layer initialisation.
-        disable_custom_kernels (`bool`, defaults to `False`): always use the pure-PyTorch deformable attention.
+        disable_custom_kernels (`bool`, defaults to `False`): always use the pure-PyTorch deformable attention (and
+            `nn.MultiheadAttention` for the decoder's self-attention in bfloat16).
 
     Example:
 

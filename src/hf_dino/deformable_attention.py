@@ -36,6 +36,11 @@ def _import_kernels():
 _kernels = _import_kernels()
 
 
+def compiled_kernels():
+    """The ``hf_dino.kernels`` package (compiled kernels, built on first use), or None where it cannot be imported."""
+    return _kernels
+
+
 def multi_scale_deformable_attention_pytorch(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor | Sequence[Sequence[int]],

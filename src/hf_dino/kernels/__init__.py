@@ -24,13 +24,15 @@ from ._loader import (
     load_extension,
     source_dir,
 )
-from ._ops import SUPPORTED_DTYPES, kernel_usable, ms_deform_attn
+from ._ops import SUPPORTED_DTYPES, bfloat16_attention, bfloat16_attention_usable, kernel_usable, ms_deform_attn
 
 __all__ = [
     "ENV_CACHE",
     "ENV_DISABLE",
     "KernelBuildError",
     "SUPPORTED_DTYPES",
+    "bfloat16_attention",
+    "bfloat16_attention_usable",
     "build",
     "build_directory",
     "build_error",
