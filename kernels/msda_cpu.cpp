@@ -53,7 +53,7 @@ namespace cpu_avx2 {
 #define HF_DINO_MSDA_HAS_AVX512 1
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
-#define HF_DINO_MSDA_AVX512_SET_UP 1  // the forward's corner set-up in AVX-512 intrinsics (float32)
+#define HF_DINO_MSDA_AVX512_SET_UP 1  // the forward's corner set-up and bfloat16 sums in AVX-512 intrinsics
 namespace cpu_avx512 {
 #include "msda_cpu_kernel.h"
 }  // namespace cpu_avx512
