@@ -4,7 +4,9 @@ Importing this package registers the ``torch.library`` ops ``hf_dino::ms_deform_
 ``hf_dino::ms_deform_attn_backward`` and compiles nothing. The C++/CUDA sources (``csrc/`` in an installed
 package, ``kernels/`` in the repository) are compiled with ``torch.utils.cpp_extension.load`` the first time
 the op runs on a device type, into a cache keyed by source hash, torch version and device kind, under a file
-lock. Pre-build them (Docker images, clusters) with ``python -m hf_dino.kernels build``.
+lock. Pre-build them (Docker images, clusters) with ``python -m hf_dino.kernels build``. The CPU extension also
+carries :func:`bfloat16_attention`, the softmax attention the decoder's self-attention uses in bfloat16 at inference
+on CPUs with AVX-512 BF16 (:func:`bfloat16_attention_usable`).
 
 Switches: ``HF_DINO_DISABLE_CUSTOM_KERNELS=1`` and ``DinoConfig(disable_custom_kernels=True)`` select the
 pure-PyTorch implementation; ``HF_DINO_KERNELS_CACHE`` moves the build cache; ``HF_DINO_KERNELS_VERBOSE=1``
