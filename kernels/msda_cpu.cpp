@@ -60,7 +60,9 @@ namespace cpu_avx512 {
 #undef HF_DINO_MSDA_AVX512_SET_UP
 #pragma GCC pop_options
 #endif
-// The decoder's self-attention in bfloat16 (attention_cpu_kernel.h), for CPUs with AVX-512 BF16.
+// The decoder's self-attention in bfloat16 (attention_cpu_kernel.h), for CPUs with AVX-512 BF16 (GCC 10 and later
+// know its instructions; with an older GCC the extension builds without it and the decoder keeps aten's attention).
+#if __GNUC__ >= 10
 #define HF_DINO_HAS_BF16_ATTENTION 1
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")
@@ -68,6 +70,7 @@ namespace cpu_avx512_bf16 {
 #include "attention_cpu_kernel.h"
 }  // namespace cpu_avx512_bf16
 #pragma GCC pop_options
+#endif
 #endif
 
 namespace {

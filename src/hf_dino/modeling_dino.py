@@ -694,7 +694,6 @@ class DinoDecoderLayer(GradientCheckpointingLayer):
         ffn = self.linear2(self.dropout(self.activation(self.linear1(tokens)))).view_as(hidden_states)
         return self.norm3(hidden_states + self.dropout(ffn))
 
-
     def self_attention(self, query_key: torch.Tensor, value: torch.Tensor,
                        attn_mask: torch.Tensor | None) -> torch.Tensor:
         """`self_attn` (`nn.MultiheadAttention`) with queries = keys = `query_key` `[B, Q, D]` and values `value`
