@@ -313,6 +313,88 @@ at::Tensor msda_cpu_forward(const at::Tensor& value_in, const at::Tensor& spatia
   return output;
 }
 
+// Items whose sampling locations the forward from offsets computes at a time (a few KB, in cache).
+constexpr int64_t kOffsetsBlock = 64;
+
+// The forward from raw sampling offsets: per block of kOffsetsBlock items of a task, the locations
+// reference + offset / (w_l, h_l) in float32, the model's arithmetic (offset widened, divided, then added), into a
+// small buffer, then the forward loops on the block. O: the offsets' type (the value's, or float).
+template <typename V, typename O>
+void forward_from_offsets_typed(const MsdaParams& p, const at::Tensor& value, const at::Tensor& reference,
+                                const at::Tensor& offsets, const at::Tensor& weights, at::Tensor& output) {
+  const int64_t work = p.batch * p.queries * p.heads, lp = p.levels * p.points;
+  std::vector<V> zeros(p.head_dim, V(0));
+  const V* v = value.const_data_ptr<V>();
+  const float* ref = reference.const_data_ptr<float>();
+  const O* off = offsets.const_data_ptr<O>();
+  const float* att = weights.const_data_ptr<float>();
+  V* out = output.mutable_data_ptr<V>();
+  dispatch_simd<kAvx512>([&](auto loops) {
+    using Loops = decltype(loops);
+    dispatch_head_dim(p.head_dim, [&](auto dim) {
+      constexpr int D = decltype(dim)::value;
+      at::parallel_for(0, work, kForwardGrain, [&](int64_t begin, int64_t end) {
+        std::vector<float> scratch(D > 0 ? 0 : p.head_dim), locations(kOffsetsBlock * lp * 2);
+        for (int64_t first = begin; first < end; first += kOffsetsBlock) {
+          const int64_t last = std::min(end, first + kOffsetsBlock);
+          for (int64_t i = first; i < last; ++i) {
+            const float* r = ref + (i / p.heads) * p.levels * 2;  // the item's (batch, query)
+            const O* o = off + i * lp * 2;
+            float* loc = locations.data() + (i - first) * lp * 2;
+            for (int64_t l = 0; l < p.levels; ++l) {
+              const float width = static_cast<float>(p.shapes[2 * l + 1]), height = static_cast<float>(p.shapes[2 * l]);
+              for (int64_t k = l * p.points; k < (l + 1) * p.points; ++k) {
+                loc[2 * k] = static_cast<float>(o[2 * k]) / width + r[2 * l];
+                loc[2 * k + 1] = static_cast<float>(o[2 * k + 1]) / height + r[2 * l + 1];
+              }
+            }
+          }
+          Loops::template forward<float, V, D>(p, v, locations.data(), att + first * lp, out, zeros.data(),
+                                               scratch.data(), first, last, first);
+        }
+      });
+    });
+  });
+}
+
+// msda_cpu_forward with sampling_locations = reference_points[:, :, None, :, None] + sampling_offsets / (w_l, h_l),
+// computed as the model does in float32 but block by block inside the loops, without the [B, Q, H, L, P, 2] float32
+// locations tensor. reference_points: [B, Q, L, 2] float32; sampling_offsets: [B, Q, H, L, P, 2] in value's dtype
+// (float32, bfloat16, float16); attention_weights: float32. Inference only (no backward).
+at::Tensor msda_cpu_forward_from_offsets(const at::Tensor& value_in, const at::Tensor& spatial_shapes_in,
+                                         const at::Tensor& level_start_index_in, const at::Tensor& reference_in,
+                                         const at::Tensor& offsets_in, const at::Tensor& attention_weights_in) {
+  TORCH_CHECK(value_in.device().is_cpu(), "msda_cpu_forward_from_offsets: inputs must be on the CPU");
+  TORCH_CHECK(offsets_in.scalar_type() == value_in.scalar_type() && value_in.scalar_type() != at::kDouble,
+              "msda_cpu_forward_from_offsets: sampling_offsets must have value's dtype (float32 or 16-bit)");
+  TORCH_CHECK(reference_in.scalar_type() == at::kFloat && reference_in.dim() == 4 && reference_in.size(3) == 2 &&
+                  reference_in.size(0) == offsets_in.size(0) && reference_in.size(1) == offsets_in.size(1) &&
+                  reference_in.size(2) == offsets_in.size(3),
+              "msda_cpu_forward_from_offsets: reference_points must be float32 [batch, queries, levels, 2], got ",
+              reference_in.sizes());
+  // msda_cpu_forward's checks, on a float32 stand-in of the locations' shape (no memory of its own)
+  const at::Tensor locations_like = at::zeros({1}, offsets_in.options().dtype(at::kFloat)).expand(offsets_in.sizes());
+  check_inputs(value_in, spatial_shapes_in, level_start_index_in, locations_like, attention_weights_in,
+               /*float_geometry_for_half_value=*/true);
+  const at::Tensor value = value_in.contiguous(), shapes = spatial_shapes_in.contiguous();
+  const at::Tensor starts = level_start_index_in.contiguous(), reference = reference_in.contiguous();
+  const at::Tensor offsets = offsets_in.contiguous(), weights = attention_weights_in.contiguous();
+  const MsdaParams p = make_params(value, shapes, starts, locations_like);
+  at::Tensor output = at::empty({p.batch, p.queries, p.heads * p.head_dim}, value.options());
+  if (p.batch * p.queries * p.heads == 0 || p.head_dim == 0) return output.zero_();
+  switch (value.scalar_type()) {
+    case at::kFloat: forward_from_offsets_typed<float, float>(p, value, reference, offsets, weights, output); break;
+    case at::kBFloat16:
+      forward_from_offsets_typed<c10::BFloat16, c10::BFloat16>(p, value, reference, offsets, weights, output);
+      break;
+    case at::kHalf:
+      forward_from_offsets_typed<c10::Half, c10::Half>(p, value, reference, offsets, weights, output);
+      break;
+    default: TORCH_CHECK(false, "msda_cpu_forward_from_offsets: unsupported dtype ", value.scalar_type());
+  }
+  return output;
+}
+
 // Gradients in the dtypes of the inputs they belong to; a 16-bit grad_value is accumulated in float32 and
 // rounded once at the end.
 std::vector<at::Tensor> msda_cpu_backward(const at::Tensor& value_in, const at::Tensor& spatial_shapes_in,
@@ -387,7 +469,8 @@ at::Tensor attention_cpu_forward(const at::Tensor& query, const at::Tensor& key,
   TORCH_CHECK(attention_cpu_supported(), "attention_cpu_forward: needs a CPU with AVX-512 BF16 (and a GCC x86 build)");
   for (const at::Tensor* t : {&query, &key, &value}) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->dim() == 3 && t->stride(2) == 1,
-                "attention_cpu_forward: query, key and value must be 3-D bfloat16 CPU tensors with contiguous channels");
+                "attention_cpu_forward: query, key and value must be 3-D bfloat16 CPU tensors with contiguous "
+                "channels");
   }
   const int64_t batch = query.size(0), queries = query.size(1), keys = key.size(1), width = query.size(2);
   TORCH_CHECK(heads > 0 && width == heads * 32, "attention_cpu_forward: the channels must be heads x 32, got ", width,
@@ -440,6 +523,8 @@ bool msda_cpu_set_backward_mode(const std::string& mode) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "hf_dino multi-scale deformable attention, CPU kernels";
   m.def("forward", &hf_dino_msda::msda_cpu_forward, "MSDA forward (CPU)");
+  m.def("forward_from_offsets", &hf_dino_msda::msda_cpu_forward_from_offsets,
+        "MSDA forward from reference points and sampling offsets (CPU, inference)");
   m.def("backward", &hf_dino_msda::msda_cpu_backward, "MSDA backward (CPU): grad value, locations, weights");
   m.def("simd", &hf_dino_msda::msda_cpu_simd, "vectorised variant in use");
   m.def("set_backward_mode", &hf_dino_msda::msda_cpu_set_backward_mode,

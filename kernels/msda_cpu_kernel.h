@@ -261,9 +261,10 @@ inline void msda_point_sums_bf16_avx512(const MsdaPointCorners<float>& c, int64_
 // Forward for the flattened (batch, query, head) range [begin, end).
 // `zeros` is a read-only row of at least head_dim zeros, read in place of corners outside the level;
 // `scratch` a writable row of at least head_dim T (the accumulator when D is not a compile-time constant).
+// `locations` and `weights` start at item `geometry_first` (0: they cover every item; a block's own buffer otherwise).
 template <typename T, typename V, int D>
 void msda_forward_range(const MsdaParams& p, const V* value, const T* locations, const T* weights, V* output,
-                        const V* zeros, T* scratch, int64_t begin, int64_t end) {
+                        const V* zeros, T* scratch, int64_t begin, int64_t end, int64_t geometry_first = 0) {
   const int64_t dim = D > 0 ? D : p.head_dim;
   const int64_t token_stride = p.heads * dim;
   const int64_t lp = p.levels * p.points;
@@ -284,11 +285,12 @@ void msda_forward_range(const MsdaParams& p, const V* value, const T* locations,
   const auto set_up = [&](int64_t i, MsdaPointCorners<T>& c) {
 #ifdef HF_DINO_MSDA_AVX512_SET_UP
     if constexpr (std::is_same<T, float>::value) {
-      msda_point_corners_avx512(point_levels, lp, locations + i * lp * 2, weights + i * lp, c);
+      msda_point_corners_avx512(point_levels, lp, locations + (i - geometry_first) * lp * 2,
+                                weights + (i - geometry_first) * lp, c);
     } else  // the scalar set-up below: this copy's other types, and every other copy
 #endif
     {
-      msda_point_corners<T>(p, locations + i * lp * 2, weights + i * lp, c);
+      msda_point_corners<T>(p, locations + (i - geometry_first) * lp * 2, weights + (i - geometry_first) * lp, c);
     }
     const V* vbase = value + (i / (p.queries * p.heads)) * p.tokens * token_stride + (i % p.heads) * dim;
     for (int64_t k = 0; k < lp; ++k) {
@@ -299,8 +301,8 @@ void msda_forward_range(const MsdaParams& p, const V* value, const T* locations,
       }
     }
     if (i + 1 < end) {  // and the locations and weights of the item after it (the set-up waited on their loads)
-      const char* next_loc = reinterpret_cast<const char*>(locations + (i + 1) * lp * 2);
-      const char* next_att = reinterpret_cast<const char*>(weights + (i + 1) * lp);
+      const char* next_loc = reinterpret_cast<const char*>(locations + (i + 1 - geometry_first) * lp * 2);
+      const char* next_att = reinterpret_cast<const char*>(weights + (i + 1 - geometry_first) * lp);
       const int64_t att_bytes = lp * static_cast<int64_t>(sizeof(T));
       for (int64_t byte = 0; byte < 2 * att_bytes; byte += 64) msda_prefetch(next_loc + byte);
       for (int64_t byte = 0; byte < att_bytes; byte += 64) msda_prefetch(next_att + byte);
@@ -311,8 +313,8 @@ void msda_forward_range(const MsdaParams& p, const V* value, const T* locations,
     const int64_t h = i % p.heads;
     const int64_t b = i / (p.queries * p.heads);
     const V* vbase = value + b * p.tokens * token_stride + h * dim;
-    const T* loc = locations + i * lp * 2;
-    const T* att = weights + i * lp;
+    const T* loc = locations + (i - geometry_first) * lp * 2;
+    const T* att = weights + (i - geometry_first) * lp;
     V* out = output + i * dim;
     for (int64_t c = 0; c < dim; ++c) acc[c] = T(0);
     if (batched) {

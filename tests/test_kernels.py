@@ -441,6 +441,64 @@ def test_shapes_given_on_another_device_or_as_lists(cpu_extension):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# forward from sampling offsets (inference)
+# --------------------------------------------------------------------------------------------------------------
+def offsets_inputs(levels, dtype, points=3, heads=3, head_dim=8, seed=0):
+    """value, shapes, starts, float32 reference points [B, Q, L, 2], offsets in pixels of each level (some points
+    land outside, one is NaN) in value's dtype, float32 weights."""
+    value, shapes, starts, _, weights = make_inputs(levels, points=points, heads=heads, head_dim=head_dim,
+                                                    dtype=torch.float32, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    reference = torch.rand(value.shape[0], 11, len(levels), 2, generator=generator)
+    offsets = torch.randn(value.shape[0], 11, heads, len(levels), points, 2, generator=generator) * 2
+    offsets[1, 3, 0, 0, 0, 1] = float("nan")
+    return value.to(dtype), shapes, starts, reference, offsets.to(dtype), weights
+
+
+def model_locations(reference, offsets, shapes):
+    """The locations as the model computes them without the kernel: offsets widened to float32, divided by the
+    level's (w, h), reference added."""
+    normalizer = shapes.flip(-1).float()[None, None, None, :, None, :]
+    return offsets.float().div(normalizer).add(reference[:, :, None, :, None, :])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("levels,points,head_dim", [("odd", 3, 8), ("lines", 2, 32), ("square", 33, 5)])
+def test_forward_from_offsets_is_the_forward_on_the_model_locations(simd_variants, dtype, levels, points, head_dim):
+    """The kernel computing the locations from reference points and offsets (block by block, in float32) gives the
+    forward on the locations the model computes, bit for bit, in every vectorised copy: value dtypes, heads of 32
+    (bfloat16 sums in intrinsics), more than 64 points per (query, head) (the per-point path), points outside, NaN."""
+    value, shapes, starts, reference, offsets, weights = offsets_inputs(LEVEL_SETS[levels], dtype, points=points,
+                                                                        head_dim=head_dim)
+    locations = model_locations(reference, offsets, shapes)
+    ext = _loader.build("cpu")
+    for _ in simd_variants():
+        got = ext.forward_from_offsets(value, shapes, starts, reference, offsets, weights)
+        want = ext.forward(value, shapes, starts, locations, weights)
+        assert got.dtype == dtype and torch.equal(got, want)
+    assert got.float().abs().sum() > 0
+
+
+def test_forward_from_offsets_checks_its_inputs(cpu_extension):
+    value, shapes, starts, reference, offsets, weights = offsets_inputs(LEVEL_SETS["odd"], torch.bfloat16)
+    with pytest.raises(RuntimeError, match="value's dtype"):
+        cpu_extension.forward_from_offsets(value, shapes, starts, reference, offsets.float(), weights)
+    with pytest.raises(RuntimeError, match="reference_points must be float32"):
+        cpu_extension.forward_from_offsets(value, shapes, starts, reference.bfloat16(), offsets, weights)
+    with pytest.raises(RuntimeError, match="reference_points must be float32"):
+        cpu_extension.forward_from_offsets(value, shapes, starts, reference[:, :, :2], offsets, weights)
+    with pytest.raises(RuntimeError, match="attention_weights"):
+        cpu_extension.forward_from_offsets(value, shapes, starts, reference, offsets, weights[:, :, :, :, :2])
+    empty = cpu_extension.forward_from_offsets(value, shapes, starts, reference[:, :0], offsets[:, :0], weights[:, :0])
+    assert empty.shape == (2, 0, 3 * 8)
+    # non-contiguous inputs are read as their values
+    strided = reference.transpose(0, 1).contiguous().transpose(0, 1)
+    got = cpu_extension.forward_from_offsets(value, shapes, starts, strided, offsets, weights)
+    want = cpu_extension.forward_from_offsets(value, shapes, starts, reference.contiguous(), offsets, weights)
+    assert torch.equal(got, want)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # bfloat16 softmax attention (the decoder's self-attention), AVX-512 BF16
 # --------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")

@@ -61,13 +61,14 @@ def attention_path(request, monkeypatch):
         except _loader.KernelBuildError as error:
             pytest.skip(f"cannot build the CPU kernel here: {error}")
         monkeypatch.delenv(_loader.ENV_DISABLE, raising=False)
-        original = da._kernels.ms_deform_attn
+        for name in ("ms_deform_attn", "ms_deform_attn_from_offsets"):  # (the encoder's, at inference: the latter)
+            original = getattr(da._kernels, name)
 
-        def spy(value, *args):
-            calls.append(value.dtype)
-            return original(value, *args)
+            def spy(value, *args, original=original):
+                calls.append(value.dtype)
+                return original(value, *args)
 
-        monkeypatch.setattr(da._kernels, "ms_deform_attn", spy)
+            monkeypatch.setattr(da._kernels, name, spy)
     else:
         monkeypatch.setenv(_loader.ENV_DISABLE, "1")
     yield request.param, calls

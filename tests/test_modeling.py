@@ -1177,7 +1177,8 @@ def test_deformable_attention_against_float64(padded, monkeypatch):
 
         monkeypatch.setattr(modeling_dino, "multi_scale_deformable_attention", recorded)
         half = copy.deepcopy(attention).to(torch.bfloat16)
-        got = half(query.bfloat16(), reference, value.bfloat16(), mask, shapes, shapes_list, starts)
+        with torch.enable_grad():  # the path that computes the locations in PyTorch (at inference the kernel does)
+            got = half(query.bfloat16(), reference, value.bfloat16(), mask, shapes, shapes_list, starts).detach()
         # its sampling locations: float32, the float32 references plus its own (bfloat16) offsets / (w_l, h_l), to
         # float32 rounding
         half_offsets = half.sampling_offsets(query.bfloat16()).double().view(2, 30, 4, config.num_feature_levels, 2, 2)
@@ -1186,3 +1187,9 @@ def test_deformable_attention_against_float64(padded, monkeypatch):
     assert locations.dtype == weights_dtype == torch.float32 and got.dtype == torch.bfloat16
     assert (locations.double() - want_locations).abs().max() <= 4 * torch.finfo(torch.float32).eps
     assert (got.double() - want).abs().max() <= 3e-2 * want.abs().max()
+    # at inference the CPU kernel computes the locations itself (where it is built): the same bits
+    with torch.no_grad():
+        assert torch.equal(half(query.bfloat16(), reference, value.bfloat16(), mask, shapes, shapes_list, starts), got)
+        with torch.enable_grad():
+            unfused = attention(query, reference, value, mask, shapes, shapes_list, starts).detach()
+        assert torch.equal(attention(query, reference, value, mask, shapes, shapes_list, starts), unfused)

@@ -1,9 +1,11 @@
 """Multi-scale deformable attention: the sampling-and-weighting core of DINO's encoder and decoder.
 
-The model calls exactly one function, :func:`multi_scale_deformable_attention`. It dispatches to the
-compiled kernel (``hf_dino.kernels``) when that is available for the inputs' device, and otherwise runs
+The model calls :func:`multi_scale_deformable_attention`. It dispatches to the compiled kernel
+(``hf_dino.kernels``) when that is available for the inputs' device, and otherwise runs
 :func:`multi_scale_deformable_attention_pytorch`, the pure-PyTorch reference (bilinear ``grid_sample``,
-zeros padding, ``align_corners=False``), which is the definition the kernel is tested against.
+zeros padding, ``align_corners=False``), which is the definition the kernel is tested against. (At inference on the
+CPU the encoder hands the kernel its reference points and sampling offsets instead, ``ms_deform_attn_from_offsets``,
+which computes the same locations itself.)
 """
 
 from __future__ import annotations

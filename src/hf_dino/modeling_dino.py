@@ -348,6 +348,16 @@ class DinoMultiscaleDeformableAttention(nn.Module):
         # is 3x slower on the CPU than a float32 one, and rounds the weights)
         weights = weights.softmax(-1, dtype=torch.promote_types(weights.dtype, torch.float32))
         weights = weights.view(b, q, self.n_heads, self.n_levels, self.n_points)
+        kernels = compiled_kernels()
+        if (reference_points.shape[-1] == 2 and not torch.is_grad_enabled() and not captures_graph()
+                and not self.disable_custom_kernels and kernels is not None
+                and kernels.ms_deform_attn_from_offsets_usable(value, offsets)):
+            # at inference on the CPU the kernel computes the locations below itself, a block of (query, head)s at a
+            # time in cache, the same bits without the [B, Q, H, L, P, 2] float32 tensor (20 MB per encoder layer of
+            # an 800x1201 image, written and read back): whole forward, float32 1.97 -> 1.88 s, bfloat16 0.94 -> 0.91 s
+            output = kernels.ms_deform_attn_from_offsets(value, spatial_shapes, level_start_index, reference_points,
+                                                         offsets, weights)
+            return self.output_proj(output)
         if reference_points.shape[-1] == 2:
             # reference + offset / (w_l, h_l), written so that both broadcasts run over one outer dimension
             # (the plain 6-d broadcast is several times slower on CPU); same arithmetic, same rounding

@@ -5,8 +5,9 @@ Importing this package registers the ``torch.library`` ops ``hf_dino::ms_deform_
 package, ``kernels/`` in the repository) are compiled with ``torch.utils.cpp_extension.load`` the first time
 the op runs on a device type, into a cache keyed by source hash, torch version and device kind, under a file
 lock. Pre-build them (Docker images, clusters) with ``python -m hf_dino.kernels build``. The CPU extension also
-carries :func:`bfloat16_attention`, the softmax attention the decoder's self-attention uses in bfloat16 at inference
-on CPUs with AVX-512 BF16 (:func:`bfloat16_attention_usable`).
+carries, for inference, :func:`ms_deform_attn_from_offsets` (the forward computing the sampling locations from
+reference points and offsets itself) and :func:`bfloat16_attention`, the softmax attention the decoder's
+self-attention uses in bfloat16 on CPUs with AVX-512 BF16 (each with its ``..._usable`` check).
 
 Switches: ``HF_DINO_DISABLE_CUSTOM_KERNELS=1`` and ``DinoConfig(disable_custom_kernels=True)`` select the
 pure-PyTorch implementation; ``HF_DINO_KERNELS_CACHE`` moves the build cache; ``HF_DINO_KERNELS_VERBOSE=1``
@@ -26,7 +27,15 @@ from ._loader import (
     load_extension,
     source_dir,
 )
-from ._ops import SUPPORTED_DTYPES, bfloat16_attention, bfloat16_attention_usable, kernel_usable, ms_deform_attn
+from ._ops import (
+    SUPPORTED_DTYPES,
+    bfloat16_attention,
+    bfloat16_attention_usable,
+    kernel_usable,
+    ms_deform_attn,
+    ms_deform_attn_from_offsets,
+    ms_deform_attn_from_offsets_usable,
+)
 
 __all__ = [
     "ENV_CACHE",
@@ -44,5 +53,7 @@ __all__ = [
     "kernels_disabled",
     "load_extension",
     "ms_deform_attn",
+    "ms_deform_attn_from_offsets",
+    "ms_deform_attn_from_offsets_usable",
     "source_dir",
 ]
