@@ -171,14 +171,18 @@ void dispatch_head_dim(int64_t head_dim, Fn&& fn) {
 // Grain sizes: ~a few hundred samples per forward task; one (batch, head) per backward task.
 constexpr int64_t kForwardGrain = 64;
 
-// Forward with values stored as V and everything computed in T (see msda_cpu_kernel.h).
-template <typename T, typename V>
-void forward_typed(const MsdaParams& p, const at::Tensor& value, const at::Tensor& locations,
-                   const at::Tensor& weights, at::Tensor& output) {
-  const int64_t work = p.batch * p.queries * p.heads;
+// Items whose sampling locations the forward from offsets computes at a time (a few KB, in cache).
+constexpr int64_t kOffsetsBlock = 64;
+
+// Forward with values stored as V and everything computed in T (see msda_cpu_kernel.h), on the locations `loc`, or,
+// given `block_locations(first, last, buffer)`, on the locations it writes for each block of kOffsetsBlock items
+// into a small buffer (the forward from offsets).
+template <typename T, typename V, typename BlockLocations = std::nullptr_t>
+void forward_typed(const MsdaParams& p, const at::Tensor& value, const T* loc, const at::Tensor& weights,
+                   at::Tensor& output, BlockLocations block_locations = nullptr) {
+  const int64_t work = p.batch * p.queries * p.heads, lp = p.levels * p.points;
   std::vector<V> zeros(p.head_dim, V(0));
   const V* v = value.const_data_ptr<V>();
-  const T* loc = locations.const_data_ptr<T>();
   const T* att = weights.const_data_ptr<T>();
   V* out = output.mutable_data_ptr<V>();
   dispatch_simd<kAvx512>([&](auto loops) {
@@ -187,10 +191,40 @@ void forward_typed(const MsdaParams& p, const at::Tensor& value, const at::Tenso
       constexpr int D = decltype(dim)::value;
       at::parallel_for(0, work, kForwardGrain, [&](int64_t begin, int64_t end) {
         std::vector<T> scratch(D > 0 ? 0 : p.head_dim);
-        Loops::template forward<T, V, D>(p, v, loc, att, out, zeros.data(), scratch.data(), begin, end);
+        if constexpr (std::is_same<BlockLocations, std::nullptr_t>::value) {
+          Loops::template forward<T, V, D>(p, v, loc, att, out, zeros.data(), scratch.data(), begin, end);
+        } else {
+          std::vector<T> locations(kOffsetsBlock * lp * 2);
+          for (int64_t first = begin; first < end; first += kOffsetsBlock) {
+            const int64_t last = std::min(end, first + kOffsetsBlock);
+            block_locations(first, last, locations.data());
+            Loops::template forward<T, V, D>(p, v, locations.data(), att + first * lp, out, zeros.data(),
+                                             scratch.data(), first, last, first);
+          }
+        }
       });
     });
   });
+}
+
+// The locations of items [first, last) into `buffer`: reference + offset / (w_l, h_l) in float32, the model's
+// arithmetic (offset widened, divided, then added). O: the offsets' type.
+template <typename O>
+void offsets_to_locations(const MsdaParams& p, const float* reference, const O* offsets, int64_t first, int64_t last,
+                          float* buffer) {
+  const int64_t lp = p.levels * p.points;
+  for (int64_t i = first; i < last; ++i) {
+    const float* r = reference + (i / p.heads) * p.levels * 2;  // the item's (batch, query)
+    const O* o = offsets + i * lp * 2;
+    float* loc = buffer + (i - first) * lp * 2;
+    for (int64_t l = 0; l < p.levels; ++l) {
+      const float width = static_cast<float>(p.shapes[2 * l + 1]), height = static_cast<float>(p.shapes[2 * l]);
+      for (int64_t k = l * p.points; k < (l + 1) * p.points; ++k) {
+        loc[2 * k] = static_cast<float>(o[2 * k]) / width + r[2 * l];
+        loc[2 * k + 1] = static_cast<float>(o[2 * k + 1]) / height + r[2 * l + 1];
+      }
+    }
+  }
 }
 
 // Whether the backward runs the split variant: forced, or automatically when there are fewer (batch, head)
@@ -304,57 +338,21 @@ at::Tensor msda_cpu_forward(const at::Tensor& value_in, const at::Tensor& spatia
   at::Tensor output = at::empty({p.batch, p.queries, p.heads * p.head_dim}, in.value.options());
   if (p.batch * p.queries * p.heads == 0 || p.head_dim == 0) return output.zero_();
   switch (in.value.scalar_type()) {
-    case at::kFloat: forward_typed<float, float>(p, in.value, in.locations, in.weights, output); break;
-    case at::kDouble: forward_typed<double, double>(p, in.value, in.locations, in.weights, output); break;
-    case at::kBFloat16: forward_typed<float, c10::BFloat16>(p, in.value, in.locations, in.weights, output); break;
-    case at::kHalf: forward_typed<float, c10::Half>(p, in.value, in.locations, in.weights, output); break;
+    case at::kFloat:
+      forward_typed<float, float>(p, in.value, in.locations.const_data_ptr<float>(), in.weights, output);
+      break;
+    case at::kDouble:
+      forward_typed<double, double>(p, in.value, in.locations.const_data_ptr<double>(), in.weights, output);
+      break;
+    case at::kBFloat16:
+      forward_typed<float, c10::BFloat16>(p, in.value, in.locations.const_data_ptr<float>(), in.weights, output);
+      break;
+    case at::kHalf:
+      forward_typed<float, c10::Half>(p, in.value, in.locations.const_data_ptr<float>(), in.weights, output);
+      break;
     default: TORCH_CHECK(false, "msda_cpu_forward: unsupported dtype ", in.value.scalar_type());
   }
   return output;
-}
-
-// Items whose sampling locations the forward from offsets computes at a time (a few KB, in cache).
-constexpr int64_t kOffsetsBlock = 64;
-
-// The forward from raw sampling offsets: per block of kOffsetsBlock items of a task, the locations
-// reference + offset / (w_l, h_l) in float32, the model's arithmetic (offset widened, divided, then added), into a
-// small buffer, then the forward loops on the block. O: the offsets' type (the value's, or float).
-template <typename V, typename O>
-void forward_from_offsets_typed(const MsdaParams& p, const at::Tensor& value, const at::Tensor& reference,
-                                const at::Tensor& offsets, const at::Tensor& weights, at::Tensor& output) {
-  const int64_t work = p.batch * p.queries * p.heads, lp = p.levels * p.points;
-  std::vector<V> zeros(p.head_dim, V(0));
-  const V* v = value.const_data_ptr<V>();
-  const float* ref = reference.const_data_ptr<float>();
-  const O* off = offsets.const_data_ptr<O>();
-  const float* att = weights.const_data_ptr<float>();
-  V* out = output.mutable_data_ptr<V>();
-  dispatch_simd<kAvx512>([&](auto loops) {
-    using Loops = decltype(loops);
-    dispatch_head_dim(p.head_dim, [&](auto dim) {
-      constexpr int D = decltype(dim)::value;
-      at::parallel_for(0, work, kForwardGrain, [&](int64_t begin, int64_t end) {
-        std::vector<float> scratch(D > 0 ? 0 : p.head_dim), locations(kOffsetsBlock * lp * 2);
-        for (int64_t first = begin; first < end; first += kOffsetsBlock) {
-          const int64_t last = std::min(end, first + kOffsetsBlock);
-          for (int64_t i = first; i < last; ++i) {
-            const float* r = ref + (i / p.heads) * p.levels * 2;  // the item's (batch, query)
-            const O* o = off + i * lp * 2;
-            float* loc = locations.data() + (i - first) * lp * 2;
-            for (int64_t l = 0; l < p.levels; ++l) {
-              const float width = static_cast<float>(p.shapes[2 * l + 1]), height = static_cast<float>(p.shapes[2 * l]);
-              for (int64_t k = l * p.points; k < (l + 1) * p.points; ++k) {
-                loc[2 * k] = static_cast<float>(o[2 * k]) / width + r[2 * l];
-                loc[2 * k + 1] = static_cast<float>(o[2 * k + 1]) / height + r[2 * l + 1];
-              }
-            }
-          }
-          Loops::template forward<float, V, D>(p, v, locations.data(), att + first * lp, out, zeros.data(),
-                                               scratch.data(), first, last, first);
-        }
-      });
-    });
-  });
 }
 
 // msda_cpu_forward with sampling_locations = reference_points[:, :, None, :, None] + sampling_offsets / (w_l, h_l),
@@ -382,14 +380,18 @@ at::Tensor msda_cpu_forward_from_offsets(const at::Tensor& value_in, const at::T
   const MsdaParams p = make_params(value, shapes, starts, locations_like);
   at::Tensor output = at::empty({p.batch, p.queries, p.heads * p.head_dim}, value.options());
   if (p.batch * p.queries * p.heads == 0 || p.head_dim == 0) return output.zero_();
+  const float* ref = reference.const_data_ptr<float>();
+  const auto run = [&](auto type) {  // the value's and the offsets' type
+    using V = decltype(type);
+    const V* off = offsets.const_data_ptr<V>();
+    forward_typed<float, V>(p, value, nullptr, weights, output, [&](int64_t first, int64_t last, float* buffer) {
+      offsets_to_locations<V>(p, ref, off, first, last, buffer);
+    });
+  };
   switch (value.scalar_type()) {
-    case at::kFloat: forward_from_offsets_typed<float, float>(p, value, reference, offsets, weights, output); break;
-    case at::kBFloat16:
-      forward_from_offsets_typed<c10::BFloat16, c10::BFloat16>(p, value, reference, offsets, weights, output);
-      break;
-    case at::kHalf:
-      forward_from_offsets_typed<c10::Half, c10::Half>(p, value, reference, offsets, weights, output);
-      break;
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(c10::BFloat16{}); break;
+    case at::kHalf: run(c10::Half{}); break;
     default: TORCH_CHECK(false, "msda_cpu_forward_from_offsets: unsupported dtype ", value.scalar_type());
   }
   return output;
