@@ -352,38 +352,46 @@ class DinoMultiscaleDeformableAttention(nn.Module):
         if (reference_points.shape[-1] == 2 and not torch.is_grad_enabled() and not captures_graph()
                 and not self.disable_custom_kernels and kernels is not None
                 and kernels.ms_deform_attn_from_offsets_usable(value, offsets)):
-            # at inference on the CPU the kernel computes the locations below itself, a block of (query, head)s at a
-            # time in cache, the same bits without the [B, Q, H, L, P, 2] float32 tensor (20 MB per encoder layer of
-            # an 800x1201 image, written and read back): whole forward, float32 1.97 -> 1.88 s, bfloat16 0.94 -> 0.91 s
+            # at inference on the CPU the kernel computes the locations of `sampling_locations` itself, a block of
+            # (query, head)s at a time in cache, the same bits without the [B, Q, H, L, P, 2] float32 tensor (20 MB
+            # per encoder layer of an 800x1201 image, written and read back): whole forward, float32 1.97 -> 1.88 s,
+            # bfloat16 0.94 -> 0.91 s
             output = kernels.ms_deform_attn_from_offsets(value, spatial_shapes, level_start_index, reference_points,
                                                          offsets, weights)
-            return self.output_proj(output)
-        if reference_points.shape[-1] == 2:
-            # reference + offset / (w_l, h_l), written so that both broadcasts run over one outer dimension
-            # (the plain 6-d broadcast is several times slower on CPU); same arithmetic, same rounding
-            levels_points = self.n_levels * self.n_points * 2
-            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(reference_points.dtype)
-            normalizer = normalizer[:, None, :].expand(-1, self.n_points, -1).reshape(levels_points)
-            reference = reference_points[:, :, :, None, :].expand(-1, -1, -1, self.n_points, -1).reshape(b, q, 1, levels_points)
-            offsets = offsets.view(b, q, self.n_heads, levels_points)
-            if offsets.dtype == reference.dtype:
-                locations = torch.addcdiv(reference, offsets, normalizer)
-            else:
-                # a 16-bit model's offsets widened to the (float32) reference, then divided and shifted in place: the
-                # same arithmetic as addcdiv on the widened offsets (aten's addcdiv over mixed dtypes converts element
-                # by element, 9 ms per encoder layer on the CPU), without writing a second fresh 20 MB tensor
-                locations = offsets.to(reference.dtype).div_(normalizer).add_(reference)
-            locations = locations.view(b, q, self.n_heads, self.n_levels, self.n_points, 2)
         else:
-            locations = (
+            locations = self.sampling_locations(reference_points, offsets, spatial_shapes)
+            output = multi_scale_deformable_attention(
+                value, spatial_shapes, level_start_index, locations, weights, spatial_shapes_list=spatial_shapes_list,
+                use_custom_kernel=not self.disable_custom_kernels,
+            )
+        return self.output_proj(output)
+
+    def sampling_locations(self, reference_points: torch.Tensor, offsets: torch.Tensor,
+                           spatial_shapes: torch.Tensor) -> torch.Tensor:
+        """Where every head samples: `[B, Q, H, L, P, 2]` (x, y), normalized, in the reference points' dtype (float32
+        in a 16-bit model). reference_points `[B, Q, L, 2]` points: plus `offsets` `[B, Q, H, L, P, 2]` in pixels of
+        each level, / (w_l, h_l); `[B, Q, L, 4]` boxes: the box centre plus offsets / P * half the box size."""
+        b, q = offsets.shape[:2]
+        if reference_points.shape[-1] == 4:
+            return (
                 reference_points[:, :, None, :, None, :2]
                 + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5
             )
-        output = multi_scale_deformable_attention(
-            value, spatial_shapes, level_start_index, locations, weights, spatial_shapes_list=spatial_shapes_list,
-            use_custom_kernel=not self.disable_custom_kernels,
-        )
-        return self.output_proj(output)
+        # reference + offset / (w_l, h_l), written so that both broadcasts run over one outer dimension
+        # (the plain 6-d broadcast is several times slower on CPU); same arithmetic, same rounding
+        levels_points = self.n_levels * self.n_points * 2
+        normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(reference_points.dtype)
+        normalizer = normalizer[:, None, :].expand(-1, self.n_points, -1).reshape(levels_points)
+        reference = reference_points[:, :, :, None, :].expand(-1, -1, -1, self.n_points, -1).reshape(b, q, 1, levels_points)
+        offsets = offsets.view(b, q, self.n_heads, levels_points)
+        if offsets.dtype == reference.dtype:
+            locations = torch.addcdiv(reference, offsets, normalizer)
+        else:
+            # a 16-bit model's offsets widened to the (float32) reference, then divided and shifted in place: the
+            # same arithmetic as addcdiv on the widened offsets (aten's addcdiv over mixed dtypes converts element
+            # by element, 9 ms per encoder layer on the CPU), without writing a second fresh 20 MB tensor
+            locations = offsets.to(reference.dtype).div_(normalizer).add_(reference)
+        return locations.view(b, q, self.n_heads, self.n_levels, self.n_points, 2)
 
 
 # tokens per chunk of the encoder's feed-forward block (`DinoEncoderLayer.feed_forward`): the `[chunk, ffn_dim]`
