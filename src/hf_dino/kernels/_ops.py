@@ -186,9 +186,9 @@ def ms_deform_attn(
 def bfloat16_attention_usable(query: Tensor) -> bool:
     """Whether :func:`bfloat16_attention` runs for ``query``: a bfloat16 CPU tensor, the custom kernels not
     disabled, the CPU extension built (on first use) and the CPU with AVX-512 BF16."""
-    if query.device.type != "cpu" or query.dtype != torch.bfloat16 or _loader.kernels_disabled():
+    if query.device.type != "cpu" or query.dtype != torch.bfloat16:
         return False
-    extension = _loader.load_extension("cpu")
+    extension = _extension_for(query)
     return extension is not None and extension.attention_supported()
 
 
@@ -208,11 +208,9 @@ def bfloat16_attention(query: Tensor, key: Tensor, value: Tensor, num_heads: int
 def ms_deform_attn_from_offsets_usable(value: Tensor, sampling_offsets: Tensor) -> bool:
     """Whether :func:`ms_deform_attn_from_offsets` runs for these tensors: CPU, value and offsets of one dtype
     (float32, bfloat16 or float16), the custom kernels not disabled and the CPU extension built (on first use)."""
-    if value.device.type != "cpu" or _loader.kernels_disabled():
+    if value.device.type != "cpu" or value.dtype == torch.float64 or sampling_offsets.dtype != value.dtype:
         return False
-    if value.dtype not in (torch.float32, *_HALF_DTYPES) or sampling_offsets.dtype != value.dtype:
-        return False
-    return _loader.load_extension("cpu") is not None
+    return _extension_for(value) is not None
 
 
 def ms_deform_attn_from_offsets(
