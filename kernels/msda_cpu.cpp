@@ -175,8 +175,8 @@ constexpr int64_t kForwardGrain = 64;
 constexpr int64_t kOffsetsBlock = 64;
 
 // Forward with values stored as V and everything computed in T (see msda_cpu_kernel.h), on the locations `loc`, or,
-// given `block_locations(first, last, buffer)`, on the locations it writes for each block of kOffsetsBlock items
-// into a small buffer (the forward from offsets).
+// given `block_locations(loops, first, last, buffer)`, on the locations it writes for each block of kOffsetsBlock
+// items into a small buffer with the chosen copy of the loops (the forward from offsets).
 template <typename T, typename V, typename BlockLocations = std::nullptr_t>
 void forward_typed(const MsdaParams& p, const at::Tensor& value, const T* loc, const at::Tensor& weights,
                    at::Tensor& output, BlockLocations block_locations = nullptr) {
@@ -197,7 +197,7 @@ void forward_typed(const MsdaParams& p, const at::Tensor& value, const T* loc, c
           std::vector<T> locations(kOffsetsBlock * lp * 2);
           for (int64_t first = begin; first < end; first += kOffsetsBlock) {
             const int64_t last = std::min(end, first + kOffsetsBlock);
-            block_locations(first, last, locations.data());
+            block_locations(loops, first, last, locations.data());
             Loops::template forward<T, V, D>(p, v, locations.data(), att + first * lp, out, zeros.data(),
                                              scratch.data(), first, last, first);
           }
@@ -205,26 +205,6 @@ void forward_typed(const MsdaParams& p, const at::Tensor& value, const T* loc, c
       });
     });
   });
-}
-
-// The locations of items [first, last) into `buffer`: reference + offset / (w_l, h_l) in float32, the model's
-// arithmetic (offset widened, divided, then added). O: the offsets' type.
-template <typename O>
-void offsets_to_locations(const MsdaParams& p, const float* reference, const O* offsets, int64_t first, int64_t last,
-                          float* buffer) {
-  const int64_t lp = p.levels * p.points;
-  for (int64_t i = first; i < last; ++i) {
-    const float* r = reference + (i / p.heads) * p.levels * 2;  // the item's (batch, query)
-    const O* o = offsets + i * lp * 2;
-    float* loc = buffer + (i - first) * lp * 2;
-    for (int64_t l = 0; l < p.levels; ++l) {
-      const float width = static_cast<float>(p.shapes[2 * l + 1]), height = static_cast<float>(p.shapes[2 * l]);
-      for (int64_t k = l * p.points; k < (l + 1) * p.points; ++k) {
-        loc[2 * k] = static_cast<float>(o[2 * k]) / width + r[2 * l];
-        loc[2 * k + 1] = static_cast<float>(o[2 * k + 1]) / height + r[2 * l + 1];
-      }
-    }
-  }
 }
 
 // Whether the backward runs the split variant: forced, or automatically when there are fewer (batch, head)
@@ -384,9 +364,10 @@ at::Tensor msda_cpu_forward_from_offsets(const at::Tensor& value_in, const at::T
   const auto run = [&](auto type) {  // the value's and the offsets' type
     using V = decltype(type);
     const V* off = offsets.const_data_ptr<V>();
-    forward_typed<float, V>(p, value, nullptr, weights, output, [&](int64_t first, int64_t last, float* buffer) {
-      offsets_to_locations<V>(p, ref, off, first, last, buffer);
-    });
+    forward_typed<float, V>(p, value, nullptr, weights, output,
+                            [&](auto loops, int64_t first, int64_t last, float* buffer) {
+                              decltype(loops)::template offsets_to_locations<V>(p, ref, off, first, last, buffer);
+                            });
   };
   switch (value.scalar_type()) {
     case at::kFloat: run(float{}); break;
