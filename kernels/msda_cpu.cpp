@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstring>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -174,16 +175,16 @@ constexpr int64_t kForwardGrain = 64;
 // Items whose sampling locations the forward from offsets computes at a time (a few KB, in cache).
 constexpr int64_t kOffsetsBlock = 64;
 
-// Forward with values stored as V and everything computed in T (see msda_cpu_kernel.h), on the locations `loc`, or,
-// given `block_locations(loops, first, last, buffer)`, on the locations it writes for each block of kOffsetsBlock
-// items into a small buffer with the chosen copy of the loops (the forward from offsets).
-template <typename T, typename V, typename BlockLocations = std::nullptr_t>
-void forward_typed(const MsdaParams& p, const at::Tensor& value, const T* loc, const at::Tensor& weights,
-                   at::Tensor& output, BlockLocations block_locations = nullptr) {
+// Forward with values stored as V and everything computed in T (see msda_cpu_kernel.h), on the locations `loc` and
+// weights `att`, or, given `block_geometry(loops, first, last, locations, weights)`, on the locations and weights it
+// writes for each block of kOffsetsBlock items into small buffers with the chosen copy of the loops (the forward from
+// offsets; `loc` and `att` are then unused).
+template <typename T, typename V, typename BlockGeometry = std::nullptr_t>
+void forward_typed(const MsdaParams& p, const at::Tensor& value, const T* loc, const T* att, at::Tensor& output,
+                   BlockGeometry block_geometry = nullptr) {
   const int64_t work = p.batch * p.queries * p.heads, lp = p.levels * p.points;
   std::vector<V> zeros(p.head_dim, V(0));
   const V* v = value.const_data_ptr<V>();
-  const T* att = weights.const_data_ptr<T>();
   V* out = output.mutable_data_ptr<V>();
   dispatch_simd<kAvx512>([&](auto loops) {
     using Loops = decltype(loops);
@@ -191,14 +192,14 @@ void forward_typed(const MsdaParams& p, const at::Tensor& value, const T* loc, c
       constexpr int D = decltype(dim)::value;
       at::parallel_for(0, work, kForwardGrain, [&](int64_t begin, int64_t end) {
         std::vector<T> scratch(D > 0 ? 0 : p.head_dim);
-        if constexpr (std::is_same<BlockLocations, std::nullptr_t>::value) {
+        if constexpr (std::is_same<BlockGeometry, std::nullptr_t>::value) {
           Loops::template forward<T, V, D>(p, v, loc, att, out, zeros.data(), scratch.data(), begin, end);
         } else {
-          std::vector<T> locations(kOffsetsBlock * lp * 2);
+          std::vector<T> locations(kOffsetsBlock * lp * 2), weights(kOffsetsBlock * lp);
           for (int64_t first = begin; first < end; first += kOffsetsBlock) {
             const int64_t last = std::min(end, first + kOffsetsBlock);
-            block_locations(loops, first, last, locations.data());
-            Loops::template forward<T, V, D>(p, v, locations.data(), att + first * lp, out, zeros.data(),
+            block_geometry(loops, first, last, locations.data(), weights.data());
+            Loops::template forward<T, V, D>(p, v, locations.data(), weights.data(), out, zeros.data(),
                                              scratch.data(), first, last, first);
           }
         }
@@ -319,54 +320,64 @@ at::Tensor msda_cpu_forward(const at::Tensor& value_in, const at::Tensor& spatia
   if (p.batch * p.queries * p.heads == 0 || p.head_dim == 0) return output.zero_();
   switch (in.value.scalar_type()) {
     case at::kFloat:
-      forward_typed<float, float>(p, in.value, in.locations.const_data_ptr<float>(), in.weights, output);
+      forward_typed<float, float>(p, in.value, in.locations.const_data_ptr<float>(),
+                                  in.weights.const_data_ptr<float>(), output);
       break;
     case at::kDouble:
-      forward_typed<double, double>(p, in.value, in.locations.const_data_ptr<double>(), in.weights, output);
+      forward_typed<double, double>(p, in.value, in.locations.const_data_ptr<double>(),
+                                  in.weights.const_data_ptr<double>(), output);
       break;
     case at::kBFloat16:
-      forward_typed<float, c10::BFloat16>(p, in.value, in.locations.const_data_ptr<float>(), in.weights, output);
+      forward_typed<float, c10::BFloat16>(p, in.value, in.locations.const_data_ptr<float>(),
+                                  in.weights.const_data_ptr<float>(), output);
       break;
     case at::kHalf:
-      forward_typed<float, c10::Half>(p, in.value, in.locations.const_data_ptr<float>(), in.weights, output);
+      forward_typed<float, c10::Half>(p, in.value, in.locations.const_data_ptr<float>(),
+                                  in.weights.const_data_ptr<float>(), output);
       break;
     default: TORCH_CHECK(false, "msda_cpu_forward: unsupported dtype ", in.value.scalar_type());
   }
   return output;
 }
 
-// msda_cpu_forward with sampling_locations = reference_points[:, :, None, :, None] + sampling_offsets / (w_l, h_l),
-// computed as the model does in float32 but block by block inside the loops, without the [B, Q, H, L, P, 2] float32
-// locations tensor. reference_points: [B, Q, L, 2] float32; sampling_offsets: [B, Q, H, L, P, 2] in value's dtype
-// (float32, bfloat16, float16); attention_weights: float32. Inference only (no backward).
+// msda_cpu_forward with sampling_locations = reference_points[:, :, None, :, None] + sampling_offsets / (w_l, h_l)
+// and attention_weights = softmax of attention_logits over levels x points, both computed in float32 block by block
+// inside the loops (`msda_block_geometry`), without the [B, Q, H, L, P, 2] locations and [B, Q, H, L, P] weights
+// tensors. reference_points: [B, Q, L, 2] float32; sampling_offsets: [B, Q, H, L, P, 2] and attention_logits:
+// [B, Q, H, L, P], both in value's dtype (float32, bfloat16, float16). Inference only (no backward).
 at::Tensor msda_cpu_forward_from_offsets(const at::Tensor& value_in, const at::Tensor& spatial_shapes_in,
                                          const at::Tensor& level_start_index_in, const at::Tensor& reference_in,
-                                         const at::Tensor& offsets_in, const at::Tensor& attention_weights_in) {
+                                         const at::Tensor& offsets_in, const at::Tensor& logits_in) {
   TORCH_CHECK(value_in.device().is_cpu(), "msda_cpu_forward_from_offsets: inputs must be on the CPU");
-  TORCH_CHECK(offsets_in.scalar_type() == value_in.scalar_type() && value_in.scalar_type() != at::kDouble,
-              "msda_cpu_forward_from_offsets: sampling_offsets must have value's dtype (float32 or 16-bit)");
+  TORCH_CHECK(offsets_in.scalar_type() == value_in.scalar_type() && logits_in.scalar_type() == value_in.scalar_type() &&
+                  value_in.scalar_type() != at::kDouble,
+              "msda_cpu_forward_from_offsets: sampling_offsets and attention_logits must have value's dtype (float32 "
+              "or 16-bit)");
   TORCH_CHECK(reference_in.scalar_type() == at::kFloat && reference_in.dim() == 4 && reference_in.size(3) == 2 &&
                   reference_in.size(0) == offsets_in.size(0) && reference_in.size(1) == offsets_in.size(1) &&
                   reference_in.size(2) == offsets_in.size(3),
               "msda_cpu_forward_from_offsets: reference_points must be float32 [batch, queries, levels, 2], got ",
               reference_in.sizes());
-  // msda_cpu_forward's checks, on a float32 stand-in of the locations' shape (no memory of its own)
+  // msda_cpu_forward's checks, on float32 stand-ins of the locations' and the logits' shapes (no memory of their own)
   const at::Tensor locations_like = at::zeros({1}, offsets_in.options().dtype(at::kFloat)).expand(offsets_in.sizes());
-  check_inputs(value_in, spatial_shapes_in, level_start_index_in, locations_like, attention_weights_in,
+  const at::Tensor weights_like = at::zeros({1}, logits_in.options().dtype(at::kFloat)).expand(logits_in.sizes());
+  check_inputs(value_in, spatial_shapes_in, level_start_index_in, locations_like, weights_like,
                /*float_geometry_for_half_value=*/true);
   const at::Tensor value = value_in.contiguous(), shapes = spatial_shapes_in.contiguous();
   const at::Tensor starts = level_start_index_in.contiguous(), reference = reference_in.contiguous();
-  const at::Tensor offsets = offsets_in.contiguous(), weights = attention_weights_in.contiguous();
+  const at::Tensor offsets = offsets_in.contiguous(), logits = logits_in.contiguous();
   const MsdaParams p = make_params(value, shapes, starts, locations_like);
   at::Tensor output = at::empty({p.batch, p.queries, p.heads * p.head_dim}, value.options());
   if (p.batch * p.queries * p.heads == 0 || p.head_dim == 0) return output.zero_();
   const float* ref = reference.const_data_ptr<float>();
-  const auto run = [&](auto type) {  // the value's and the offsets' type
+  const auto run = [&](auto type) {  // the value's, the offsets' and the logits' type
     using V = decltype(type);
     const V* off = offsets.const_data_ptr<V>();
-    forward_typed<float, V>(p, value, nullptr, weights, output,
-                            [&](auto loops, int64_t first, int64_t last, float* buffer) {
-                              decltype(loops)::template offsets_to_locations<V>(p, ref, off, first, last, buffer);
+    const V* z = logits.const_data_ptr<V>();
+    forward_typed<float, V>(p, value, nullptr, nullptr, output,
+                            [&](auto loops, int64_t first, int64_t last, float* locations, float* weights) {
+                              decltype(loops)::template block_geometry<V>(p, ref, off, z, first, last, locations,
+                                                                          weights);
                             });
   };
   switch (value.scalar_type()) {
@@ -507,7 +518,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "hf_dino multi-scale deformable attention, CPU kernels";
   m.def("forward", &hf_dino_msda::msda_cpu_forward, "MSDA forward (CPU)");
   m.def("forward_from_offsets", &hf_dino_msda::msda_cpu_forward_from_offsets,
-        "MSDA forward from reference points and sampling offsets (CPU, inference)");
+        "MSDA forward from reference points, sampling offsets and attention logits (CPU, inference)");
   m.def("backward", &hf_dino_msda::msda_cpu_backward, "MSDA backward (CPU): grad value, locations, weights");
   m.def("simd", &hf_dino_msda::msda_cpu_simd, "vectorised variant in use");
   m.def("set_backward_mode", &hf_dino_msda::msda_cpu_set_backward_mode,

@@ -4,9 +4,9 @@
 // each time inside its own namespace and (on x86 with GCC) under a different `#pragma GCC target`, to get
 // a baseline build, an AVX2/FMA build and an AVX-512 build of the same loops, chosen at run time. Everything
 // here must therefore be templates / inline functions that only use what the caller includes (<algorithm>,
-// <cmath>, <cstdint>, <type_traits>, <vector>, and <immintrin.h> for the AVX-512 copy's set-up, compiled only where
-// the caller defines HF_DINO_MSDA_AVX512_SET_UP). `MsdaLoops` at the end bundles one copy's entry points into a type the caller
-// can pass on.
+// <cmath>, <cstdint>, <cstring>, <limits>, <type_traits>, <vector>, and <immintrin.h> for the AVX-512 copy's set-up,
+// compiled only where the caller defines HF_DINO_MSDA_AVX512_SET_UP). `MsdaLoops` at the end bundles one copy's entry
+// points into a type the caller can pass on.
 //
 // Work decomposition:
 //   forward : one task per (batch, query, head); the head dimension is innermost and contiguous in both
@@ -258,16 +258,140 @@ inline void msda_point_sums_bf16_avx512(const MsdaPointCorners<float>& c, int64_
 }
 #endif
 
-// The sampling locations of items [first, last) (flattened (batch, query, head)) into `buffer`: reference + offset /
-// (w_l, h_l), in float32 as the model computes them (the offset widened, divided, then the reference added; nothing
-// to contract into a fused multiply-add, so the same bits in every copy). `reference` [B, Q, L, 2] float32, `offsets`
-// [B, Q, H, L, P, 2] in O (float, c10::BFloat16 or c10::Half). Each item's levels x points x 2 values run as one
-// flat loop over per-value divisor and reference rows, which the compiler vectorises (the scalar loop over levels and
-// points, compiled for the baseline, was ~1/6 of the bfloat16 forward from offsets).
+// The softmax of `n` logits into float32 `w` (aten's arithmetic: the maximum subtracted, exp in float32, times the
+// reciprocal of the sum; a NaN logit makes every weight NaN). GCC gets it on vectors of 16 floats (its vector
+// extensions, which each copy of the loops lowers to its own registers: one AVX-512 register, two AVX2 ones, four SSE
+// ones), with Cephes' expf (x = m ln2 + r, |r| <= ln2 / 2, a degree-7 polynomial of r times 2^m; relative error
+// < 2e-7, as aten's vectorised exp); other compilers (which build the baseline copy only) a scalar loop over std::exp.
+#if defined(__GNUC__) && !defined(__clang__)
+typedef float MsdaFloats __attribute__((vector_size(64)));
+typedef int32_t MsdaInts __attribute__((vector_size(64)));
+constexpr int kMsdaLanes = 16;
+
+// exp of 16 floats: 0 below -87.34 (where exp is no longer a normal float: 2^m must stay one), exp(88) above 88,
+// NaN for NaN.
+inline MsdaFloats msda_exp(MsdaFloats in) {
+  const MsdaFloats lowest = MsdaFloats{} - 87.3365448f, highest = MsdaFloats{} + 88.0f;
+  MsdaFloats x = in < lowest ? lowest : in;
+  x = x > highest ? highest : x;
+  const MsdaFloats t = x * 1.44269504088896341f + 0.5f;
+  MsdaFloats m = __builtin_convertvector(__builtin_convertvector(t, MsdaInts), MsdaFloats);
+  m = t < m ? m - 1.0f : m;  // floor(t)
+  const MsdaFloats r = (x - m * 0.693359375f) - m * -2.12194440e-4f;
+  MsdaFloats y = MsdaFloats{} + 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  const MsdaInts scale = (__builtin_convertvector(m, MsdaInts) + 127) << 23;  // 2^m
+  return in < lowest ? MsdaFloats{} : y * (MsdaFloats)scale;
+}
+
+typedef float MsdaHalfFloats __attribute__((vector_size(32)));
+typedef float MsdaQuarterFloats __attribute__((vector_size(16)));
+
 template <typename O>
-void msda_offsets_to_locations(const MsdaParams& p, const float* reference, const O* offsets, int64_t first,
-                               int64_t last, float* buffer) {
-  const int64_t lp2 = p.levels * p.points * 2;
+inline MsdaFloats msda_lanes(const O* z, int64_t n) {  // z[0:min(n, 16)], the other lanes -inf
+  MsdaFloats x;
+  if (n >= kMsdaLanes) {
+    for (int j = 0; j < kMsdaLanes; ++j) x[j] = static_cast<float>(z[j]);
+  } else {
+    const float none = -std::numeric_limits<float>::infinity();
+    for (int j = 0; j < kMsdaLanes; ++j) x[j] = j < n ? static_cast<float>(z[j]) : none;
+  }
+  return x;
+}
+
+// The lanes' maximum (a NaN lane may be skipped: it reaches the sum) and sum, halving the vector three times.
+inline float msda_max(MsdaFloats x) {
+  MsdaHalfFloats a, b;
+  std::memcpy(&a, &x, sizeof a);
+  std::memcpy(&b, reinterpret_cast<const char*>(&x) + sizeof a, sizeof b);
+  a = a < b ? b : a;
+  MsdaQuarterFloats c, d;
+  std::memcpy(&c, &a, sizeof c);
+  std::memcpy(&d, reinterpret_cast<const char*>(&a) + sizeof c, sizeof d);
+  c = c < d ? d : c;
+  const float e = c[0] < c[2] ? c[2] : c[0], f = c[1] < c[3] ? c[3] : c[1];
+  return e < f ? f : e;
+}
+
+inline float msda_sum(MsdaFloats x) {
+  MsdaHalfFloats a, b;
+  std::memcpy(&a, &x, sizeof a);
+  std::memcpy(&b, reinterpret_cast<const char*>(&x) + sizeof a, sizeof b);
+  a += b;
+  MsdaQuarterFloats c, d;
+  std::memcpy(&c, &a, sizeof c);
+  std::memcpy(&d, reinterpret_cast<const char*>(&a) + sizeof c, sizeof d);
+  c += d;
+  return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+// exp(x - top) of z[0:n] (n <= 16), 0 in the other lanes
+template <typename O>
+inline MsdaFloats msda_shifted_exp(const O* z, int64_t n, float top) {
+  MsdaFloats e = msda_exp(msda_lanes(z, n) - top);
+  for (int j = static_cast<int>(n); j < kMsdaLanes; ++j) e[j] = 0.0f;
+  return e;
+}
+
+template <typename O>
+inline void msda_softmax(const O* z, float* w, int64_t n) {
+  if (n <= kMsdaLanes) {  // DINO's 4 levels x 4 points: one vector
+    MsdaFloats e = msda_shifted_exp(z, n, msda_max(msda_lanes(z, n)));
+    e *= 1.0f / msda_sum(e);
+    if (n == kMsdaLanes) {
+      std::memcpy(w, &e, sizeof e);
+    } else {
+      for (int64_t j = 0; j < n; ++j) w[j] = e[j];
+    }
+    return;
+  }
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t k = 0; k < n; k += kMsdaLanes) {
+    const float lanes_top = msda_max(msda_lanes(z + k, n - k));
+    top = top < lanes_top ? lanes_top : top;
+  }
+  float sum = 0.0f;
+  for (int64_t k = 0; k < n; k += kMsdaLanes) {
+    const MsdaFloats e = msda_shifted_exp(z + k, std::min<int64_t>(n - k, kMsdaLanes), top);
+    for (int64_t j = 0; j < kMsdaLanes && k + j < n; ++j) w[k + j] = e[j];
+    sum += msda_sum(e);
+  }
+  const float inverse = 1.0f / sum;
+  for (int64_t k = 0; k < n; ++k) w[k] *= inverse;
+}
+#else
+template <typename O>
+inline void msda_softmax(const O* z, float* w, int64_t n) {
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t k = 0; k < n; ++k) top = top < static_cast<float>(z[k]) ? static_cast<float>(z[k]) : top;
+  float sum = 0.0f;
+  for (int64_t k = 0; k < n; ++k) {
+    w[k] = std::exp(static_cast<float>(z[k]) - top);
+    sum += w[k];
+  }
+  const float inverse = 1.0f / sum;
+  for (int64_t k = 0; k < n; ++k) w[k] *= inverse;
+}
+#endif
+
+// The sampling geometry of items [first, last) (flattened (batch, query, head)) for the forward from offsets, into
+// the block buffers `locations` ([items, levels x points, 2]) and `weights` ([items, levels x points]):
+//   locations: reference + offset / (w_l, h_l) in float32, as the model computes them (the offset widened, divided,
+//              then the reference added: nothing to contract into a fused multiply-add, so the same bits in every
+//              copy). Each item's values run as one flat loop over per-value divisor and reference rows, which the
+//              compiler vectorises (the scalar loop compiled for the baseline was ~1/6 of the bfloat16 call).
+//   weights:   the softmax of the item's levels x points attention logits, in float32 (`msda_softmax`).
+// `reference` [B, Q, L, 2] float32; `offsets` [B, Q, H, L, P, 2] and `logits` [B, Q, H, L, P] in O (float,
+// c10::BFloat16 or c10::Half).
+template <typename O>
+void msda_block_geometry(const MsdaParams& p, const float* reference, const O* offsets, const O* logits,
+                         int64_t first, int64_t last, float* locations, float* weights) {
+  const int64_t lp = p.levels * p.points, lp2 = 2 * lp;
   float divisor[2 * kMsdaMaxBatchedPoints], shift[2 * kMsdaMaxBatchedPoints];
   std::vector<float> wide_divisor, wide_shift;  // more points than the batched forward's tables hold
   float* d = divisor;
@@ -297,8 +421,9 @@ void msda_offsets_to_locations(const MsdaParams& p, const float* reference, cons
       }
     }
     const O* __restrict__ o = offsets + i * lp2;
-    float* __restrict__ loc = buffer + (i - first) * lp2;
+    float* __restrict__ loc = locations + (i - first) * lp2;
     for (int64_t j = 0; j < lp2; ++j) loc[j] = static_cast<float>(o[j]) / d[j] + r[j];
+    msda_softmax(logits + i * lp, weights + (i - first) * lp, lp);
   }
 }
 
@@ -535,7 +660,7 @@ struct MsdaLoops {
     msda_backward_value_range<T>(args...);
   }
   template <typename O, typename... Args>
-  static void offsets_to_locations(const Args&... args) {
-    msda_offsets_to_locations<O>(args...);
+  static void block_geometry(const Args&... args) {
+    msda_block_geometry<O>(args...);
   }
 };

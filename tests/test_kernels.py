@@ -445,14 +445,17 @@ def test_shapes_given_on_another_device_or_as_lists(cpu_extension):
 # --------------------------------------------------------------------------------------------------------------
 def offsets_inputs(levels, dtype, points=3, heads=3, head_dim=8, seed=0):
     """value, shapes, starts, float32 reference points [B, Q, L, 2], offsets in pixels of each level (some points
-    land outside, one is NaN) in value's dtype, float32 weights."""
-    value, shapes, starts, _, weights = make_inputs(levels, points=points, heads=heads, head_dim=head_dim,
-                                                    dtype=torch.float32, seed=seed)
+    land outside, one is NaN) and attention logits (one (query, head) with logits up to +-200, far beyond exp's
+    float32 range) in value's dtype."""
+    value, shapes, starts, _, _ = make_inputs(levels, points=points, heads=heads, head_dim=head_dim,
+                                              dtype=torch.float32, seed=seed)
     generator = torch.Generator().manual_seed(seed + 1)
     reference = torch.rand(value.shape[0], 11, len(levels), 2, generator=generator)
     offsets = torch.randn(value.shape[0], 11, heads, len(levels), points, 2, generator=generator) * 2
     offsets[1, 3, 0, 0, 0, 1] = float("nan")
-    return value.to(dtype), shapes, starts, reference, offsets.to(dtype), weights
+    logits = torch.randn(value.shape[0], 11, heads, len(levels), points, generator=generator) * 2
+    logits[0, 4, 1] *= 100
+    return value.to(dtype), shapes, starts, reference, offsets.to(dtype), logits.to(dtype)
 
 
 def model_locations(reference, offsets, shapes):
@@ -462,39 +465,114 @@ def model_locations(reference, offsets, shapes):
     return offsets.float().div(normalizer).add(reference[:, :, None, :, None, :])
 
 
+def model_weights(logits, dtype=torch.float32):
+    """The attention weights as the model computes them without the kernel: softmax over levels x points."""
+    return logits.to(dtype).flatten(3).softmax(-1).view(logits.shape)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
-@pytest.mark.parametrize("levels,points,head_dim", [("odd", 3, 8), ("lines", 2, 32), ("square", 33, 5)])
-def test_forward_from_offsets_is_the_forward_on_the_model_locations(simd_variants, dtype, levels, points, head_dim):
-    """The kernel computing the locations from reference points and offsets (block by block, in float32) gives the
-    forward on the locations the model computes, bit for bit, in every vectorised copy: value dtypes, heads of 32
-    (bfloat16 sums in intrinsics), more than 64 points per (query, head) (the per-point path), points outside, NaN."""
-    value, shapes, starts, reference, offsets, weights = offsets_inputs(LEVEL_SETS[levels], dtype, points=points,
-                                                                        head_dim=head_dim)
+@pytest.mark.parametrize("levels,points,head_dim", [("odd", 4, 32), ("lines", 2, 8), ("square", 33, 5)])
+def test_forward_from_offsets_is_the_forward_on_the_model_geometry(simd_variants, dtype, levels, points, head_dim):
+    """The kernel computing the locations from reference points and offsets and the weights from attention logits
+    (block by block, in float32) gives the forward on the locations and softmax weights the model computes, in every
+    vectorised copy: the locations are the same bits (a NaN offset's point sampled as outside); the softmax is as
+    close to float64 as aten's, so the output is as close to the float64 forward as the model's, and within float32
+    (16-bit) rounding of it. Value dtypes; heads of 32 (bfloat16 sums in intrinsics); 4 levels x 4 points (DINO's:
+    one vector of 16 logits), 3 x 2 and 2 x 33 (several vectors; more than 64 points per (query, head): the
+    per-point path); logits far beyond exp's range (the maximum subtracted)."""
+    value, shapes, starts, reference, offsets, logits = offsets_inputs(LEVEL_SETS[levels], dtype, points=points,
+                                                                       head_dim=head_dim)
     locations = model_locations(reference, offsets, shapes)
     ext = _loader.build("cpu")
+    exact = ext.forward(value.double(), shapes, starts, locations.double(), model_weights(logits, torch.float64))
+    exact_scale = exact.abs().max()
     for _ in simd_variants():
-        got = ext.forward_from_offsets(value, shapes, starts, reference, offsets, weights)
-        want = ext.forward(value, shapes, starts, locations, weights)
-        assert got.dtype == dtype and torch.equal(got, want)
+        got = ext.forward_from_offsets(value, shapes, starts, reference, offsets, logits)
+        model = ext.forward(value, shapes, starts, locations, model_weights(logits))
+        assert got.dtype == dtype
+        if dtype == torch.float32:
+            assert (got.double() - exact).abs().max() <= 1.25 * (model.double() - exact).abs().max() + 1e-7 * exact_scale
+            assert (got - model).abs().max() <= 1e-6 * exact_scale
+        else:  # the float32 sums rounded to 16 bits: at most a rounding step apart
+            step = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
+            assert (got.double() - model.double()).abs().max() <= step * exact_scale
+            assert (got.double() - exact).abs().max() <= (model.double() - exact).abs().max() + step * exact_scale
     assert got.float().abs().sum() > 0
 
 
+@pytest.mark.parametrize("levels,points", [(4, 4), (3, 2), (2, 33)])
+def test_forward_from_offsets_softmax_against_float64(simd_variants, levels, points):
+    """The kernel's softmax weights themselves, read out through one-hot values: level l is one row of pixels,
+    point k of (query, head) samples pixel k of its level at its centre (bilinear weight 1), and that pixel's value
+    is the one-hot channel l * points + k, so output channel l * points + k is the weight. Against the float64
+    softmax of the same logits, in every copy, for one vector of 16 logits (DINO's 4 x 4), a partial one and
+    several: for logits of moderate size (std <= 3, where exp is accurate to about an ulp) every weight within 1.5x
+    aten's float32 softmax's largest relative error; for logits up to +-100 within 1.5x its largest absolute error,
+    weights below float32's normal range flushed to 0."""
+    lp, batch, queries, heads = levels * points, 2, 40, 2
+    width = 1 << (points - 1).bit_length()  # a power of two: the pixel centres (k + 0.5) / width are exact
+    shapes = torch.tensor([(1, width)] * levels)
+    starts = torch.arange(levels) * width
+    value = torch.zeros(batch, levels, width, heads, lp)
+    value[:, :, :points] = torch.eye(lp).view(levels, points, 1, lp)  # pixel k of level l -> channel l * P + k
+    value = value.view(batch, levels * width, heads, lp)
+    reference = torch.zeros(batch, queries, levels, 2)
+    reference[..., 1] = 0.5  # (x, y) = (0, row centre)
+    offsets = (torch.arange(points) + 0.5).view(1, 1, 1, 1, points, 1) * torch.tensor([1.0, 0.0])  # k + 0.5 pixels
+    offsets = offsets.expand(batch, queries, heads, levels, points, 2).contiguous()
+    generator = torch.Generator().manual_seed(3)
+    scale = torch.logspace(-1, 1.5, queries, dtype=torch.float64)  # the logits' std per query
+    logits = torch.randn(batch, queries, heads, lp, generator=generator, dtype=torch.float64)
+    logits = (logits * scale[None, :, None, None]).float().double()  # float32 values: the same input for both
+    exact = logits.softmax(-1)
+    aten = logits.float().softmax(-1).double()
+    moderate = scale <= 3
+    ext = _loader.build("cpu")
+    for _ in simd_variants():
+        got = ext.forward_from_offsets(value, shapes, starts, reference, offsets, logits.float().view(
+            batch, queries, heads, levels, points)).view(batch, queries, heads, lp).double()
+        relative = ((got - exact) / exact)[:, moderate].abs().max()
+        assert relative <= 1.5 * ((aten - exact) / exact)[:, moderate].abs().max()
+        assert (got - exact).abs().max() <= 1.5 * (aten - exact).abs().max()
+        assert (exact[got == 0] < torch.finfo(torch.float32).tiny).all()  # 0 only for weights below float32's normals
+
+
+def test_forward_from_offsets_softmax_edge_cases(cpu_extension):
+    """The softmax inside the kernel treats what exp cannot as aten's does: a NaN logit makes its (query, head)'s
+    output NaN and nothing else; logits all equal and huge (1e30) give uniform weights; one logit far above the
+    others takes all the weight."""
+    value, shapes, starts, reference, offsets, logits = offsets_inputs(LEVEL_SETS["odd"], torch.float32)
+    offsets = offsets.nan_to_num()
+    logits[1, 2, 0, 1, 1] = float("nan")
+    logits[0, 5, 2] = 1e30
+    logits[1, 7, 1, 2, 0] = 1e4
+    got = cpu_extension.forward_from_offsets(value, shapes, starts, reference, offsets, logits).view(2, 11, 3, 8)
+    weights = model_weights(logits)
+    assert torch.equal(weights[0, 5, 2], torch.full_like(weights[0, 5, 2], 1 / 12)) and weights[1, 7, 1, 2, 0] == 1
+    model = cpu_extension.forward(value, shapes, starts, model_locations(reference, offsets, shapes),
+                                  weights).view(2, 11, 3, 8)
+    assert got[1, 2, 0].isnan().all() and got.isnan().sum() == 8 and model.isnan().sum() == 8
+    torch.testing.assert_close(got.nan_to_num(), model.nan_to_num(), rtol=1e-6, atol=1e-6)
+
+
 def test_forward_from_offsets_checks_its_inputs(cpu_extension):
-    value, shapes, starts, reference, offsets, weights = offsets_inputs(LEVEL_SETS["odd"], torch.bfloat16)
+    value, shapes, starts, reference, offsets, logits = offsets_inputs(LEVEL_SETS["odd"], torch.bfloat16)
     with pytest.raises(RuntimeError, match="value's dtype"):
-        cpu_extension.forward_from_offsets(value, shapes, starts, reference, offsets.float(), weights)
+        cpu_extension.forward_from_offsets(value, shapes, starts, reference, offsets.float(), logits)
+    with pytest.raises(RuntimeError, match="value's dtype"):
+        cpu_extension.forward_from_offsets(value, shapes, starts, reference, offsets, logits.float())
     with pytest.raises(RuntimeError, match="reference_points must be float32"):
-        cpu_extension.forward_from_offsets(value, shapes, starts, reference.bfloat16(), offsets, weights)
+        cpu_extension.forward_from_offsets(value, shapes, starts, reference.bfloat16(), offsets, logits)
     with pytest.raises(RuntimeError, match="reference_points must be float32"):
-        cpu_extension.forward_from_offsets(value, shapes, starts, reference[:, :, :2], offsets, weights)
+        cpu_extension.forward_from_offsets(value, shapes, starts, reference[:, :, :2], offsets, logits)
     with pytest.raises(RuntimeError, match="attention_weights"):
-        cpu_extension.forward_from_offsets(value, shapes, starts, reference, offsets, weights[:, :, :, :, :2])
-    empty = cpu_extension.forward_from_offsets(value, shapes, starts, reference[:, :0], offsets[:, :0], weights[:, :0])
+        cpu_extension.forward_from_offsets(value, shapes, starts, reference, offsets, logits[:, :, :, :, :2])
+    empty = cpu_extension.forward_from_offsets(value, shapes, starts, reference[:, :0], offsets[:, :0], logits[:, :0])
     assert empty.shape == (2, 0, 3 * 8)
     # non-contiguous inputs are read as their values
     strided = reference.transpose(0, 1).contiguous().transpose(0, 1)
-    got = cpu_extension.forward_from_offsets(value, shapes, starts, strided, offsets, weights)
-    want = cpu_extension.forward_from_offsets(value, shapes, starts, reference.contiguous(), offsets, weights)
+    got = cpu_extension.forward_from_offsets(value, shapes, starts, strided, offsets, logits)
+    want = cpu_extension.forward_from_offsets(value, shapes, starts, reference.contiguous(), offsets, logits)
     assert torch.equal(got, want)
 
 

@@ -1187,9 +1187,15 @@ def test_deformable_attention_against_float64(padded, monkeypatch):
     assert locations.dtype == weights_dtype == torch.float32 and got.dtype == torch.bfloat16
     assert (locations.double() - want_locations).abs().max() <= 4 * torch.finfo(torch.float32).eps
     assert (got.double() - want).abs().max() <= 3e-2 * want.abs().max()
-    # at inference the CPU kernel computes the locations itself (where it is built): the same bits
+    # at inference the CPU kernel computes the locations (the same bits) and the softmax (within a few float32 ulps of
+    # aten's) itself, where it is built: as close to float64 as the autograd path, and to that path within float32
+    # (bfloat16) rounding of the attention's output
     with torch.no_grad():
-        assert torch.equal(half(query.bfloat16(), reference, value.bfloat16(), mask, shapes, shapes_list, starts), got)
+        fused = half(query.bfloat16(), reference, value.bfloat16(), mask, shapes, shapes_list, starts)
+        assert (fused.double() - want).abs().max() <= 3e-2 * want.abs().max()
+        assert (fused.double() - got.double()).abs().max() <= 2 ** -7 * got.double().abs().max()
         with torch.enable_grad():
             unfused = attention(query, reference, value, mask, shapes, shapes_list, starts).detach()
-        assert torch.equal(attention(query, reference, value, mask, shapes, shapes_list, starts), unfused)
+        fused = attention(query, reference, value, mask, shapes, shapes_list, starts)
+        assert (fused.double() - want).abs().max() <= 1e-5 * want.abs().max()
+        assert (fused - unfused).abs().max() <= 1e-6 * unfused.abs().max()

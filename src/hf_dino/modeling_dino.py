@@ -343,22 +343,24 @@ class DinoMultiscaleDeformableAttention(nn.Module):
             value.masked_fill_(value_padding_mask.reshape(-1, 1), 0.0)
         value = value.view(b, tokens, self.n_heads, self.d_model // self.n_heads)
         offsets = self.sampling_offsets(query).view(b, q, self.n_heads, self.n_levels, self.n_points, 2)
-        weights = self.attention_weights(query).view(b, q, self.n_heads, self.n_levels * self.n_points)
-        # a 16-bit model's weights in float32, which both attention paths sum in (a bfloat16 softmax over 16 values
-        # is 3x slower on the CPU than a float32 one, and rounds the weights)
-        weights = weights.softmax(-1, dtype=torch.promote_types(weights.dtype, torch.float32))
-        weights = weights.view(b, q, self.n_heads, self.n_levels, self.n_points)
+        logits = self.attention_weights(query).view(b, q, self.n_heads, self.n_levels, self.n_points)
         kernels = compiled_kernels()
         if (reference_points.shape[-1] == 2 and not torch.is_grad_enabled() and not captures_graph()
                 and not self.disable_custom_kernels and kernels is not None
-                and kernels.ms_deform_attn_from_offsets_usable(value, offsets)):
-            # at inference on the CPU the kernel computes the locations of `sampling_locations` itself, a block of
-            # (query, head)s at a time in cache, the same bits without the [B, Q, H, L, P, 2] float32 tensor (20 MB
-            # per encoder layer of an 800x1201 image, written and read back): whole forward, float32 1.97 -> 1.88 s,
-            # bfloat16 0.94 -> 0.91 s
+                and kernels.ms_deform_attn_from_offsets_usable(value, offsets, logits)):
+            # at inference on the CPU the kernel computes the locations of `sampling_locations` and the softmax
+            # below itself, a block of (query, head)s at a time in cache, without the [B, Q, H, L, P, 2] locations
+            # and [B, Q, H, L, P] float32 weights (30 MB per encoder layer of an 800x1201 image, written and read
+            # back): whole forward, float32 1.97 -> 1.88 s and bfloat16 0.94 -> 0.91 s for the locations, the
+            # softmax ~2 ms per encoder layer more
             output = kernels.ms_deform_attn_from_offsets(value, spatial_shapes, level_start_index, reference_points,
-                                                         offsets, weights)
+                                                         offsets, logits)
         else:
+            # a 16-bit model's weights in float32, which both attention paths sum in (a bfloat16 softmax over 16
+            # values is 3x slower on the CPU than a float32 one, and rounds the weights)
+            weights = logits.view(b, q, self.n_heads, self.n_levels * self.n_points)
+            weights = weights.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+            weights = weights.view(b, q, self.n_heads, self.n_levels, self.n_points)
             locations = self.sampling_locations(reference_points, offsets, spatial_shapes)
             output = multi_scale_deformable_attention(
                 value, spatial_shapes, level_start_index, locations, weights, spatial_shapes_list=spatial_shapes_list,

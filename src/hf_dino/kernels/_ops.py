@@ -205,10 +205,11 @@ def bfloat16_attention(query: Tensor, key: Tensor, value: Tensor, num_heads: int
     return _loader.load_extension("cpu").attention(query, key, value, num_heads)
 
 
-def ms_deform_attn_from_offsets_usable(value: Tensor, sampling_offsets: Tensor) -> bool:
-    """Whether :func:`ms_deform_attn_from_offsets` runs for these tensors: CPU, value and offsets of one dtype
+def ms_deform_attn_from_offsets_usable(value: Tensor, sampling_offsets: Tensor, attention_logits: Tensor) -> bool:
+    """Whether :func:`ms_deform_attn_from_offsets` runs for these tensors: CPU, value, offsets and logits of one dtype
     (float32, bfloat16 or float16), the custom kernels not disabled and the CPU extension built (on first use)."""
-    if value.device.type != "cpu" or value.dtype == torch.float64 or sampling_offsets.dtype != value.dtype:
+    if (value.device.type != "cpu" or value.dtype == torch.float64 or sampling_offsets.dtype != value.dtype
+            or attention_logits.dtype != value.dtype):
         return False
     return _extension_for(value) is not None
 
@@ -219,20 +220,23 @@ def ms_deform_attn_from_offsets(
     level_start_index: Tensor,
     reference_points: Tensor,
     sampling_offsets: Tensor,
-    attention_weights: Tensor,
+    attention_logits: Tensor,
 ) -> Tensor:
     """:func:`ms_deform_attn` with the sampling locations ``reference_points[:, :, None, :, None] + sampling_offsets /
-    (w_l, h_l)`` computed inside the CPU kernel, block by block, as the model computes them (the offsets widened to
-    float32, divided, then added: the same bits), instead of as a ``[B, Q, H, L, P, 2]`` float32 tensor written to
-    memory and read back (20 MB per encoder layer of an 800x1201 image).
+    (w_l, h_l)`` and the attention weights ``attention_logits.softmax`` over each (query, head)'s levels x points
+    computed inside the CPU kernel, block by block, in float32: the locations as the model computes them (the offsets
+    widened, divided, then added: the same bits), the softmax as aten's (max subtracted, float32 exp, times the
+    reciprocal of the sum; within a few float32 ulps of it). No ``[B, Q, H, L, P, 2]`` locations and ``[B, Q, H, L,
+    P]`` weights tensors are written to memory and read back (30 MB per encoder layer of an 800x1201 image).
 
     value ``[B, S, H, D]``; reference_points ``[B, Q, L, 2]`` float32 (x, y); sampling_offsets ``[B, Q, H, L, P, 2]``
-    in value's dtype, in pixels of each level; attention_weights ``[B, Q, H, L, P]`` float32. Returns ``[B, Q, H *
-    D]`` in value's dtype. Inference only (no autograd); check :func:`ms_deform_attn_from_offsets_usable` first.
+    in value's dtype, in pixels of each level; attention_logits ``[B, Q, H, L, P]`` in value's dtype. Returns ``[B,
+    Q, H * D]`` in value's dtype. Inference only (no autograd); check :func:`ms_deform_attn_from_offsets_usable`
+    first.
     """
     device = value.device
     spatial_shapes = torch.as_tensor(spatial_shapes, dtype=torch.long, device=device)
     level_start_index = torch.as_tensor(level_start_index, dtype=torch.long, device=device)
     return _loader.load_extension("cpu").forward_from_offsets(
-        value, spatial_shapes, level_start_index, reference_points.float(), sampling_offsets, attention_weights.float()
+        value, spatial_shapes, level_start_index, reference_points.float(), sampling_offsets, attention_logits
     )
