@@ -4,8 +4,9 @@ model on the pure-PyTorch path, and transformers' DeformableDetrForObjectDetecti
 
 Randomly initialised weights (latency does not depend on them; nothing is downloaded), batch 1, ``torch.no_grad``.
 The input is a real COCO image (the first of ../shared/data/coco-mini/val2017, or ``--image``) preprocessed by
-``DinoImageProcessor`` (shorter side 800); without one, a random 800x1216 tensor. The three models run interleaved (A, B, C, A, B, C, ...) so background
-load affects them alike; medians are reported.
+``DinoImageProcessor`` (shorter side 800); without one, a random 800x1216 tensor. The models run interleaved (A, B,
+C, A, B, C, ...) so background load affects them alike; medians are reported, and with ``--bf16`` also the median
+of each repeat's bfloat16 / float32 ratio (steadier than the ratio of medians on a noisy machine).
 
     python benchmarks/bench_inference.py [--threads 2] [--repeats 3] [--image FILE] [--device cpu] [--bf16]
 """
@@ -157,6 +158,11 @@ def main() -> int:
         versus_peer = f"this / DeformableDetr = {median / peer:4.2f}x; " if peer else ""
         print(f"{name:28s} median {median * 1e3:9.1f} ms   ({versus_peer}this / hf_dino fp32 kernel = "
               f"{median / base:4.2f}x; runs {', '.join(f'{v:.2f}' for v in values)} s)")
+    if args.bf16:
+        for name in ("hf_dino bf16 (model.to)", "hf_dino bf16 (autocast)"):
+            pairs = [b / a for a, b in zip(times["hf_dino (kernel)"], times[name])]
+            print(f"{name}: median of the per-repeat ratios to fp32 {statistics.median(pairs):4.2f}x "
+                  f"({', '.join(f'{r:.2f}' for r in pairs)})")
     return 0
 
 
