@@ -4,8 +4,8 @@ The model calls :func:`multi_scale_deformable_attention`. It dispatches to the c
 (``hf_dino.kernels``) when that is available for the inputs' device, and otherwise runs
 :func:`multi_scale_deformable_attention_pytorch`, the pure-PyTorch reference (bilinear ``grid_sample``,
 zeros padding, ``align_corners=False``), which is the definition the kernel is tested against. (At inference on the
-CPU the encoder hands the kernel its reference points and sampling offsets instead, ``ms_deform_attn_from_offsets``,
-which computes the same locations itself.)
+CPU the encoder hands the kernel its reference points, sampling offsets and attention logits instead,
+``ms_deform_attn_from_offsets``, which computes the same locations and the softmax weights itself.)
 """
 
 from __future__ import annotations
