@@ -325,15 +325,15 @@ at::Tensor msda_cpu_forward(const at::Tensor& value_in, const at::Tensor& spatia
       break;
     case at::kDouble:
       forward_typed<double, double>(p, in.value, in.locations.const_data_ptr<double>(),
-                                  in.weights.const_data_ptr<double>(), output);
+                                    in.weights.const_data_ptr<double>(), output);
       break;
     case at::kBFloat16:
       forward_typed<float, c10::BFloat16>(p, in.value, in.locations.const_data_ptr<float>(),
-                                  in.weights.const_data_ptr<float>(), output);
+                                          in.weights.const_data_ptr<float>(), output);
       break;
     case at::kHalf:
       forward_typed<float, c10::Half>(p, in.value, in.locations.const_data_ptr<float>(),
-                                  in.weights.const_data_ptr<float>(), output);
+                                      in.weights.const_data_ptr<float>(), output);
       break;
     default: TORCH_CHECK(false, "msda_cpu_forward: unsupported dtype ", in.value.scalar_type());
   }
@@ -358,6 +358,9 @@ at::Tensor msda_cpu_forward_from_offsets(const at::Tensor& value_in, const at::T
                   reference_in.size(2) == offsets_in.size(3),
               "msda_cpu_forward_from_offsets: reference_points must be float32 [batch, queries, levels, 2], got ",
               reference_in.sizes());
+  TORCH_CHECK(logits_in.dim() == 5 && offsets_in.dim() == 6 && logits_in.sizes() == offsets_in.sizes().slice(0, 5),
+              "msda_cpu_forward_from_offsets: attention_logits must be [batch, queries, heads, levels, points] as "
+              "sampling_offsets without its last dimension, got ", logits_in.sizes(), " and ", offsets_in.sizes());
   // msda_cpu_forward's checks, on float32 stand-ins of the locations' and the logits' shapes (no memory of their own)
   const at::Tensor locations_like = at::zeros({1}, offsets_in.options().dtype(at::kFloat)).expand(offsets_in.sizes());
   const at::Tensor weights_like = at::zeros({1}, logits_in.options().dtype(at::kFloat)).expand(logits_in.sizes());

@@ -565,8 +565,10 @@ def test_forward_from_offsets_checks_its_inputs(cpu_extension):
         cpu_extension.forward_from_offsets(value, shapes, starts, reference.bfloat16(), offsets, logits)
     with pytest.raises(RuntimeError, match="reference_points must be float32"):
         cpu_extension.forward_from_offsets(value, shapes, starts, reference[:, :, :2], offsets, logits)
-    with pytest.raises(RuntimeError, match="attention_weights"):
+    with pytest.raises(RuntimeError, match="attention_logits must be"):
         cpu_extension.forward_from_offsets(value, shapes, starts, reference, offsets, logits[:, :, :, :, :2])
+    with pytest.raises(RuntimeError, match="attention_logits must be"):
+        cpu_extension.forward_from_offsets(value, shapes, starts, reference, offsets, logits.flatten(3))
     empty = cpu_extension.forward_from_offsets(value, shapes, starts, reference[:, :0], offsets[:, :0], logits[:, :0])
     assert empty.shape == (2, 0, 3 * 8)
     # non-contiguous inputs are read as their values

@@ -6,8 +6,9 @@ package, ``kernels/`` in the repository) are compiled with ``torch.utils.cpp_ext
 the op runs on a device type, into a cache keyed by source hash, torch version and device kind, under a file
 lock. Pre-build them (Docker images, clusters) with ``python -m hf_dino.kernels build``. The CPU extension also
 carries, for inference, :func:`ms_deform_attn_from_offsets` (the forward computing the sampling locations from
-reference points and offsets, and the attention weights' softmax from their logits, itself) and :func:`bfloat16_attention`, the softmax attention the decoder's
-self-attention uses in bfloat16 on CPUs with AVX-512 BF16 (each with its ``..._usable`` check).
+reference points and offsets, and the attention weights' softmax from their logits, itself) and
+:func:`bfloat16_attention`, the softmax attention the decoder's self-attention uses in bfloat16 on CPUs with AVX-512
+BF16 (each with its ``..._usable`` check).
 
 Switches: ``HF_DINO_DISABLE_CUSTOM_KERNELS=1`` and ``DinoConfig(disable_custom_kernels=True)`` select the
 pure-PyTorch implementation; ``HF_DINO_KERNELS_CACHE`` moves the build cache; ``HF_DINO_KERNELS_VERBOSE=1``
