@@ -322,30 +322,27 @@ inline MsdaFloats msda_lanes(const O* z, int64_t n) {  // z[0:min(n, 16)], the o
   return x;
 }
 
-// The lanes' maximum (a NaN lane may be skipped: it reaches the sum) and sum, halving the vector three times.
-inline float msda_max(MsdaFloats x) {
+// The 16 lanes combined into one value, halving the vector three times: their maximum (`msda_max`; a NaN lane may be
+// skipped, it reaches the sum) and their sum.
+template <typename Combine>
+inline float msda_reduce(MsdaFloats x, Combine combine) {
   MsdaHalfFloats a, b;
   std::memcpy(&a, &x, sizeof a);
   std::memcpy(&b, reinterpret_cast<const char*>(&x) + sizeof a, sizeof b);
-  a = a < b ? b : a;
+  a = combine(a, b);
   MsdaQuarterFloats c, d;
   std::memcpy(&c, &a, sizeof c);
   std::memcpy(&d, reinterpret_cast<const char*>(&a) + sizeof c, sizeof d);
-  c = c < d ? d : c;
-  const float e = c[0] < c[2] ? c[2] : c[0], f = c[1] < c[3] ? c[3] : c[1];
-  return e < f ? f : e;
+  c = combine(c, d);
+  return combine(combine(c[0], c[2]), combine(c[1], c[3]));
+}
+
+inline float msda_max(MsdaFloats x) {
+  return msda_reduce(x, [](auto u, auto v) { return u < v ? v : u; });
 }
 
 inline float msda_sum(MsdaFloats x) {
-  MsdaHalfFloats a, b;
-  std::memcpy(&a, &x, sizeof a);
-  std::memcpy(&b, reinterpret_cast<const char*>(&x) + sizeof a, sizeof b);
-  a += b;
-  MsdaQuarterFloats c, d;
-  std::memcpy(&c, &a, sizeof c);
-  std::memcpy(&d, reinterpret_cast<const char*>(&a) + sizeof c, sizeof d);
-  c += d;
-  return (c[0] + c[2]) + (c[1] + c[3]);
+  return msda_reduce(x, [](auto u, auto v) { return u + v; });
 }
 
 // exp(x - top) of z[0:n] (n <= 16), 0 in the other lanes
