@@ -72,6 +72,14 @@ namespace cpu_avx512_bf16 {
 }  // namespace cpu_avx512_bf16
 #pragma GCC pop_options
 #endif
+// The post-norm layers' residual add + LayerNorm at inference (layer_norm_cpu_kernel.h), for CPUs with AVX-512.
+#define HF_DINO_HAS_AVX512_LAYER_NORM 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+namespace cpu_avx512_layer_norm {
+#include "layer_norm_cpu_kernel.h"
+}  // namespace cpu_avx512_layer_norm
+#pragma GCC pop_options
 #endif
 
 namespace {
@@ -507,6 +515,76 @@ at::Tensor attention_cpu_forward(const at::Tensor& query, const at::Tensor& key,
   return output;
 }
 
+// Whether residual_layer_norm_cpu runs here: an x86 GCC build on a CPU with AVX-512 (F, BW, VL, DQ).
+bool layer_norm_cpu_supported() {
+#ifdef HF_DINO_HAS_AVX512_LAYER_NORM
+  static const bool supported = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return supported;
+#else
+  return false;
+#endif
+}
+
+// LayerNorm(residual + update) over the last dimension (a multiple of 16): residual [..., dim] float32 or bfloat16,
+// update of its shape in its dtype or bfloat16 (next to a float32 residual), weight and bias [dim] in the residual's
+// dtype or float32 (next to a bfloat16 residual) -> a new contiguous tensor like residual; see
+// layer_norm_cpu_kernel.h.
+at::Tensor residual_layer_norm_cpu(const at::Tensor& residual_in, const at::Tensor& update_in,
+                                   const at::Tensor& weight_in, const at::Tensor& bias_in, double eps) {
+  TORCH_CHECK(layer_norm_cpu_supported(), "residual_layer_norm_cpu: needs a CPU with AVX-512 (and a GCC x86 build)");
+  const auto type = residual_in.scalar_type();
+  TORCH_CHECK(residual_in.device().is_cpu() && (type == at::kFloat || type == at::kBFloat16),
+              "residual_layer_norm_cpu: residual must be a float32 or bfloat16 CPU tensor, got ", type);
+  TORCH_CHECK(update_in.device().is_cpu() && update_in.sizes() == residual_in.sizes() &&
+                  (update_in.scalar_type() == type || update_in.scalar_type() == at::kBFloat16),
+              "residual_layer_norm_cpu: update must be a CPU tensor of residual's shape ", residual_in.sizes(),
+              " in its dtype or bfloat16, got ", update_in.scalar_type(), " ", update_in.sizes());
+  const int64_t dim = residual_in.dim() > 0 ? residual_in.size(-1) : 0;
+  TORCH_CHECK(dim > 0 && dim % 16 == 0, "residual_layer_norm_cpu: the last dimension must be a positive multiple of "
+              "16, got ", residual_in.sizes());
+  const auto parameter_type = weight_in.scalar_type();
+  for (const at::Tensor* t : {&weight_in, &bias_in}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == parameter_type && t->dim() == 1 && t->size(0) == dim &&
+                    (parameter_type == type || parameter_type == at::kFloat),
+                "residual_layer_norm_cpu: weight and bias must be [", dim, "] CPU tensors of one dtype, the residual's "
+                "(", type, ") or float32, got ", t->scalar_type(), " ", t->sizes());
+  }
+  const at::Tensor residual = residual_in.contiguous(), update = update_in.contiguous();
+  const at::Tensor weight = weight_in.contiguous(), bias = bias_in.contiguous();
+  at::Tensor output = at::empty(residual.sizes(), residual.options());
+  const int64_t rows = residual.numel() / dim;
+#ifdef HF_DINO_HAS_AVX512_LAYER_NORM
+  auto run = [&](auto residual_type, auto update_type, auto parameter_type) {
+    using R = decltype(residual_type);
+    using U = decltype(update_type);
+    using W = decltype(parameter_type);
+    const R* r = residual.const_data_ptr<R>();
+    const U* u = update.const_data_ptr<U>();
+    const W* w = weight.const_data_ptr<W>();
+    const W* b = bias.const_data_ptr<W>();
+    R* o = output.mutable_data_ptr<R>();
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+      std::vector<float> row(dim);
+      cpu_avx512_layer_norm::residual_layer_norm_rows(r + begin * dim, u + begin * dim, w, b, o + begin * dim,
+                                                      end - begin, dim, static_cast<float>(eps), row.data());
+    });
+  };
+  if (type == at::kFloat) {
+    if (update.scalar_type() == at::kFloat) run(float{}, float{}, float{});
+    else run(float{}, c10::BFloat16{}, float{});
+  } else {
+    if (parameter_type == at::kFloat) run(c10::BFloat16{}, c10::BFloat16{}, float{});
+    else run(c10::BFloat16{}, c10::BFloat16{}, c10::BFloat16{});
+  }
+#endif
+  return output;
+}
+
 bool msda_cpu_set_backward_mode(const std::string& mode) {
   if (mode == "auto") backward_mode().store(0);
   else if (mode == "single") backward_mode().store(1);
@@ -529,6 +607,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &hf_dino_msda::attention_cpu_forward,
         "softmax attention of bfloat16 [B, L, H * 32] queries, [B, S, H * 32] keys / values (AVX-512 BF16)");
   m.def("attention_supported", &hf_dino_msda::attention_cpu_supported, "whether `attention` runs on this CPU");
+  m.def("residual_layer_norm", &hf_dino_msda::residual_layer_norm_cpu,
+        "LayerNorm(residual + update) over rows of a multiple of 16 channels, float32 or bfloat16 (AVX-512)");
+  m.def("layer_norm_supported", &hf_dino_msda::layer_norm_cpu_supported,
+        "whether `residual_layer_norm` runs on this CPU");
   m.def("set_simd", &hf_dino_msda::msda_cpu_set_simd,
         "select 'avx512', 'avx2' or 'baseline' loops; False if unavailable");
 }

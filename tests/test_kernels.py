@@ -669,6 +669,113 @@ def test_bfloat16_attention_refuses_bad_inputs(bfloat16_attention):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# residual add + LayerNorm (the post-norm layers at inference), AVX-512
+# --------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def residual_layer_norm(cpu_extension):
+    if not cpu_extension.layer_norm_supported():
+        pytest.skip("this CPU has no AVX-512: the residual LayerNorm kernel does not run here (the layers use "
+                    "nn.LayerNorm)")
+    return cpu_extension.residual_layer_norm
+
+
+# (residual, update, weight and bias) dtypes: float32; bfloat16; CPU autocast's encoder (bfloat16 activations,
+# float32 parameters) and decoder (a float32 residual plus a bfloat16 product)
+NORM_DTYPES = [
+    (torch.float32, torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.bfloat16, torch.float32),
+    (torch.float32, torch.bfloat16, torch.float32),
+]
+
+
+def norm_inputs(rows, dim, dtypes, offset=0.0, seed=0):
+    """residual [2, rows, dim] (a column slice: row stride dim + 16), update, weight and bias in `dtypes`; `offset`
+    shifts every row's values (a large mean next to a small spread)."""
+    generator = torch.Generator().manual_seed(seed)
+    residual_type, update_type, parameter_type = dtypes
+    residual = (torch.randn(2, rows, dim + 16, generator=generator) * 3 + offset).to(residual_type)[..., :dim]
+    update = torch.randn(2, rows, dim, generator=generator).to(update_type)
+    weight = (1 + torch.randn(dim, generator=generator) / 4).to(parameter_type)
+    bias = torch.randn(dim, generator=generator).to(parameter_type)
+    return residual, update, weight, bias
+
+
+@pytest.mark.parametrize("dtypes", NORM_DTYPES, ids=lambda d: "-".join(str(t)[6:] for t in d))
+@pytest.mark.parametrize("rows,dim,offset", [(900, 256, 0.0), (3, 16, 0.0), (77, 272, 5.0), (5, 1024, 300.0)])
+def test_residual_layer_norm_against_float64(residual_layer_norm, dtypes, rows, dim, offset):
+    """`LayerNorm(residual + update)` from the kernel against float64 LayerNorm of the sum the unfused add makes (in
+    the residual's dtype: a bfloat16 sum rounded): no further from it than aten's `F.layer_norm(residual + update)`
+    (float32: in the worst element and on average; bfloat16: in the worst element), and in bfloat16 the float64
+    result correctly rounded but for < 0.1 % of the elements (float32's rounding before bfloat16's). Rows of 16 to
+    1024 channels, a row count that splits unevenly over threads, strided residuals, rows whose mean is far from 0
+    next to a spread of ~3 (the mean is corrected by the deviations' sum; aten's bfloat16 LayerNorm is 35 steps off
+    there)."""
+    residual, update, weight, bias = norm_inputs(rows, dim, dtypes, offset)
+    total = residual + update
+    want = torch.nn.functional.layer_norm(total.double(), (dim,), weight.double(), bias.double(), 1e-5)
+    aten = torch.nn.functional.layer_norm(total, (dim,), weight, bias, 1e-5)
+    got = residual_layer_norm(residual, update, weight, bias, 1e-5)
+    assert got.dtype == residual.dtype == aten.dtype and got.shape == residual.shape and got.is_contiguous()
+    error, aten_error = (got.double() - want).abs(), (aten.double() - want).abs()
+    assert error.max() <= 1.25 * aten_error.max() + 1e-7
+    if got.dtype == torch.float32:
+        assert error.mean() <= 1.1 * aten_error.mean()
+    else:
+        assert (got != want.to(torch.bfloat16)).float().mean() < 1e-3
+
+
+def test_residual_layer_norm_edge_rows(residual_layer_norm):
+    """A NaN or an infinity in a row makes that row NaN and leaves the others alone (as aten's LayerNorm); a constant
+    row (no spread) normalises to the bias, with `eps` keeping it finite; eps enters as aten's (a row of spread
+    ~eps)."""
+    for dtypes in NORM_DTYPES:
+        residual, update, weight, bias = norm_inputs(6, 32, dtypes)
+        residual = residual.contiguous()
+        clean = residual_layer_norm(residual, update, weight, bias, 1e-5)
+        residual[0, 1, 3] = float("nan")
+        residual[1, 2, 5] = float("inf")
+        residual[0, 4] = 7.0
+        update[0, 4] = 0.0
+        got = residual_layer_norm(residual, update, weight, bias, 1e-5)
+        aten = torch.nn.functional.layer_norm(residual + update, (32,), weight, bias, 1e-5)
+        assert torch.equal(got.isnan(), aten.isnan())
+        assert got[0, 1].isnan().all() and got[1, 2].isnan().all()
+        assert torch.equal(got[0, 4], bias.to(got.dtype))
+        keep = torch.ones(2, 6, dtype=torch.bool)
+        keep[0, 1] = keep[1, 2] = keep[0, 4] = False
+        assert torch.equal(got[keep], clean[keep])
+    residual = torch.tensor([[1.0, -1.0] * 8]) * 1e-3
+    for eps in (1e-5, 1e-7, 0.25):
+        want = torch.nn.functional.layer_norm(residual.double(), (16,), eps=eps)
+        got = residual_layer_norm(residual, torch.zeros_like(residual), torch.ones(16), torch.zeros(16), eps)
+        assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_residual_layer_norm_refuses_bad_inputs(residual_layer_norm):
+    """Wrong dtypes, shapes and sizes are refused with a message (and `residual_layer_norm_usable` says no), never
+    read out of bounds; no rows give an empty result."""
+    residual, update, weight, bias = norm_inputs(4, 32, NORM_DTYPES[0])
+    bad = [
+        ((residual.double(), update.double(), weight.double(), bias.double()), "float32 or bfloat16"),
+        ((residual.half(), update.half(), weight.half(), bias.half()), "float32 or bfloat16"),
+        ((residual, update.half(), weight, bias), "update must be"),
+        ((residual.bfloat16(), update.float(), weight, bias), "update must be"),
+        ((residual, update[:, :3], weight, bias), "update must be"),
+        ((residual[..., :24], update[..., :24], weight[:24], bias[:24]), "multiple of 16"),
+        ((residual, update, weight[:16], bias), "weight and bias"),
+        ((residual, update, weight.bfloat16(), bias.bfloat16()), "weight and bias"),
+        ((residual.bfloat16(), update.bfloat16(), weight.bfloat16(), bias), "weight and bias"),
+    ]
+    for args, message in bad:
+        assert not K.residual_layer_norm_usable(*args)
+        with pytest.raises(RuntimeError, match=message):
+            residual_layer_norm(*args, 1e-5)
+    assert K.residual_layer_norm_usable(residual, update, weight, bias)
+    assert residual_layer_norm(residual[:, :0], update[:, :0], weight, bias, 1e-5).shape == (2, 0, 32)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # dispatch and switches
 # --------------------------------------------------------------------------------------------------------------
 def _ran_kernel(output: torch.Tensor) -> bool:

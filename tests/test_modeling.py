@@ -1199,3 +1199,77 @@ def test_deformable_attention_against_float64(padded, monkeypatch):
         fused = attention(query, reference, value, mask, shapes, shapes_list, starts)
         assert (fused.double() - want).abs().max() <= 1e-5 * want.abs().max()
         assert (fused - unfused).abs().max() <= 1e-6 * unfused.abs().max()
+
+
+def test_post_norm_residual_layer_norm(monkeypatch):
+    """`residual_layer_norm(norm, residual, update, dropout)` is `norm(residual + dropout(update))`. At inference on a
+    CPU with AVX-512 it runs the CPU extension's fused kernel (float32, bfloat16, and CPU autocast's bfloat16
+    activations next to float32 parameters): float32 within 1.25x aten's float64 error, bfloat16 aten's result but
+    for rare rounding ties. The encoder's and decoder's layers call it for each of their LayerNorms. With autograd,
+    dropout acting, a hook on the norm, a LayerNorm without bias, or custom kernels disabled, the module runs as it
+    is (the same bits; the hook fires)."""
+    import hf_dino.kernels as kernels
+    from conftest import tiny_config
+    from hf_dino import modeling_dino
+
+    torch.manual_seed(0)
+    norm, dropout = torch.nn.LayerNorm(64).eval(), torch.nn.Dropout(0.0)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.25)
+        norm.bias.normal_(0, 1)
+    residual, update = torch.randn(2, 50, 64) * 3 + 1, torch.randn(2, 50, 64)
+    calls = []
+    original = kernels.residual_layer_norm
+    monkeypatch.setattr(kernels, "residual_layer_norm", lambda *args: calls.append(args[0].dtype) or original(*args))
+    usable = kernels.residual_layer_norm_usable(residual, update, norm.weight, norm.bias)
+
+    cases = [(norm, residual, update, False), (copy.deepcopy(norm).bfloat16(), residual.bfloat16(), update.bfloat16(),
+             False), (norm, residual.bfloat16(), update.bfloat16(), True), (norm, residual, update.bfloat16(), True)]
+    for module, r, u, autocast in cases:
+        want = torch.nn.functional.layer_norm((r + u).double(), (64,), module.weight.double(), module.bias.double())
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            aten = module(r + u)
+            got = modeling_dino.residual_layer_norm(module, r, u, dropout)
+        assert got.dtype == aten.dtype
+        if got.dtype == torch.float32:
+            assert (got.double() - want).abs().max() <= 1.25 * (aten.double() - want).abs().max() + 1e-7
+        else:
+            assert (got != aten).float().mean() <= 2e-3
+    assert calls == ([torch.float32, torch.bfloat16, torch.bfloat16, torch.float32] if usable else [])
+
+    calls.clear()
+    plain = norm(residual + update)
+    assert torch.equal(modeling_dino.residual_layer_norm(norm, residual, update, dropout).detach(), plain)
+    with torch.no_grad():
+        assert torch.equal(modeling_dino.residual_layer_norm(norm, residual, update, dropout, False), plain)
+        acting = torch.nn.Dropout(0.5).train()
+        torch.manual_seed(1)
+        dropped = modeling_dino.residual_layer_norm(norm, residual, update, acting)
+        torch.manual_seed(1)
+        assert torch.equal(dropped, norm(residual + acting(update)))
+        seen = []
+        handle = norm.register_forward_hook(lambda *args: seen.append(1))
+        assert torch.equal(modeling_dino.residual_layer_norm(norm, residual, update, dropout), plain) and seen == [1]
+        handle.remove()
+        unbiased = torch.nn.LayerNorm(64, bias=False)
+        assert torch.equal(modeling_dino.residual_layer_norm(unbiased, residual, update, dropout),
+                           unbiased(residual + update))
+    assert calls == []
+
+    # the layers: every LayerNorm after a residual connection through it (encoder 2, decoder 3 per layer)
+    config = tiny_config()
+    encoder, decoder = modeling_dino.DinoEncoderLayer(config).eval(), modeling_dino.DinoDecoderLayer(config).eval()
+    counted = []
+    monkeypatch.setattr(modeling_dino, "residual_layer_norm",
+                        lambda norm, *args: counted.append(norm) or norm(args[0] + args[2](args[1])))
+    shapes_list = [(8, 8), (4, 4), (2, 2), (1, 1)][: config.num_feature_levels]
+    shapes = torch.tensor(shapes_list)
+    starts = torch.cat((shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]))
+    tokens = int(shapes.prod(1).sum())
+    memory, mask = torch.randn(1, tokens, 64), torch.zeros(1, tokens, dtype=torch.bool)
+    with torch.no_grad():
+        encoder(memory, torch.randn(1, tokens, 64), torch.rand(1, tokens, config.num_feature_levels, 2), mask, shapes,
+                shapes_list, starts)
+        decoder(torch.randn(1, 10, 64), torch.randn(1, 10, 64), torch.rand(1, 10, config.num_feature_levels, 4), None,
+                memory, mask, shapes, shapes_list, starts)
+    assert counted == [encoder.norm1, encoder.norm2, decoder.norm2, decoder.norm1, decoder.norm3]

@@ -8,7 +8,8 @@ lock. Pre-build them (Docker images, clusters) with ``python -m hf_dino.kernels 
 carries, for inference, :func:`ms_deform_attn_from_offsets` (the forward computing the sampling locations from
 reference points and offsets, and the attention weights' softmax from their logits, itself) and
 :func:`bfloat16_attention`, the softmax attention the decoder's self-attention uses in bfloat16 on CPUs with AVX-512
-BF16 (each with its ``..._usable`` check).
+BF16, and :func:`residual_layer_norm`, the post-norm layers' residual add and LayerNorm in one pass on CPUs with
+AVX-512 (each with its ``..._usable`` check).
 
 Switches: ``HF_DINO_DISABLE_CUSTOM_KERNELS=1`` and ``DinoConfig(disable_custom_kernels=True)`` select the
 pure-PyTorch implementation; ``HF_DINO_KERNELS_CACHE`` moves the build cache; ``HF_DINO_KERNELS_VERBOSE=1``
@@ -36,6 +37,8 @@ from ._ops import (
     ms_deform_attn,
     ms_deform_attn_from_offsets,
     ms_deform_attn_from_offsets_usable,
+    residual_layer_norm,
+    residual_layer_norm_usable,
 )
 
 __all__ = [
@@ -56,5 +59,7 @@ __all__ = [
     "ms_deform_attn",
     "ms_deform_attn_from_offsets",
     "ms_deform_attn_from_offsets_usable",
+    "residual_layer_norm",
+    "residual_layer_norm_usable",
     "source_dir",
 ]

@@ -55,7 +55,7 @@ _SOURCES = {
     "cuda": ("msda_cuda.cu", "msda_cuda_bindings.cpp"),
 }
 _HEADERS = {
-    "cpu": ("msda_common.h", "msda_cpu_kernel.h", "attention_cpu_kernel.h"),
+    "cpu": ("msda_common.h", "msda_cpu_kernel.h", "attention_cpu_kernel.h", "layer_norm_cpu_kernel.h"),
     "cuda": ("msda_common.h",),
 }
 

@@ -205,6 +205,36 @@ def bfloat16_attention(query: Tensor, key: Tensor, value: Tensor, num_heads: int
     return _loader.load_extension("cpu").attention(query, key, value, num_heads)
 
 
+def residual_layer_norm_usable(residual: Tensor, update: Tensor, weight: Tensor, bias: Tensor) -> bool:
+    """Whether :func:`residual_layer_norm` runs for these tensors: CPU, ``residual`` float32 or bfloat16 with a last
+    dimension that is a multiple of 16, ``update`` of its shape in its dtype or bfloat16, ``weight`` and ``bias`` of
+    that size and of one dtype, the residual's or float32, the custom kernels not disabled, the CPU extension built
+    (on first use) and the CPU with AVX-512."""
+    dim = residual.shape[-1] if residual.dim() else 0
+    if (any(t.device.type != "cpu" for t in (residual, update, weight, bias)) or not dim or dim % 16
+            or residual.dtype not in (torch.float32, torch.bfloat16) or update.shape != residual.shape
+            or update.dtype not in (residual.dtype, torch.bfloat16) or weight.shape != (dim,) or bias.shape != (dim,)
+            or weight.dtype not in (residual.dtype, torch.float32) or bias.dtype != weight.dtype):
+        return False
+    extension = _extension_for(residual)
+    return extension is not None and extension.layer_norm_supported()
+
+
+def residual_layer_norm(residual: Tensor, update: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """``F.layer_norm(residual + update, (D,), weight, bias, eps)`` in one pass over the rows: residual ``[..., D]``
+    float32 or bfloat16 (D a multiple of 16), update of its shape in its dtype or bfloat16 (a float32 residual plus
+    a bfloat16 update is float32, as the add promotes it), weight and bias ``[D]`` in the residual's dtype or float32
+    (as CPU autocast leaves them next to bfloat16 activations) -> a new tensor like ``residual``.
+
+    The sum is rounded to the residual's dtype as the add rounds it, then normalised in float32 (mean, then the mean
+    squared deviation from it, over the row in cache) and rounded once: within a few float32 ulps of aten's
+    LayerNorm, which sums in another order. The sum is never written to memory, and bfloat16 rows take ~half of
+    aten's time (whose bfloat16 LayerNorm is slower than its float32 one on the CPU). Inference only (no autograd);
+    check :func:`residual_layer_norm_usable` first.
+    """
+    return _loader.load_extension("cpu").residual_layer_norm(residual, update, weight, bias, eps)
+
+
 def ms_deform_attn_from_offsets_usable(value: Tensor, sampling_offsets: Tensor, attention_logits: Tensor) -> bool:
     """Whether :func:`ms_deform_attn_from_offsets` runs for these tensors: CPU, value, offsets and logits of one dtype
     (float32, bfloat16 or float16), the custom kernels not disabled and the CPU extension built (on first use)."""
