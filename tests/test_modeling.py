@@ -1273,3 +1273,24 @@ def test_post_norm_residual_layer_norm(monkeypatch):
         decoder(torch.randn(1, 10, 64), torch.randn(1, 10, 64), torch.rand(1, 10, config.num_feature_levels, 4), None,
                 memory, mask, shapes, shapes_list, starts)
     assert counted == [encoder.norm1, encoder.norm2, decoder.norm2, decoder.norm1, decoder.norm3]
+
+
+@pytest.mark.parametrize("points", [4, 3])
+def test_box_sampling_locations_are_the_originals_expression(points):
+    """Around box references (the decoder's) the sampling locations are the original's
+    `centre + offsets / P * size * 0.5` broadcast over heads, levels and points, bit for bit: float32, a 16-bit
+    model's offsets next to float32 boxes (the offsets divided in bfloat16, as there; 3 points make that division
+    round), float64."""
+    from conftest import tiny_config
+    from hf_dino import modeling_dino
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    attention = modeling_dino.DinoMultiscaleDeformableAttention(config, num_heads=4, n_points=points)
+    levels = config.num_feature_levels
+    for offsets_dtype, boxes_dtype in [(torch.float32,) * 2, (torch.bfloat16, torch.float32), (torch.float64,) * 2]:
+        boxes = torch.rand(2, 30, levels, 4, dtype=boxes_dtype)
+        offsets = (torch.randn(2, 30, 4, levels, points, 2) * 5).to(offsets_dtype)
+        want = boxes[:, :, None, :, None, :2] + offsets / points * boxes[:, :, None, :, None, 2:] * 0.5
+        got = attention.sampling_locations(boxes, offsets, torch.tensor([[8, 8]] * levels))
+        assert got.dtype == want.dtype == boxes_dtype and torch.equal(got, want)
