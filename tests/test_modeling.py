@@ -1254,6 +1254,9 @@ def test_post_norm_residual_layer_norm(monkeypatch):
         unbiased = torch.nn.LayerNorm(64, bias=False)
         assert torch.equal(modeling_dino.residual_layer_norm(unbiased, residual, update, dropout),
                            unbiased(residual + update))
+        monkeypatch.setenv(kernels.ENV_DISABLE, "1")
+        assert torch.equal(modeling_dino.residual_layer_norm(norm, residual, update, dropout), plain)
+        monkeypatch.delenv(kernels.ENV_DISABLE)
     assert calls == []
 
     # the layers: every LayerNorm after a residual connection through it (encoder 2, decoder 3 per layer)

@@ -106,7 +106,8 @@ class DinoConfig(PreTrainedConfig):
         auxiliary_loss (`bool`, defaults to `True`): losses after every decoder layer.
         init_std (`float`, defaults to 0.02): std of the linear-layer initialisation.
         disable_custom_kernels (`bool`, defaults to `False`): always use the pure-PyTorch deformable attention (and
-            `nn.MultiheadAttention` for the decoder's self-attention in bfloat16).
+            `nn.MultiheadAttention` for the decoder's self-attention in bfloat16, aten's add and `nn.LayerNorm` for
+            the layers' residual connections).
 
     Example:
 

@@ -226,11 +226,12 @@ def residual_layer_norm(residual: Tensor, update: Tensor, weight: Tensor, bias: 
     a bfloat16 update is float32, as the add promotes it), weight and bias ``[D]`` in the residual's dtype or float32
     (as CPU autocast leaves them next to bfloat16 activations) -> a new tensor like ``residual``.
 
-    The sum is rounded to the residual's dtype as the add rounds it, then normalised in float32 (mean, then the mean
-    squared deviation from it, over the row in cache) and rounded once: within a few float32 ulps of aten's
-    LayerNorm, which sums in another order. The sum is never written to memory, and bfloat16 rows take ~half of
-    aten's time (whose bfloat16 LayerNorm is slower than its float32 one on the CPU). Inference only (no autograd);
-    check :func:`residual_layer_norm_usable` first.
+    The sum is rounded to the residual's dtype as the add rounds it, then normalised in float32 (mean and variance
+    by the corrected two-pass algorithm over the row in cache) and rounded once: within a few float32 ulps of aten's
+    LayerNorm, which sums in another order, and as close to float64 or closer. The sum is never written to memory:
+    in DINO's encoder on Zen 5 ~0.5x the time of aten's add and LayerNorm in float32, ~0.65x in bfloat16 (aten's
+    bfloat16 LayerNorm is slower than its float32 one there). Inference only (no autograd); check
+    :func:`residual_layer_norm_usable` first.
     """
     return _loader.load_extension("cpu").residual_layer_norm(residual, update, weight, bias, eps)
 
