@@ -239,6 +239,29 @@ def test_bfloat16_autocast_inference_and_training_step(fp32_run, attention_path)
     assert model.model.encoder.layers[0].self_attn.sampling_offsets.weight.grad.abs().sum() > 0
 
 
+def test_encoder_positions_in_the_tokens_dtype_under_autocast(monkeypatch):
+    """Under CPU autocast to bfloat16 the encoder gets its position embeddings in the tokens' dtype (bfloat16, like a
+    bfloat16 model's), not float32 (which the float32 level embedding would make them): each layer's query, states
+    plus positions, is then a bfloat16 add that its products take as it is."""
+    from hf_dino import modeling_dino
+
+    seen = []
+    forward = modeling_dino.DinoEncoder.forward
+
+    def recorded(self, hidden_states, position_embeddings, *args, **kwargs):
+        seen.append((hidden_states.dtype, position_embeddings.dtype))
+        return forward(self, hidden_states, position_embeddings, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_dino.DinoEncoder, "forward", recorded)
+    model = tiny_model()
+    pixel_values, pixel_mask = batch()
+    with torch.no_grad():
+        model(pixel_values=pixel_values, pixel_mask=pixel_mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(pixel_values=pixel_values, pixel_mask=pixel_mask)
+    assert seen == [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 def test_encoder_feed_forward_in_chunks_in_16_bits(dtype):
     """A 16-bit model's encoder feed-forward block on more tokens than one chunk (the CPU's chunked path,

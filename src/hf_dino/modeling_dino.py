@@ -1113,9 +1113,12 @@ class DinoModel(DinoPreTrainedModel):
         valid_ratios = torch.stack([self.valid_ratios(m) for m in masks], 1)
         tokens = torch.cat([s.flatten(2).transpose(1, 2) for s in sources], 1)
         token_padding_mask = torch.cat([m.flatten(1) for m in masks], 1)
+        # in the tokens' dtype: under autocast the float32 level embedding would make them float32, and every encoder
+        # layer would add them to its bfloat16 states in float32 (a mixed-dtype add) and cast the sum back to bfloat16
+        # for each of its two query products (bfloat16 autocast on the CPU, 800x1201: ~30 ms a forward)
         token_positions = torch.cat(
             [p.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1) for level, p in enumerate(positions)], 1
-        )
+        ).to(tokens.dtype)
 
         # 2. deformable encoder
         memory, encoder_states = self.encoder(
