@@ -585,12 +585,20 @@ def test_forward_from_offsets_checks_its_inputs(cpu_extension):
 # --------------------------------------------------------------------------------------------------------------
 # bfloat16 softmax attention (the decoder's self-attention), AVX-512 BF16
 # --------------------------------------------------------------------------------------------------------------
+def kernel_where_supported(supported: bool, kernel, skip_reason: str):
+    """`kernel` where this CPU runs it; the test skipped with `skip_reason` elsewhere."""
+    if not supported:
+        pytest.skip(skip_reason)
+    return kernel
+
+
 @pytest.fixture(scope="module")
 def bfloat16_attention(cpu_extension):
-    if not cpu_extension.attention_supported():
-        pytest.skip("this CPU has no AVX-512 BF16: the bfloat16 attention kernel does not run here (the decoder "
-                    "uses nn.MultiheadAttention)")
-    return cpu_extension.attention
+    return kernel_where_supported(
+        cpu_extension.attention_supported(), cpu_extension.attention,
+        "this CPU has no AVX-512 BF16: the bfloat16 attention kernel does not run here (the decoder uses "
+        "nn.MultiheadAttention)",
+    )
 
 
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -673,10 +681,10 @@ def test_bfloat16_attention_refuses_bad_inputs(bfloat16_attention):
 # --------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def residual_layer_norm(cpu_extension):
-    if not cpu_extension.layer_norm_supported():
-        pytest.skip("this CPU has no AVX-512: the residual LayerNorm kernel does not run here (the layers use "
-                    "nn.LayerNorm)")
-    return cpu_extension.residual_layer_norm
+    return kernel_where_supported(
+        cpu_extension.layer_norm_supported(), cpu_extension.residual_layer_norm,
+        "this CPU has no AVX-512: the residual LayerNorm kernel does not run here (the layers use nn.LayerNorm)",
+    )
 
 
 # (residual, update, weight and bias) dtypes: float32; bfloat16; CPU autocast's encoder (bfloat16 activations,
