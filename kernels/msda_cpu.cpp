@@ -559,10 +559,10 @@ at::Tensor residual_layer_norm_cpu(const at::Tensor& residual_in, const at::Tens
   at::Tensor output = at::empty(residual.sizes(), residual.options());
   const int64_t rows = residual.numel() / dim;
 #ifdef HF_DINO_HAS_AVX512_LAYER_NORM
-  auto run = [&](auto residual_type, auto update_type, auto parameter_type) {
-    using R = decltype(residual_type);
-    using U = decltype(update_type);
-    using W = decltype(parameter_type);
+  auto run = [&](auto residual_value, auto update_value, auto parameter_value) {  // (values of the three types)
+    using R = decltype(residual_value);
+    using U = decltype(update_value);
+    using W = decltype(parameter_value);
     const R* r = residual.const_data_ptr<R>();
     const U* u = update.const_data_ptr<U>();
     const W* w = weight.const_data_ptr<W>();
