@@ -87,6 +87,16 @@ namespace {
 // The copies of the loops, from the most portable to the widest vectors.
 enum Simd : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 
+#ifdef HF_DINO_HAS_AVX512_LAYER_NORM  // (every x86 GCC build)
+// Whether the CPU has what the AVX-512 code is compiled for: AVX-512 F, BW, VL, DQ, with AVX2 and FMA.
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#endif
+
 bool cpu_supports(Simd simd) {
   switch (simd) {
     case kBaseline: return true;
@@ -96,11 +106,7 @@ bool cpu_supports(Simd simd) {
       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
 #ifdef HF_DINO_MSDA_HAS_AVX512
-    case kAvx512:
-      __builtin_cpu_init();
-      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-             __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case kAvx512: return cpu_has_avx512();
 #endif
     default: return false;
   }
@@ -518,12 +524,7 @@ at::Tensor attention_cpu_forward(const at::Tensor& query, const at::Tensor& key,
 // Whether residual_layer_norm_cpu runs here: an x86 GCC build on a CPU with AVX-512 (F, BW, VL, DQ).
 bool layer_norm_cpu_supported() {
 #ifdef HF_DINO_HAS_AVX512_LAYER_NORM
-  static const bool supported = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
+  static const bool supported = cpu_has_avx512();
   return supported;
 #else
   return false;
